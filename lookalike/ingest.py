@@ -1,0 +1,126 @@
+"""Ingest: stream a dataset through an embedder into a collection, resumably.
+
+Work is done in batches (read pixels, embed, write), so memory does not grow with the dataset.
+Ids are stable, so a rerun asks the store which ids it already holds and embeds only the rest: an
+interrupted ingest resumes with no duplicate and no loss, and a second identical run adds nothing.
+Everything that can fail on bad input (dataset, options, weights, an incompatible collection) is
+checked before the first write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lookalike.datasets import SPLITS, Dataset, load_dataset
+from lookalike.embedder import Embedder, build_embedder, make_spec
+from lookalike.errors import InputError
+from lookalike.store import Store, check_compatible, check_name
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (images done, images to do)
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did. ``added``/``stored`` count items per split; ``skipped`` lists unreadable files."""
+
+    collection: str
+    db: str
+    dataset: str
+    embedder: str
+    added: dict[str, int]
+    already_stored: int
+    skipped: list[str] = field(default_factory=list)
+    stored: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        n = sum(self.added.values())
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+
+def ingest(
+    dataset: str,
+    path: str | None = None,
+    *,
+    source: str | None = None,
+    limit: int | None = None,
+    test_size: float | None = None,
+    seed: int = 0,
+    embedder: str | Embedder = "vgg16",
+    weights: str = "imagenet",
+    layer: str = "block4_pool",
+    pooling: str = "max",
+    normalize: str | None = None,
+    input_size: int | None = None,
+    batch_size: int = 256,
+    collection: str | None = None,
+    db: str | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db``.
+
+    ``embedder`` is ``"vgg16"``, ``"pixels"`` or any :class:`~lookalike.embedder.Embedder` object
+    (its ``spec`` is recorded). ``progress(done, total)`` is called after each written batch.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
+    if isinstance(embedder, str):
+        spec = make_spec(embedder, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
+                         input_size=input_size, seed=seed)  # fmt: skip
+        model: Embedder | None = None
+    else:
+        spec, model = embedder.spec, embedder
+    name = collection or ds.name
+    check_name(name)
+    record = {"embedder": spec.to_dict(), "protocol": ds.protocol, "label_names": ds.label_names}
+    store = Store(db, create=True)
+
+    col = store.open(name) if store.exists(name) else None
+    have: set[str] = set()
+    if col is not None:
+        check_compatible(col.record, record, name)
+        have = col.existing_ids([it.id for it in ds.items])
+    todo = [it for it in ds.items if it.id not in have]
+    already = len(have)
+    log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), already, len(todo))
+
+    started = time.perf_counter()
+    added = dict.fromkeys(SPLITS, 0)
+    skipped: list[str] = []
+    if todo:
+        if model is None:
+            model = build_embedder(spec)  # may fail (weights): nothing written yet
+        if col is None:
+            col = store.create(name, record)
+        _stream(ds, todo, model, col, batch_size, added, skipped, progress)
+    seconds = time.perf_counter() - started
+    stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
+    return IngestReport(name, store.db, ds.name, spec.describe(), added, already, skipped, stored, seconds)
+
+
+def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int, added: dict[str, int],
+            skipped: list[str], progress: Progress | None) -> None:  # fmt: skip
+    done = 0
+    for items, images in ds.batches(todo, batch_size):
+        ok = [(it, im) for it, im in zip(items, images) if im is not None]
+        skipped += [it.locator for it, im in zip(items, images) if im is None]
+        if ok:
+            vectors = np.asarray(model.embed([im for _, im in ok]), np.float32)
+            col.add([it.id for it, _ in ok], vectors, [it.metadata(ds.name, ds.label_names) for it, _ in ok])
+            for it, _ in ok:
+                added[it.split] += 1
+        done += len(items)
+        if progress is not None:
+            progress(done, len(todo))
+    if skipped:
+        log.warning("skipped %d unreadable images", len(skipped))
