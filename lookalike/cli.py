@@ -163,11 +163,15 @@ def evaluate(
         typer.echo(json.dumps(r.to_dict(), indent=2))
         return
     typer.echo(f"collection {r.collection!r}: {r.embedder}")
-    typer.echo(f"  {r.k}-NN accuracy   {r.accuracy:.4f}  ({r.n_queries} held-out queries, {r.n_indexed} indexed)")
-    typer.echo(f"  exact accuracy   {r.exact_accuracy:.4f}  (brute force over the stored vectors)")
-    typer.echo(f"  recall@1         {r.recall_at_1:.4f}  (store answer = exact nearest neighbour)")
-    typer.echo(f"  speed            {r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)")
-    typer.echo("  per class        " + "  ".join(f"{n}: {a:.3f}" for n, a in r.per_class.items()))
+    rows = [
+        (f"{r.k}-NN accuracy", f"{r.accuracy:.4f}  ({r.n_queries} held-out queries, {r.n_indexed} indexed)"),
+        ("exact accuracy", f"{r.exact_accuracy:.4f}  (brute force over the stored vectors)"),
+        ("recall@1", f"{r.recall_at_1:.4f}  (store answer = exact nearest neighbour)"),
+        ("speed", f"{r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)"),
+        ("per class", "  ".join(f"{n}: {a:.3f}" for n, a in r.per_class.items())),
+    ]
+    for title, value in rows:
+        typer.echo(f"  {title:<16} {value}")
     width = max(5, max(len(n) for n in r.label_names) if r.label_names else 5)
     names = r.label_names or [str(i) for i in range(len(r.confusion))]
     typer.echo("  confusion (rows: true, columns: predicted)")
@@ -206,13 +210,15 @@ def quickstart(
     db: DbOpt = None,
     out: Annotated[str, typer.Option(help="Where to save the search picture")] = "lookalike-quickstart.png",
     offline: Annotated[bool, typer.Option(help="Do not try to download MNIST or ImageNet weights")] = False,
+    limit: Annotated[int, typer.Option(help="Digits to use (the seed notebook's 5,000)")] = 5000,
+    test_size: Annotated[int, typer.Option(help="Digits held out for evaluation (the seed notebook's 1,000)")] = 1000,
 ) -> None:
     """Ingest, evaluate and search end to end on the best data and weights this machine has."""
     from lookalike.quickstart import quickstart as run_quickstart
 
     try:
         with _progress_bar("embedding") as progress:
-            r = _call(run_quickstart, db=db, out=out, offline=offline, progress=progress)
+            r = _call(run_quickstart, db=db, out=out, offline=offline, limit=limit, test_size=test_size, progress=progress)
     except KeyboardInterrupt:
         raise _fail("interrupted: run `lookalike quickstart` again to resume", 130) from None
     typer.echo(f"data:     {r.dataset} ({r.ingest.stored.get('train', 0)} indexed, {r.ingest.stored.get('test', 0)} held out)")

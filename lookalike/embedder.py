@@ -212,7 +212,7 @@ class VGG16Embedder:
     def __init__(self, spec: EmbedderSpec, batch_size: int = 128) -> None:
         self.spec = spec
         self.batch_size = batch_size
-        self._model = _build_vgg16(spec)
+        self._model = build_vgg16_model(spec)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
@@ -254,7 +254,8 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _build_vgg16(spec: EmbedderSpec) -> Any:
+def build_vgg16_model(spec: EmbedderSpec) -> Any:
+    """The Keras VGG16 (no top) model of ``spec``, cut at ``spec.layer``: (N, S, S, 3) -> feature maps."""
     # TensorFlow's C++ start-up logging (CUDA probes, oneDNN notes) fires on import and first use
     with _quiet_native_stderr():
         model = _make_vgg16(spec)

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny constructed datasets (no downloads), stores in tmp dirs, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 uint8 images in 10 classes: a bright 8x4 bar at a class-specific place on faint noise.
+
+    Classes are far apart in pixel space, so exact 1-NN on raw pixels is 100% accurate.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+    x = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for i, lab in enumerate(labels):
+        r, c = divmod(int(lab), 5)
+        x[i, 3 + r * 13 : 11 + r * 13, 1 + c * 5 : 5 + c * 5] = 255
+    return x, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An .npz in Keras's MNIST layout: 200 training and 50 test images."""
+    x_train, y_train = make_digits(200, seed=1)
+    x_test, y_test = make_digits(50, seed=2)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture
+def digits_folder(tmp_path: Path) -> Path:
+    """A folder dataset: 3 labels x 6 images, grey PNG and colour JPEG of different sizes, plus one corrupt file."""
+    root = tmp_path / "images"
+    x, y = make_digits(60, seed=3)
+    counts = {0: 0, 1: 0, 2: 0}
+    for img, lab in zip(x, y):
+        lab = int(lab)
+        if lab > 2 or counts[lab] >= 6:
+            continue
+        d = root / f"class_{lab}"
+        d.mkdir(parents=True, exist_ok=True)
+        if counts[lab] % 2:
+            Image.fromarray(img).convert("RGB").resize((40, 36)).save(d / f"{counts[lab]}.jpg")
+        else:
+            Image.fromarray(img).save(d / f"{counts[lab]}.png")
+        counts[lab] += 1
+    (root / "class_1" / "broken.png").write_bytes(b"not an image at all")
+    return root
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "db")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``lookalike ARGS`` in a new process (the console script's module)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", "from lookalike.cli import main; main()", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout,
+    )  # fmt: skip
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a child process that cannot download anything and has no Keras cache."""
+    dead = "http://127.0.0.1:9"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOOKALIKE_MNIST", "LOOKALIKE_FASHION_MNIST")}
+    env.update({"KERAS_HOME": str(tmp_path / "keras-home"), "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
+                "http_proxy": dead, "https_proxy": dead, "NO_PROXY": "", "no_proxy": ""})  # fmt: skip
+    return env
+
+
+def one_line_error(result: object) -> str:
+    """Assert a CLI failure printed exactly one 'error:' line and no traceback; return it."""
+    out = getattr(result, "stderr", "") or ""
+    combined = (getattr(result, "output", "") or "") + out
+    assert "Traceback" not in combined, combined
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, out
+    return errors[0]

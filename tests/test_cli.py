@@ -1,0 +1,162 @@
+"""The CLI end to end: every command, a real VGG16 through a real Chroma store, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lookalike.cli import app
+from lookalike.store import Store
+
+from .conftest import offline_env, one_line_error, run_cli
+
+
+def ingest_pixels(runner: CliRunner, npz: Path, db: str, *extra: str) -> None:
+    r = runner.invoke(app, ["ingest", "mnist", "--source", str(npz), "--embedder", "pixels", "--db", db, *extra])
+    assert r.exit_code == 0, r.output
+
+
+def test_help_does_not_import_tensorflow() -> None:
+    code = "import sys; from typer.testing import CliRunner; from lookalike.cli import app; " \
+           "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; " \
+           "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print(r.output)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("ingest", "search", "evaluate", "collections", "drop", "quickstart"):
+        assert command in out.stdout
+
+
+def test_vgg16_end_to_end_through_the_cli(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path) -> None:
+    r = runner.invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--limit", "120", "--test-size", "30",
+                            "--weights", "random", "--db", db, "--batch-size", "50"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "added   train 90, test 30" in r.stdout and "vgg16 random(seed=0) block4_pool/max/l2 32px 512d" in r.stdout
+    rerun = runner.invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--limit", "120", "--test-size", "30",
+                                "--weights", "random", "--db", db])  # fmt: skip
+    assert "added   train 0, test 0 (already stored: 120)" in rerun.stdout
+    ev = runner.invoke(app, ["evaluate", "--db", db, "--json"])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.stdout)
+    assert (report["n_queries"], report["n_indexed"], report["k"]) == (30, 90, 1)
+    assert report["recall_at_1"] >= 0.999 and report["accuracy"] == report["exact_accuracy"]
+    assert report["accuracy"] > 0.5  # the bars are easy even for random conv features
+    with np.load(tiny_npz) as f:
+        Image.fromarray(f["x_train"][60]).save(tmp_path / "q.png")
+    s = runner.invoke(app, ["search", "--image", str(tmp_path / "q.png"), "--k", "3", "--db", db, "--json",
+                            "--save", str(tmp_path / "s.png")])  # fmt: skip
+    assert s.exit_code == 0, s.output
+    hits = json.loads(s.stdout)
+    assert hits[0]["id"] == "mnist:train:60" and hits[0]["distance"] < 1e-3  # same vector as at ingest time
+    assert {"id", "label", "split", "distance"} <= set(hits[0])
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    # a new process reuses the store and finds the same answer
+    again = run_cli("search", "--id", "mnist:train:60", "--k", "3", "--label", str(hits[1]["label"]), "--db", db, "--json")
+    assert again.returncode == 0, again.stderr
+    other = json.loads(again.stdout)
+    assert all(h["id"] != "mnist:train:60" and h["label"] == hits[1]["label"] for h in other)
+
+
+def test_search_table_evaluate_table_collections_drop(runner: CliRunner, tiny_npz: Path, db: str) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    s = runner.invoke(app, ["search", "--id", "mnist:test:0", "--label", "3", "--label", "4", "--db", db])
+    assert s.exit_code == 0 and "rank" in s.stdout
+    rows = [ln.split() for ln in s.stdout.splitlines()[1:]]
+    assert len(rows) == 5 and all(row[2] in {"3", "4"} and row[1] != "mnist:test:0" for row in rows)
+    e = runner.invoke(app, ["evaluate", "--db", db, "--k", "3"])
+    assert e.exit_code == 0 and "3-NN accuracy    1.0000" in e.stdout and "confusion" in e.stdout
+    c = runner.invoke(app, ["collections", "--db", db, "--json"])
+    assert json.loads(c.stdout)[0]["count"] == 250 and json.loads(c.stdout)[0]["dataset"] == "mnist"
+    assert "pixels" in runner.invoke(app, ["collections", "--db", db]).stdout
+    assert runner.invoke(app, ["drop", "mnist", "--db", db]).exit_code == 0
+    assert "no collections" in runner.invoke(app, ["collections", "--db", db]).stdout
+
+
+def test_several_collections_need_a_name(runner: CliRunner, tiny_npz: Path, db: str) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    ingest_pixels(runner, tiny_npz, db, "--collection", "second", "--normalize", "l2")
+    r = runner.invoke(app, ["evaluate", "--db", db])
+    assert r.exit_code != 0 and "mnist, second" in one_line_error(r)
+    assert runner.invoke(app, ["evaluate", "--db", db, "--collection", "second"]).exit_code == 0
+
+
+BAD_INPUTS = [
+    (["ingest", "cifar"], "unknown dataset"),
+    (["ingest", "mnist", "--source", "/nonexistent.npz"], "--source"),
+    (["ingest", "folder", "{empty}"], "no images found"),
+    (["ingest", "mnist", "--source", "{npz}", "--weights", "/nonexistent.h5"], "--weights random"),
+    (["ingest", "mnist", "--source", "{npz}", "--input-size", "16"], "at least 32"),
+    (["ingest", "mnist", "--source", "{npz}", "--embedder", "pixels", "--input-size", "20"], "another --collection"),
+    (["ingest", "mnist", "--source", "{npz}", "--embedder", "pixels", "--db", "{file}/db"], "writable"),
+    (["search", "--id", "mnist:test:999"], "no item"),
+    (["search", "--image", "{missing}"], "not found"),
+    (["search", "--image", "{corrupt}"], "cannot read"),
+    (["search", "--id", "mnist:test:0", "--k", "0"], "--k"),
+    (["search", "--id", "mnist:test:0", "--label", "42"], "not in this collection"),
+    (["search", "--id", "mnist:test:0", "--collection", "nope"], "no collection 'nope'"),
+    (["search", "--id", "mnist:test:0", "--save", "{file}/x.png"], "cannot write"),
+    (["evaluate", "--collection", "nope"], "no collection 'nope'"),
+    (["evaluate", "--k", "0"], "--k"),
+    (["drop", "nope"], "no collection 'nope'"),
+    (["collections", "--db", "{missing}"], "no store"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a[:2]) + ":" + m for a, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_the_store_unchanged(
+    runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path, args: list[str], message: str
+) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    (tmp_path / "empty" / "label").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n garbage")
+    subs = {"{npz}": str(tiny_npz), "{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "file"),
+            "{missing}": str(tmp_path / "missing.png"), "{corrupt}": str(tmp_path / "corrupt.png")}  # fmt: skip
+    argv = []
+    for a in args:
+        for key, value in subs.items():
+            a = a.replace(key, value)
+        argv.append(a)
+    if "--db" not in argv:
+        argv += ["--db", db]
+    before = {c.name: c.count() for c in (Store(db).open(n) for n in Store(db).names())}
+    r = runner.invoke(app, argv)
+    assert r.exit_code != 0
+    assert message in one_line_error(r)
+    after = {c.name: c.count() for c in (Store(db).open(n) for n in Store(db).names())}
+    assert after == before == {"mnist": 250}
+    assert Store(db).open("mnist").record["embedder"]["model"] == "pixels"
+
+
+def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
+    r = run_cli("ingest", "mnist", "--db", str(tmp_path / "db"), env=offline_env(tmp_path))
+    assert r.returncode != 0
+    line = one_line_error(r)
+    assert "--source" in line and "mnist-sample" in line and "LOOKALIKE_MNIST" in line
+    assert not (tmp_path / "db").exists() or Store(str(tmp_path / "db")).names() == []
+
+
+def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
+    db = str(tmp_path / "db")
+    args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random",
+            "--batch-size", "25", "--db", db)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", "from lookalike.cli import main; main()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(11)  # TensorFlow start-up, then a few batches written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "stored  train 500, test 100" in second.stdout
+    ids, _, _ = Store(db).open().scan(None, vectors=False)
+    assert len(ids) == len(set(ids)) == 600
+    third = run_cli(*args)
+    assert "added   train 0, test 0 (already stored: 600)" in third.stdout

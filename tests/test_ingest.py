@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.embedder import PixelEmbedder
+from lookalike.errors import EmbedderError, MismatchError
+from lookalike.ingest import ingest
+from lookalike.store import Store
+
+
+class CountingEmbedder(PixelEmbedder):
+    """Raw pixels, counting how many images it embeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        self.seen += len(images)
+        return super().embed(images)
+
+
+def test_ingest_then_rerun_adds_nothing(tiny_npz: Path, db: str) -> None:
+    emb = CountingEmbedder()
+    report = ingest("mnist", source=str(tiny_npz), embedder=emb, batch_size=64, db=db)
+    assert report.collection == "mnist" and report.added == {"train": 200, "test": 50}
+    assert report.stored == {"train": 200, "test": 50} and report.already_stored == 0
+    assert emb.seen == 250
+    col = Store(db).open("mnist")
+    assert col.count() == 250
+    assert col.record["protocol"]["dataset"] == "mnist" and col.record["embedder"]["model"] == "pixels"
+    _, vecs, metas = col.get(["mnist:test:7"], vectors=True)
+    with np.load(tiny_npz) as f:
+        assert np.allclose(vecs[0], f["x_test"][7].reshape(-1) / 255.0)
+        assert metas[0]["label"] == int(f["y_test"][7])
+    assert metas[0] == {"label": metas[0]["label"], "label_name": str(metas[0]["label"]), "split": "test",
+                        "dataset": "mnist", "source": "x_test", "index": 7}  # fmt: skip
+    again = CountingEmbedder()
+    second = ingest("mnist", source=str(tiny_npz), embedder=again, db=db)
+    assert second.added == {"train": 0, "test": 0} and second.already_stored == 250 and again.seen == 0
+    assert Store(db).open().count() == 250
+
+
+def test_interrupted_ingest_resumes_without_duplicates_or_reembedding(tiny_npz: Path, db: str) -> None:
+    emb = CountingEmbedder()
+    calls = []
+
+    def stop_after_two_batches(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ingest("mnist", source=str(tiny_npz), embedder=emb, batch_size=40, db=db, progress=stop_after_two_batches)
+    assert Store(db).open().count() == 80
+    resumed = CountingEmbedder()
+    report = ingest("mnist", source=str(tiny_npz), embedder=resumed, batch_size=40, db=db)
+    assert resumed.seen == 170 and report.already_stored == 80
+    assert report.stored == {"train": 200, "test": 50}
+    ids, _, _ = Store(db).open().scan(None, vectors=False)
+    assert len(ids) == len(set(ids)) == 250
+
+
+def test_other_embedder_or_protocol_is_refused_and_nothing_written(tiny_npz: Path, db: str) -> None:
+    ingest("mnist", source=str(tiny_npz), embedder="pixels", limit=100, test_size=20, db=db)
+    with pytest.raises(MismatchError, match="embedder"):
+        ingest("mnist", source=str(tiny_npz), embedder="pixels", input_size=20, limit=100, test_size=20, db=db)
+    with pytest.raises(MismatchError, match="protocol"):
+        ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
+    assert Store(db).open().count() == 100
+
+
+def test_failing_embedder_build_writes_nothing(tiny_npz: Path, db: str, tmp_path: Path) -> None:
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"not weights")
+    with pytest.raises(EmbedderError):
+        ingest("mnist", source=str(tiny_npz), weights=str(weights), db=db)
+    assert Store(db).names() == []
+
+
+def test_folder_ingest_skips_and_reports_unreadable_files(digits_folder: Path, db: str) -> None:
+    report = ingest("folder", str(digits_folder), embedder="pixels", test_size=0.34, db=db, collection="pics")
+    assert report.skipped == ["class_1/broken.png"]
+    assert sum(report.stored.values()) == 18
+    col = Store(db).open("pics")
+    assert col.count() == 18 and col.record["label_names"] == ["class_0", "class_1", "class_2"]
+    _, _, metas = col.get(["folder:train:class_2/0.png", "folder:test:class_2/0.png"])
+    assert metas and metas[0]["path"] == "class_2/0.png" and metas[0]["label_name"] == "class_2"

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lookalike.store as store_mod
+from lookalike.embedder import make_spec
+from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
+from lookalike.store import Store, check_compatible, drop_collection, list_collections
+
+from .conftest import run_cli
+
+
+def record(**protocol: object) -> dict:
+    return {
+        "embedder": make_spec("pixels").to_dict(),
+        "protocol": {"dataset": "mnist", "mode": "official", "limit": None, "test_size": None, "seed": 0, **protocol},
+        "label_names": [str(i) for i in range(10)],
+    }
+
+
+def fill(col: store_mod.VectorCollection, n: int = 30, dim: int = 784, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vecs = rng.random((n, dim), dtype=np.float32)
+    ids = [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in range(n)]
+    metas = [{"label": i % 10, "label_name": str(i % 10), "split": "test" if i % 3 == 0 else "train"} for i in range(n)]
+    col.add(ids, vecs, metas)
+    return vecs
+
+
+def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(db, create=True)
+    col = s.create("digits", record())
+    vecs = fill(col)
+    assert col.count() == 30
+    assert Store(db).open("digits").record == record()
+    assert col.existing_ids(["mnist:train:1", "mnist:train:999"]) == {"mnist:train:1"}
+    (res,) = col.query(vecs[1:2], 3)
+    assert res[0].id == "mnist:train:1" and res[0].distance == pytest.approx(0.0, abs=1e-3)
+    exact = np.sqrt(((vecs - vecs[1]) ** 2).sum(1))
+    assert [n.id for n in res] == [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in np.argsort(exact)[:3]]
+    assert res[1].distance == pytest.approx(exact[np.argsort(exact)[1]], rel=1e-4)  # Euclidean, not squared
+    (filtered,) = col.query(vecs[1:2], 5, where={"split": "test"})
+    assert all(n.metadata["split"] == "test" for n in filtered)
+    monkeypatch.setattr(store_mod, "PAGE", 7)  # force several pages
+    ids, got, metas = col.scan({"split": "train"})
+    assert len(ids) == 20 == len(set(ids)) and got.shape == (20, 784)
+    row = ids.index("mnist:train:4")
+    assert np.allclose(got[row], vecs[4])
+    col.add(["mnist:train:1"], vecs[:1] * 0, [metas[0]])  # re-adding an id is skipped, not duplicated
+    assert col.count() == 30
+    assert np.allclose(col.get(["mnist:train:1"], vectors=True)[1], vecs[1])
+
+
+def test_default_collection_and_listing(db: str) -> None:
+    s = Store(db, create=True)
+    with pytest.raises(NotFoundError, match="no collections"):
+        s.open()
+    s.create("first", record())
+    assert s.open().name == "first"
+    s.create("second", record())
+    with pytest.raises(InputError, match="first, second"):
+        s.open()
+    with pytest.raises(NotFoundError, match="collections: first, second"):
+        s.open("third")
+    infos = list_collections(db)
+    assert [(i.name, i.count, i.dataset) for i in infos] == [("first", 0, "mnist"), ("second", 0, "mnist")]
+    assert infos[0].embedder.startswith("pixels")
+    drop_collection("first", db)
+    assert Store(db).names() == ["second"]
+    with pytest.raises(NotFoundError):
+        drop_collection("first", db)
+
+
+def test_bad_names_and_paths(db: str, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="invalid collection name"):
+        Store(db, create=True).create("x", record())
+    with pytest.raises(NotFoundError, match="no store"):
+        Store(str(tmp_path / "missing"))
+    assert not (tmp_path / "missing").exists()  # reading never creates a store
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="writable directory|is a file"):
+        Store(str(blocker / "db"), create=True)
+    with pytest.raises(StoreError, match="is a file"):
+        Store(str(blocker), create=True)
+
+
+def test_compatibility_check() -> None:
+    have = record()
+    check_compatible(have, record(), "c")
+    other = dict(record(), embedder=make_spec("vgg16", weights="random").to_dict())
+    with pytest.raises(MismatchError, match="another --collection"):
+        check_compatible(have, other, "c")
+    with pytest.raises(MismatchError, match="limit"):
+        check_compatible(have, record(limit=5000), "c")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `chroma run` server on loopback."""
+    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
+    port = _free_port()
+    path = tmp_path_factory.mktemp("server-db")
+    proc = subprocess.Popen([exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                Store(url)
+                break
+            except StoreError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: Path) -> None:
+    first = run_cli("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--db", chroma_server,
+                    "--collection", "shared")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    found = run_cli("search", "--id", "mnist:test:0", "--k", "3", "--db", chroma_server, "--collection", "shared", "--json")
+    assert found.returncode == 0, found.stderr
+    hits = json.loads(found.stdout)
+    assert len(hits) == 3 and all(h["id"] != "mnist:test:0" for h in hits)
+    assert Store(chroma_server).open("shared").count() == 250  # and this process sees the same data
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="chroma run"):
+        Store(f"http://127.0.0.1:{_free_port()}")
