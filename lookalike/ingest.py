@@ -120,6 +120,7 @@ def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int,
             for it, _ in ok:
                 added[it.split] += 1
         done += len(items)
+        log.info("stored %d/%d", done, len(todo))
         if progress is not None:
             progress(done, len(todo))
     if skipped:

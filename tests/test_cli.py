@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,19 +141,29 @@ def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
     line = one_line_error(r)
     assert "--source" in line and "mnist-sample" in line and "LOOKALIKE_MNIST" in line
     assert not (tmp_path / "db").exists() or Store(str(tmp_path / "db")).names() == []
+    weights = run_cli("ingest", "mnist-sample", "--limit", "50", "--db", str(tmp_path / "db"), env=offline_env(tmp_path))
+    assert weights.returncode != 0
+    line = one_line_error(weights)
+    assert "ImageNet" in line and "--weights random" in line and "--weights FILE" in line
+    assert Store(str(tmp_path / "db")).names() == []  # nothing created
 
 
 def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     db = str(tmp_path / "db")
     args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random",
             "--batch-size", "25", "--db", db)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", "from lookalike.cli import main; main()", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(11)  # TensorFlow start-up, then a few batches written
+    proc = subprocess.Popen([sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # wait for the first written batch, then kill -9 mid-ingest
+        if "stored 25/600" in line:
+            break
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
+    already = int(second.stdout.split("already stored: ")[1].split(")")[0])
+    assert 25 <= already < 600  # resumed: what was written survives, the rest is embedded now
     assert "stored  train 500, test 100" in second.stdout
     ids, _, _ = Store(db).open().scan(None, vectors=False)
     assert len(ids) == len(set(ids)) == 600

