@@ -182,7 +182,8 @@ def _to_uint8(im: Any) -> Any:
     return Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (pins a source or weights file in a collection's record)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -289,7 +290,7 @@ def _keras_like(name: str, source: Any, limit: int | None, test_size: float | No
         "test_size": test_size,
         "seed": seed,
         "source_file": source_file,
-        "source_sha256": _file_sha256(src) if src is not None else None,
+        "source_sha256": file_sha256(src) if src is not None else None,
     }
 
     def loader(batch: Sequence[Item]) -> list[np.ndarray | None]:

@@ -14,7 +14,6 @@ slower to index and query in Chroma).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from lookalike.datasets import file_sha256
 from lookalike.errors import EmbedderError, InputError
 
 log = logging.getLogger(__name__)
@@ -126,21 +126,13 @@ def make_spec(
                 f"weights file {p} not found: give a VGG16 no-top weights file (.h5 / .weights.h5), "
                 "or --weights imagenet / --weights random"
             )
-        weights, sha = str(p.resolve()), _sha256(p)
+        weights, sha = str(p.resolve()), file_sha256(p)
     return EmbedderSpec("vgg16", weights, layer, pooling, norm, size, seed, sha, dim, PREPROCESSING["vgg16"])
 
 
 def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise InputError(f"{option} {value!r} is not one of {', '.join(choices)}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @runtime_checkable
@@ -283,7 +275,7 @@ def _make_vgg16(spec: EmbedderSpec) -> Any:
             path = Path(spec.weights)
             if not path.is_file():
                 raise EmbedderError(f"weights file {path} is missing: restore it, or re-ingest into a new collection")
-            if spec.weights_sha256 and _sha256(path) != spec.weights_sha256:
+            if spec.weights_sha256 and file_sha256(path) != spec.weights_sha256:
                 raise EmbedderError(f"weights file {path} changed since the collection was built: restore it or re-ingest")
             try:
                 base.load_weights(str(path))

@@ -19,8 +19,8 @@ import numpy as np
 
 from lookalike.datasets import SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
-from lookalike.errors import InputError
-from lookalike.store import Store, check_compatible, check_name
+from lookalike.errors import InputError, NotFoundError
+from lookalike.store import Store, check_compatible, check_name, default_db
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,11 @@ def ingest(
     name = collection or ds.name
     check_name(name)
     record = {"embedder": spec.to_dict(), "protocol": ds.protocol, "label_names": ds.label_names}
-    store = Store(db, create=True)
-
-    col = store.open(name) if store.exists(name) else None
+    try:
+        store: Store | None = Store(db)
+    except NotFoundError:
+        store = None  # no store yet: it is created only once there is something to write
+    col = store.open(name) if store is not None and store.exists(name) else None
     have: set[str] = set()
     if col is not None:
         check_compatible(col.record, record, name)
@@ -100,12 +102,14 @@ def ingest(
     if todo:
         if model is None:
             model = build_embedder(spec)  # may fail (weights): nothing written yet
+        if store is None:
+            store = Store(db, create=True)
         if col is None:
             col = store.create(name, record)
         _stream(ds, todo, model, col, batch_size, added, skipped, progress)
     seconds = time.perf_counter() - started
     stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
-    return IngestReport(name, store.db, ds.name, spec.describe(), added, already, skipped, stored, seconds)
+    return IngestReport(name, store.db if store is not None else str(db or default_db()), ds.name, spec.describe(), added, already, skipped, stored, seconds)
 
 
 def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int, added: dict[str, int],
