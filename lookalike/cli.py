@@ -154,11 +154,21 @@ def evaluate(
     collection: CollectionOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
+    plot: Annotated[Optional[str], typer.Option(help="Write the confusion matrix as a PNG")] = None,
+    errors: Annotated[Optional[str], typer.Option(help="Write a PNG gallery of misclassified held-out items beside their nearest neighbour")] = None,
 ) -> None:
     """Held-out k-NN accuracy through the store, with an exact-search audit."""
     from lookalike.evaluate import evaluate as run_evaluate
+    from lookalike.evaluate import save_confusion_picture, save_errors_picture
 
     r = _call(run_evaluate, k=k, collection=collection, db=db)
+    saved = []
+    if plot:
+        saved.append(_call(save_confusion_picture, r, plot))
+    if errors:
+        saved.append(_call(save_errors_picture, r, errors, db=db))
+    for path in saved:
+        typer.echo(f"saved {path}", err=as_json)
     if as_json:
         typer.echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -178,6 +188,94 @@ def evaluate(
     typer.echo("  " + " " * width + "".join(f"{n[:6]:>7}" for n in names))
     for n, row in zip(names, r.confusion):
         typer.echo(f"  {n:>{width}}" + "".join(f"{v:>7}" for v in row))
+
+
+@app.command("map")
+def map_(
+    out: Annotated[str, typer.Option(help="PNG file for the map")],
+    method: Annotated[str, typer.Option(help="tsne, umap (pip install 'lookalike[umap]') or pca")] = "tsne",
+    sample: Annotated[Optional[int], typer.Option(help="Map a seeded, stratified sample of N items")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")] = None,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same picture")] = 0,
+    coords: Annotated[Optional[str], typer.Option(help="Also write id,label,label_name,split,x,y to this CSV")] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Draw the embedding space in 2-D, coloured by label."""
+    from lookalike.explore import embedding_map, save_coords
+    from lookalike.plots import map_figure, save_figure
+
+    r = _call(embedding_map, method=method, sample=sample, split=split, seed=seed, collection=collection, db=db)
+    title = f"{r.points.collection}: {r.method.upper() if r.method != 'tsne' else 't-SNE'} of {len(r.points.ids)} points"
+    path = _call(save_figure, map_figure(r.coords, r.points.labels, r.points.label_names, title), out)
+    typer.echo(f"saved {path} ({len(r.points.ids)} points, {r.method}, {r.seconds:.1f} s)")
+    if coords:
+        typer.echo(f"saved {_call(save_coords, r, coords)}")
+
+
+@app.command()
+def clusters(
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of k-means clusters")] = 10,
+    on: Annotated[str, typer.Option(help="Cluster the embedding vectors or the 2-D map")] = "embedding",
+    method: Annotated[str, typer.Option(help="Map method when --on map: tsne, umap or pca")] = "tsne",
+    sample: Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, the map and k-means")] = 0,
+    out: Annotated[Optional[str], typer.Option(help="PNG gallery of items whose cluster disagrees with their label")] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """k-means clusters against the labels: silhouette, ARI, NMI and Hungarian-matched cluster accuracy."""
+    from lookalike.explore import cluster, save_disagreement_picture
+
+    r = _call(cluster, k=k, on=on, method=method, sample=sample, split=split, seed=seed, collection=collection, db=db)
+    if out:
+        typer.echo(f"saved {_call(save_disagreement_picture, r, out)}", err=as_json)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    typer.echo(f"collection {r.collection!r}: k-means, k={r.k}, on the {r.on} of {r.n_items} items ({r.seconds:.1f} s)")
+    typer.echo(f"  cluster accuracy  {r.cluster_accuracy:.4f}  (clusters matched to labels, Hungarian)")
+    typer.echo(f"  silhouette        {r.silhouette:.4f}  (on {r.silhouette_sample} items)")
+    typer.echo(f"  adjusted Rand     {r.adjusted_rand:.4f}")
+    typer.echo(f"  normalised MI     {r.normalized_mutual_info:.4f}")
+    typer.echo(f"  disagreeing       {len(r.disagreeing())} items")
+
+
+@app.command()
+def compare(
+    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample or folder")],
+    path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
+    embedder: Annotated[Optional[list[str]], typer.Option("--embedder", help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten")] = None,
+    source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only N items")] = None,
+    test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for random weights and sampling")] = 0,
+    weights: Annotated[str, typer.Option(help="Default VGG16 weights for SPECs that do not name them")] = "imagenet",
+    k: Annotated[int, typer.Option("--k", "-k", help="k of the k-NN column")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
+    out: Annotated[Optional[str], typer.Option(help="PNG bar chart of the accuracies")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest one dataset with several embedders (reusing collections), evaluate each, print one table."""
+    from lookalike.compare import compare as run_compare
+    from lookalike.compare import save_compare_picture
+
+    with _progress_bar("embedding") as progress:
+        r = _call(run_compare, dataset, path, embedders=list(embedder or []), source=source, limit=limit,
+                  test_size=test_size, seed=seed, weights=weights, k=k, batch_size=batch_size, db=db, progress=progress)  # fmt: skip
+    if out:
+        typer.echo(f"saved {_call(save_compare_picture, r, out)}", err=as_json)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    typer.echo(f"{r.dataset} ({r.protocol}), accuracy of held-out items through the store")
+    typer.echo(f"{'embedder':<52} {'dim':>6} {'1-NN':>7} {f'{r.k}-NN':>7} {'silh.':>7} {'img/s':>8}")
+    for row in r.rows:
+        typer.echo(f"{row.embedder:<52} {row.dim:>6} {row.accuracy_1nn:>7.4f} {row.accuracy_knn:>7.4f} "
+                   f"{row.silhouette:>7.3f} {row.images_per_s:>8.0f}")  # fmt: skip
 
 
 @app.command()

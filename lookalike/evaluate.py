@@ -9,8 +9,10 @@ neighbour; ties at equal distance count) and ``exact_accuracy`` (the accuracy ex
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,7 @@ class EvalReport:
     queries_per_s: float
     query_seconds: float
     seconds: float
+    mistakes: list[dict[str, Any]] = field(default_factory=list)  # {id, nearest_id, true, predicted}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +103,10 @@ def evaluate(*, k: int = 1, collection: str | None = None, db: str | None = None
         queries_per_s=len(test_ids) / query_seconds if query_seconds > 0 else float("inf"),
         query_seconds=query_seconds,
         seconds=time.perf_counter() - started,
+        mistakes=[
+            {"id": test_ids[i], "nearest_id": train_ids[store_nn[i, 0]], "true": int(y_test[i]), "predicted": int(pred[i])}
+            for i in np.flatnonzero(pred != y_test)
+        ],
     )
 
 
@@ -158,3 +165,37 @@ def vote(neighbour_labels: np.ndarray) -> np.ndarray:
         best = counts == counts.max()
         out[i] = values[best][np.argmin(first[best])]
     return out
+
+
+def _name(names: list[str], label: int) -> str:
+    return names[label] if label < len(names) else str(label)
+
+
+def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> Path:
+    """Write the confusion matrix of ``report`` as a PNG."""
+    from lookalike.plots import confusion_figure, save_figure
+
+    title = f"{report.k}-NN confusion, {report.collection} ({report.n_queries} held out, accuracy {report.accuracy:.4f})"
+    return save_figure(confusion_figure(report.confusion, report.label_names, title), out)
+
+
+def save_errors_picture(report: EvalReport, out: str | os.PathLike[str], *, limit: int = 32, db: str | None = None) -> Path:
+    """Write a gallery of misclassified held-out items, each beside its nearest indexed item ("true -> predicted")."""
+    from lookalike.datasets import load_images_by_metadata
+    from lookalike.plots import pairs_figure, save_figure
+
+    col = Store(db).open(report.collection)
+    shown = report.mistakes[:limit]
+    pairs = []
+    if shown:
+        ids = [m["id"] for m in shown] + [m["nearest_id"] for m in shown]
+        got_ids, _, metas = col.get(ids)
+        by_id = dict(zip(got_ids, metas))
+        images = load_images_by_metadata(col.record["protocol"], [by_id[i] for i in ids])
+        names = report.label_names
+        for j, m in enumerate(shown):
+            caption = f"{_name(names, m['true'])} -> {_name(names, m['predicted'])}"
+            pairs.append((images[j], images[len(shown) + j], caption))
+    title = (f"{len(shown)} of {len(report.mistakes)} misclassified held-out items, {report.collection} "
+             f"(true -> predicted)")  # fmt: skip
+    return save_figure(pairs_figure(pairs, title), out)

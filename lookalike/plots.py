@@ -45,10 +45,115 @@ def save_figure(fig: Any, out: str | os.PathLike[str]) -> Path:
     """Save ``fig`` as PNG at ``out`` (parent folders created); a clear error if not writable."""
     path = Path(out).expanduser()
     if path.suffix.lower() != ".png":
-        raise InputError(f"--save {path}: give a file name ending in .png")
+        raise InputError(f"{path}: give a picture file name ending in .png")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
     except OSError as exc:
         raise InputError(f"cannot write {path} ({exc.strerror or exc}): choose a writable path") from None
     return path
+
+
+def _label_colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def map_figure(coords: np.ndarray, labels: np.ndarray, label_names: Sequence[str], title: str) -> Any:
+    """A 2-D scatter ``coords`` ``(n, 2)`` coloured by label, with a legend of label names."""
+    fig = _figure(9, 7.5)
+    ax = fig.subplots()
+    present = sorted(set(int(v) for v in labels))
+    colours = _label_colours(max(present) + 1 if present else 1)
+    size = 4 if len(coords) > 5000 else 9
+    for lab in present:
+        pts = coords[labels == lab]
+        name = label_names[lab] if lab < len(label_names) else str(lab)
+        ax.scatter(pts[:, 0], pts[:, 1], s=size, color=colours[lab], label=name, alpha=0.7, linewidths=0)
+    ax.legend(title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=3, fontsize=9, frameon=False)
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel("component 1")
+    ax.set_ylabel("component 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def gallery_figure(images: Sequence[np.ndarray | None], titles: Sequence[str], title: str, columns: int = 8) -> Any:
+    """A grid of images (grey in grey scale), each titled; ``title`` on top. Returns a Figure."""
+    n = max(len(images), 1)
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    fig = _figure(1.45 * columns, 1.65 * rows + 0.5)
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i < len(images):
+            _show(ax, images[i], titles[i])
+        else:
+            ax.set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def pairs_figure(pairs: Sequence[tuple[np.ndarray | None, np.ndarray | None, str]], title: str, columns: int = 4) -> Any:
+    """Pairs side by side (query | neighbour), each pair captioned, e.g. ``"7 -> 1"``. Returns a Figure."""
+    n = max(len(pairs), 1)
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    fig = _figure(2.9 * columns, 1.75 * rows + 0.5)
+    grids = fig.subfigures(rows, columns, squeeze=False)
+    for i, sub in enumerate(grids.flat):
+        axes = sub.subplots(1, 2)
+        if i < len(pairs):
+            query, neighbour, caption = pairs[i]
+            _show(axes[0], query, "held out")
+            _show(axes[1], neighbour, "nearest")
+            sub.suptitle(caption, fontsize=10)
+        else:
+            for ax in axes:
+                ax.set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], label_names: Sequence[str], title: str) -> Any:
+    """The confusion matrix (rows true, columns predicted) as a picture with counts. Returns a Figure."""
+    m = np.asarray(confusion)
+    n = len(m)
+    names = list(label_names) if len(label_names) == n else [str(i) for i in range(n)]
+    fig = _figure(max(5.0, 0.6 * n + 2.5), max(4.5, 0.55 * n + 2))
+    ax = fig.subplots()
+    rates = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if max(map(len, names)) > 2 else "center")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=11)
+    fig.colorbar(im, ax=ax, label="share of the true class")
+    return fig
+
+
+def bars_figure(names: Sequence[str], series: dict[str, Sequence[float]], title: str, ylabel: str) -> Any:
+    """Grouped horizontal bars: one group per name, one bar per series. Returns a Figure."""
+    fig = _figure(9, 1.0 + 0.55 * len(names) * max(1, len(series)))
+    ax = fig.subplots()
+    height = 0.8 / max(1, len(series))
+    y = np.arange(len(names))
+    for i, (label, values) in enumerate(series.items()):
+        bars = ax.barh(y + i * height, values, height=height, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_yticks(y + height * (len(series) - 1) / 2, names, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(ylabel)
+    ax.set_xlim(0, 1.08)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.set_title(title, fontsize=11)
+    return fig

@@ -93,9 +93,9 @@ class VectorCollection:
             self._c.add(ids=list(ids[start:end]), embeddings=vectors[start:end], metadatas=list(metadatas[start:end]))
 
     def get(self, ids: Sequence[str], *, vectors: bool = False) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
-        """(ids, vectors or None, metadatas) of stored ``ids``, in the order Chroma returns them."""
+        """(ids, vectors or None, metadatas) of stored ``ids`` (each once), in the order Chroma returns them."""
         include = ["metadatas", "embeddings"] if vectors else ["metadatas"]
-        got = self._c.get(ids=list(ids), include=include)
+        got = self._c.get(ids=list(dict.fromkeys(ids)), include=include)  # Chroma refuses repeated ids
         embs = np.asarray(got["embeddings"], np.float32) if vectors else None
         return list(got["ids"]), embs, list(got["metadatas"])
 

@@ -169,3 +169,44 @@ def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == 600
     third = run_cli(*args)
     assert "added   train 0, test 0 (already stored: 600)" in third.stdout
+
+
+def test_explore_commands(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    m = runner.invoke(app, ["map", "--db", db, "--method", "tsne", "--sample", "100", "--out", str(tmp_path / "m.png"),
+                            "--coords", str(tmp_path / "m.csv")])  # fmt: skip
+    assert m.exit_code == 0, m.output
+    assert "100 points" in m.stdout and (tmp_path / "m.png").is_file()
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 101
+    c = runner.invoke(app, ["clusters", "--db", db, "--json", "--out", str(tmp_path / "c.png")])
+    assert c.exit_code == 0, c.output
+    report = json.loads(c.stdout)
+    assert report["cluster_accuracy"] == 1.0 and report["adjusted_rand"] == pytest.approx(1.0)
+    assert {"silhouette", "normalized_mutual_info", "n_disagreeing"} <= set(report)
+    e = runner.invoke(app, ["evaluate", "--db", db, "--plot", str(tmp_path / "cm.png"), "--errors", str(tmp_path / "e.png")])
+    assert e.exit_code == 0, e.output
+    assert (tmp_path / "cm.png").is_file() and (tmp_path / "e.png").is_file()
+    cmp = runner.invoke(app, ["compare", "mnist", "--source", str(tiny_npz), "--limit", "60", "--test-size", "20",
+                              "--embedder", "pixels", "--embedder", "pixels:size=14", "--db", db, "--out", str(tmp_path / "b.png")])  # fmt: skip
+    assert cmp.exit_code == 0, cmp.output
+    assert "pixels 14px/none 196d" in cmp.stdout and "1-NN" in cmp.stdout and (tmp_path / "b.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["map", "--out", "x.png", "--method", "mds"], "--method"),
+        (["map", "--out", "x.txt", "--method", "pca"], ".png"),
+        (["map", "--out", "x.png", "--sample", "1"], "--sample"),
+        (["clusters", "--k", "1"], "--k"),
+        (["clusters", "--collection", "nope"], "no collection 'nope'"),
+        (["compare", "mnist", "--embedder", "vgg16:depth=3"], "--embedder"),
+        (["evaluate", "--plot", "x.svg"], ".png"),
+    ],
+)
+def test_explore_bad_input(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path, args: list[str], message: str) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    argv = [str(tmp_path / a) if a.startswith("x.") else a for a in args] + ["--db", db]
+    r = runner.invoke(app, argv)
+    assert r.exit_code != 0 and message in one_line_error(r)
+    assert Store(db).names() == ["mnist"] and Store(db).open().count() == 250

@@ -1,0 +1,149 @@
+"""Compare embedders on one dataset and protocol: each into its own collection, evaluated the same way.
+
+An embedder SPEC is ``name[:key=value,...]``: ``pixels``, ``vgg16``,
+``vgg16:layer=block3_pool,pooling=flatten``, ``vgg16:input_size=48``, ``vgg16:weights=random,seed=1``.
+Collections already there are reused (ingest only adds what is missing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.datasets import load_dataset
+from lookalike.embedder import build_embedder, make_spec
+from lookalike.errors import InputError
+from lookalike.evaluate import evaluate
+from lookalike.explore import read_points
+from lookalike.ingest import Progress, ingest
+
+SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int}
+THROUGHPUT_SAMPLE = 256  # images embedded (after a warm-up) to measure each embedder's speed
+SILHOUETTE_SAMPLE = 2000
+
+
+@dataclass
+class CompareRow:
+    """One embedder's results."""
+
+    spec: str
+    embedder: str
+    collection: str
+    dim: int
+    accuracy_1nn: float
+    accuracy_knn: float
+    recall_at_1: float
+    silhouette: float
+    images_per_s: float
+
+
+@dataclass
+class CompareReport:
+    """The comparison table: one row per embedder, k-NN with ``k``."""
+
+    dataset: str
+    protocol: str
+    k: int
+    rows: list[CompareRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "protocol": self.protocol, "k": self.k, "rows": [asdict(r) for r in self.rows]}
+
+
+def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> dict[str, Any]:
+    """Keyword arguments for :func:`~lookalike.embedder.make_spec` from ``name[:key=value,...]``."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {"model": name.strip()}
+    if options["model"] == "vgg16":
+        options.update(weights=default_weights, seed=seed)
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in SPEC_KEYS:
+            raise InputError(f"bad --embedder {text!r}: use name[:key=value,...] with keys {', '.join(SPEC_KEYS)}")
+        try:
+            options["input_size" if key == "size" else key] = SPEC_KEYS[key](value.strip())
+        except ValueError:
+            raise InputError(f"bad --embedder {text!r}: {key} must be a {SPEC_KEYS[key].__name__}") from None
+    return options
+
+
+def collection_name(dataset: str, limit: int | None, test_size: float | None, seed: int, spec_text: str) -> str:
+    """A readable, valid collection name for one embedder on one protocol."""
+    proto = "official" if limit is None and test_size is None else f"{limit or 'all'}-{test_size}"
+    raw = f"cmp-{dataset}-{proto}-s{seed}-{spec_text}"
+    name = re.sub(r"[^a-zA-Z0-9._-]+", "-", raw).strip("-._")
+    return name[:200]
+
+
+def compare(
+    dataset: str,
+    path: str | None = None,
+    *,
+    embedders: list[str],
+    source: str | None = None,
+    limit: int | None = None,
+    test_size: float | None = None,
+    seed: int = 0,
+    weights: str = "imagenet",
+    k: int = 5,
+    batch_size: int = 256,
+    db: str | None = None,
+    progress: Progress | None = None,
+) -> CompareReport:
+    """Ingest ``dataset`` with every embedder SPEC (reusing collections), evaluate each, return the table."""
+    if not embedders:
+        raise InputError("give at least one --embedder SPEC (e.g. --embedder pixels --embedder vgg16)")
+    if k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
+    specs = [(text, make_spec(**parse_spec(text, weights, seed))) for text in embedders]  # validate all first
+    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
+    sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if im is not None]
+    proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={test_size}, seed={seed}"
+    report = CompareReport(ds.name, proto, k)
+    for text, spec in specs:
+        model = build_embedder(spec)
+        name = collection_name(ds.name, limit, test_size, seed, text)
+        ingest(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, embedder=model,
+               batch_size=batch_size, collection=name, db=db, progress=progress)  # fmt: skip
+        one = evaluate(k=1, collection=name, db=db)
+        many = evaluate(k=k, collection=name, db=db) if k > 1 else one
+        points = read_points(sample=SILHOUETTE_SAMPLE, seed=seed, collection=name, db=db)
+        report.rows.append(CompareRow(text, spec.describe(), name, spec.dim, one.accuracy, many.accuracy, one.recall_at_1,
+                                      _silhouette(points.vectors, points.labels, seed), _throughput(model, sample_images)))  # fmt: skip
+    return report
+
+
+def _silhouette(vectors: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(silhouette_score(vectors, labels, sample_size=min(len(labels), SILHOUETTE_SAMPLE), random_state=seed))
+
+
+def _throughput(model: Any, images: list[np.ndarray]) -> float:
+    """Images/s of ``model.embed`` on ``images`` after a warm-up batch."""
+    model.embed(images[:8])
+    batch = images[8:] or images
+    started = time.perf_counter()
+    model.embed(batch)
+    return len(batch) / max(time.perf_counter() - started, 1e-9)
+
+
+def save_compare_picture(report: CompareReport, out: str | os.PathLike[str]) -> Path:
+    """Bar chart of 1-NN and k-NN accuracy per embedder."""
+    from lookalike.plots import bars_figure, save_figure
+
+    names = [f"{r.embedder}" for r in report.rows]
+    series = {"1-NN accuracy": [r.accuracy_1nn for r in report.rows]}
+    if report.k > 1:
+        series[f"{report.k}-NN accuracy"] = [r.accuracy_knn for r in report.rows]
+    title = f"Embedders on {report.dataset} ({report.protocol})"
+    return save_figure(bars_figure(names, series, title, "held-out accuracy (through the store)"), out)

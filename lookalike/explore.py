@@ -1,0 +1,212 @@
+"""Explore a collection's embedding space: 2-D maps (t-SNE, UMAP, PCA) and k-means clusters.
+
+Vectors and labels are read back from the store, never recomputed. Results are dataclasses with
+plain arrays; the pictures are drawn by :mod:`lookalike.plots`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.datasets import SPLITS, stratified_pick
+from lookalike.errors import InputError, LookalikeError
+from lookalike.store import Store
+
+log = logging.getLogger(__name__)
+
+METHODS = ("tsne", "umap", "pca")
+PCA_DIMS = 50  # t-SNE and UMAP run on the first 50 principal components
+SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2): computed on at most this many items
+
+
+@dataclass
+class Points:
+    """Items read back from a collection: ids, labels ``(n,)``, vectors ``(n, dim)`` and metadata."""
+
+    collection: str
+    ids: list[str]
+    labels: np.ndarray
+    vectors: np.ndarray
+    metadatas: list[dict[str, Any]]
+    label_names: list[str]
+    protocol: dict[str, Any]
+
+
+@dataclass
+class MapResult:
+    """A 2-D map: ``coords`` ``(n, 2)`` for each item of ``points``."""
+
+    points: Points
+    method: str
+    seed: int
+    coords: np.ndarray
+    seconds: float
+
+
+@dataclass
+class ClusterReport:
+    """k-means against the labels. ``mapping[c]`` is the label matched to cluster ``c`` (Hungarian)."""
+
+    collection: str
+    k: int
+    on: str
+    n_items: int
+    silhouette: float
+    silhouette_sample: int
+    adjusted_rand: float
+    normalized_mutual_info: float
+    cluster_accuracy: float
+    mapping: dict[int, int]
+    seconds: float
+    clusters: np.ndarray = field(repr=False)
+    points: Points = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("collection", "k", "on", "n_items", "silhouette", "silhouette_sample", "adjusted_rand",
+                "normalized_mutual_info", "cluster_accuracy", "seconds")  # fmt: skip
+        out = {key: getattr(self, key) for key in keys}
+        out["mapping"] = {str(c): int(lab) for c, lab in self.mapping.items()}
+        out["n_disagreeing"] = int(len(self.disagreeing()))
+        return out
+
+    def disagreeing(self) -> np.ndarray:
+        """Indices of items whose cluster's matched label differs from their own label."""
+        matched = np.array([self.mapping.get(int(c), -1) for c in self.clusters])
+        return np.flatnonzero(matched != self.points.labels)
+
+
+def read_points(*, sample: int | None = None, split: str | None = None, seed: int = 0,
+                collection: str | None = None, db: str | None = None) -> Points:  # fmt: skip
+    """Vectors and labels of a collection (``split`` only), a seeded stratified ``sample`` of them if given."""
+    if split is not None and split not in SPLITS:
+        raise InputError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    if sample is not None and sample < 3:
+        raise InputError(f"--sample must be at least 3, got {sample}")
+    col = Store(db).open(collection)
+    ids, vectors, metas = col.scan({"split": split} if split else None)
+    if len(ids) < 3:
+        raise InputError(f"collection {col.name!r} has {len(ids)} items{' in split ' + split if split else ''}: need at least 3")
+    labels = np.array([int(m["label"]) for m in metas])
+    order = np.argsort(ids, kind="stable")  # Chroma's page order is not guaranteed: sort for reproducibility
+    if sample is not None and sample < len(ids):
+        order = order[stratified_pick(labels[order], sample, seed)]
+    return Points(col.name, [ids[i] for i in order], labels[order], vectors[order], [metas[i] for i in order],
+                  list(col.record.get("label_names", [])), col.record.get("protocol", {}))  # fmt: skip
+
+
+def project(vectors: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """2-D coordinates ``(n, 2)`` of ``vectors`` ``(n, dim)``; PCA to 50 dimensions first for t-SNE/UMAP."""
+    if method not in METHODS:
+        raise InputError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(vectors, dtype=np.float32)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    if x.shape[1] > PCA_DIMS and len(x) > PCA_DIMS:
+        x = PCA(n_components=PCA_DIMS, random_state=seed).fit_transform(x)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise LookalikeError("UMAP is an optional extra: pip install 'lookalike[umap]' (or use --method tsne)") from None
+        reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1))
+        return np.asarray(reducer.fit_transform(x))
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, (len(x) - 1) / 3.0)
+    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity, n_jobs=os.cpu_count()).fit_transform(x)
+
+
+def embedding_map(*, method: str = "tsne", sample: int | None = None, split: str | None = None, seed: int = 0,
+                  collection: str | None = None, db: str | None = None) -> MapResult:  # fmt: skip
+    """A seeded 2-D map of a collection (or a stratified sample of it)."""
+    if method not in METHODS:
+        raise InputError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    points = read_points(sample=sample, split=split, seed=seed, collection=collection, db=db)
+    started = time.perf_counter()
+    coords = project(points.vectors, method, seed)
+    return MapResult(points, method, seed, coords, time.perf_counter() - started)
+
+
+def save_coords(result: MapResult, path: str | os.PathLike[str]) -> Path:
+    """Write ``id,label,label_name,split,x,y`` rows to a CSV file."""
+    out = Path(path).expanduser()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "label", "label_name", "split", "x", "y"])
+            names = result.points.label_names
+            for i, (id_, lab, meta) in enumerate(zip(result.points.ids, result.points.labels, result.points.metadatas)):
+                name = names[lab] if lab < len(names) else str(lab)
+                w.writerow([id_, int(lab), name, meta.get("split", ""), f"{result.coords[i, 0]:.6g}", f"{result.coords[i, 1]:.6g}"])
+    except OSError as exc:
+        raise InputError(f"cannot write {out} ({exc.strerror or exc}): choose a writable path") from None
+    return out
+
+
+def cluster_scores(features: np.ndarray, labels: np.ndarray, clusters: np.ndarray, seed: int = 0) -> tuple[float, int, float, float, float, dict[int, int]]:
+    """(silhouette, its sample size, ARI, NMI, cluster accuracy, cluster->label mapping) of a clustering."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    n_clusters = len(np.unique(clusters))
+    sample = min(len(features), SILHOUETTE_SAMPLE)
+    sil = float(silhouette_score(features, clusters, sample_size=sample, random_state=seed)) if 1 < n_clusters < len(features) else float("nan")
+    cl_values, cl_idx = np.unique(clusters, return_inverse=True)
+    lab_values, lab_idx = np.unique(labels, return_inverse=True)
+    table = np.zeros((len(cl_values), len(lab_values)), dtype=int)
+    np.add.at(table, (cl_idx, lab_idx), 1)
+    rows, cols = linear_sum_assignment(-table)
+    mapping = {int(cl_values[r]): int(lab_values[c]) for r, c in zip(rows, cols)}
+    accuracy = float(table[rows, cols].sum() / len(labels))
+    return (sil, sample, float(adjusted_rand_score(labels, clusters)), float(normalized_mutual_info_score(labels, clusters)),
+            accuracy, mapping)  # fmt: skip
+
+
+def cluster(*, k: int = 10, on: str = "embedding", method: str = "tsne", sample: int | None = None,
+            split: str | None = None, seed: int = 0, collection: str | None = None, db: str | None = None) -> ClusterReport:  # fmt: skip
+    """k-means with ``k`` clusters on the vectors (``on="embedding"``) or on a 2-D map (``on="map"``)."""
+    if k < 2:
+        raise InputError(f"--k must be at least 2, got {k}")
+    if on not in ("embedding", "map"):
+        raise InputError(f"--on {on!r} is not one of embedding, map")
+    points = read_points(sample=sample, split=split, seed=seed, collection=collection, db=db)
+    if k > len(points.ids):
+        raise InputError(f"--k {k} is more than the {len(points.ids)} items")
+    from sklearn.cluster import KMeans
+
+    started = time.perf_counter()
+    features = project(points.vectors, method, seed) if on == "map" else points.vectors
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
+    sil, n_sil, ari, nmi, acc, mapping = cluster_scores(features, points.labels, clusters, seed)
+    return ClusterReport(points.collection, k, on, len(points.ids), sil, n_sil, ari, nmi, acc, mapping,
+                         time.perf_counter() - started, clusters, points)  # fmt: skip
+
+
+def save_disagreement_picture(report: ClusterReport, out: str | os.PathLike[str], limit: int = 48) -> Path:
+    """A gallery of items whose cluster's matched label differs from their label ("label -> cluster's label")."""
+    from lookalike.datasets import load_images_by_metadata
+    from lookalike.plots import gallery_figure, save_figure
+
+    pts = report.points
+    idx = report.disagreeing()
+    shown = idx[:limit]
+    names = pts.label_names
+    images = load_images_by_metadata(pts.protocol, [pts.metadatas[i] for i in shown]) if len(shown) else []
+
+    def name(label: int) -> str:
+        return names[label] if 0 <= label < len(names) else str(label)
+
+    titles = [f"{name(int(pts.labels[i]))} -> {name(report.mapping.get(int(report.clusters[i]), -1))}" for i in shown]
+    title = f"{len(shown)} of {len(idx)} items whose cluster disagrees with their label (label -> cluster's label)"
+    return save_figure(gallery_figure(images, titles, title), out)

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.errors import InputError, LookalikeError
+from lookalike.explore import cluster, cluster_scores, embedding_map, project, save_coords, save_disagreement_picture
+from lookalike.ingest import ingest
+
+
+@pytest.fixture
+def pixel_db(tiny_npz: Path, db: str) -> str:
+    ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
+    return db
+
+
+def blobs(n_per: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0], [50, 0], [0, 50]], dtype=float)
+    labels = np.repeat(np.arange(3), n_per)
+    return centres[labels] + rng.normal(0, 1, (len(labels), 2)), labels
+
+
+def test_perfect_clusters_score_one_whatever_their_numbering() -> None:
+    x, labels = blobs()
+    clusters = (labels + 1) % 3  # right grouping, other ids
+    sil, n, ari, nmi, acc, mapping = cluster_scores(x, labels, clusters)
+    assert acc == 1.0 and ari == pytest.approx(1.0) and nmi == pytest.approx(1.0)
+    assert sil > 0.9 and n == 60
+    assert mapping == {1: 0, 2: 1, 0: 2}
+
+
+def test_cluster_accuracy_matches_by_hungarian_method() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    clusters = np.array([5, 5, 7, 7, 7, 7, 9, 9])
+    _, _, ari, _, acc, mapping = cluster_scores(np.arange(16.0).reshape(8, 2), labels, clusters)
+    assert acc == pytest.approx(7 / 8) and mapping == {5: 0, 7: 1, 9: 2}
+    assert 0 < ari < 1
+
+
+def test_projection_methods_and_seed() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 64), dtype=np.float32)
+    assert project(x, "pca").shape == (60, 2)
+    a, b = project(x, "tsne", seed=3), project(x, "tsne", seed=3)
+    assert a.shape == (60, 2) and np.allclose(a, b)  # same seed, same map
+    with pytest.raises(InputError, match="--method"):
+        project(x, "mds")
+
+
+def test_umap_without_the_extra_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "umap", None)  # import umap -> ImportError
+    with pytest.raises(LookalikeError, match=r"pip install 'lookalike\[umap\]'"):
+        project(np.random.default_rng(0).random((30, 8)), "umap")
+
+
+def test_map_reads_the_store_and_writes_coordinates(pixel_db: str, tmp_path: Path) -> None:
+    r = embedding_map(method="pca", db=pixel_db)
+    assert r.coords.shape == (250, 2) and len(r.points.ids) == 250
+    s = embedding_map(method="tsne", sample=60, split="train", seed=1, db=pixel_db)
+    assert len(s.points.ids) == 60 and set(np.bincount(s.points.labels)) == {6}
+    assert all(m["split"] == "train" for m in s.points.metadatas)
+    again = embedding_map(method="tsne", sample=60, split="train", seed=1, db=pixel_db)
+    assert again.points.ids == s.points.ids and np.allclose(again.coords, s.coords)
+    path = save_coords(s, tmp_path / "c.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 60 and rows[0]["id"] == s.points.ids[0] and float(rows[0]["x"]) == pytest.approx(s.coords[0, 0], rel=1e-4)
+    with pytest.raises(InputError, match="--split"):
+        embedding_map(split="val", db=pixel_db)
+
+
+def test_clusters_on_separable_digits(pixel_db: str, tmp_path: Path) -> None:
+    r = cluster(k=10, db=pixel_db)
+    assert r.n_items == 250 and r.cluster_accuracy == 1.0 and r.adjusted_rand == pytest.approx(1.0)
+    assert len(r.disagreeing()) == 0 and r.to_dict()["n_disagreeing"] == 0
+    on_map = cluster(k=10, on="map", method="pca", db=pixel_db)
+    assert on_map.on == "map" and 0 < on_map.cluster_accuracy <= 1
+    few = cluster(k=3, db=pixel_db)  # 10 classes in 3 clusters: many disagree
+    assert len(few.disagreeing()) >= 250 - 3 * 25 - 10
+    out = save_disagreement_picture(few, tmp_path / "g.png")
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+    with pytest.raises(InputError, match="--k"):
+        cluster(k=1, db=pixel_db)
+    with pytest.raises(InputError, match="--on"):
+        cluster(on="pixels", db=pixel_db)
