@@ -74,9 +74,14 @@ def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> d
     return options
 
 
+def _count(value: float | None) -> str:
+    """``1000.0`` -> ``"1000"``; fractions stay as they are."""
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
 def collection_name(dataset: str, limit: int | None, test_size: float | None, seed: int, spec_text: str) -> str:
     """A readable, valid collection name for one embedder on one protocol."""
-    proto = "official" if limit is None and test_size is None else f"{limit or 'all'}-{test_size}"
+    proto = "official" if limit is None and test_size is None else f"{limit or 'all'}-{_count(test_size)}"
     raw = f"cmp-{dataset}-{proto}-s{seed}-{spec_text}"
     name = re.sub(r"[^a-zA-Z0-9._-]+", "-", raw).strip("-._")
     return name[:200]
@@ -105,7 +110,7 @@ def compare(
     specs = [(text, make_spec(**parse_spec(text, weights, seed))) for text in embedders]  # validate all first
     ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
     sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if im is not None]
-    proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={test_size}, seed={seed}"
+    proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"
     report = CompareReport(ds.name, proto, k)
     for text, spec in specs:
         model = build_embedder(spec)

@@ -10,6 +10,7 @@ import csv
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,9 @@ def project(vectors: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndar
         except ImportError:
             raise LookalikeError("UMAP is an optional extra: pip install 'lookalike[umap]' (or use --method tsne)") from None
         reducer = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(x) - 1))
-        return np.asarray(reducer.fit_transform(x))
+        with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            return np.asarray(reducer.fit_transform(x))
     from sklearn.manifold import TSNE
 
     perplexity = min(30.0, (len(x) - 1) / 3.0)

@@ -153,7 +153,8 @@ def bars_figure(names: Sequence[str], series: dict[str, Sequence[float]], title:
     ax.set_yticks(y + height * (len(series) - 1) / 2, names, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel(ylabel)
-    ax.set_xlim(0, 1.08)
-    ax.legend(loc="lower right", fontsize=9)
+    low = min((v for values in series.values() for v in values), default=0.0)
+    ax.set_xlim(max(0.0, np.floor((low - 0.03) * 20) / 20), 1.0)  # differences of a point or two stay visible
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / max(1, len(names))), ncols=len(series), fontsize=9, frameon=False)
     ax.set_title(title, fontsize=11)
     return fig
