@@ -30,6 +30,8 @@ T = TypeVar("T")
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Store directory or http://HOST:PORT of `chroma run` [default: $LOOKALIKE_DB or ./lookalike-db]")]
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection name (optional when the store has one)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+SampleOpt = Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")]
+SplitOpt = Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -194,20 +196,18 @@ def evaluate(
 def map_(
     out: Annotated[str, typer.Option(help="PNG file for the map")],
     method: Annotated[str, typer.Option(help="tsne, umap (pip install 'lookalike[umap]') or pca")] = "tsne",
-    sample: Annotated[Optional[int], typer.Option(help="Map a seeded, stratified sample of N items")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")] = None,
+    sample: SampleOpt = None,
+    split: SplitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same picture")] = 0,
     coords: Annotated[Optional[str], typer.Option(help="Also write id,label,label_name,split,x,y to this CSV")] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
 ) -> None:
     """Draw the embedding space in 2-D, coloured by label."""
-    from lookalike.explore import embedding_map, save_coords
-    from lookalike.plots import map_figure, save_figure
+    from lookalike.explore import embedding_map, save_coords, save_map_picture
 
     r = _call(embedding_map, method=method, sample=sample, split=split, seed=seed, collection=collection, db=db)
-    title = f"{r.points.collection}: {r.method.upper() if r.method != 'tsne' else 't-SNE'} of {len(r.points.ids)} points"
-    path = _call(save_figure, map_figure(r.coords, r.points.labels, r.points.label_names, title), out)
+    path = _call(save_map_picture, r, out)
     typer.echo(f"saved {path} ({len(r.points.ids)} points, {r.method}, {r.seconds:.1f} s)")
     if coords:
         typer.echo(f"saved {_call(save_coords, r, coords)}")
@@ -218,8 +218,8 @@ def clusters(
     k: Annotated[int, typer.Option("--k", "-k", help="Number of k-means clusters")] = 10,
     on: Annotated[str, typer.Option(help="Cluster the embedding vectors or the 2-D map")] = "embedding",
     method: Annotated[str, typer.Option(help="Map method when --on map: tsne, umap or pca")] = "tsne",
-    sample: Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")] = None,
+    sample: SampleOpt = None,
+    split: SplitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, the map and k-means")] = 0,
     out: Annotated[Optional[str], typer.Option(help="PNG gallery of items whose cluster disagrees with their label")] = None,
     collection: CollectionOpt = None,

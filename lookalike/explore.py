@@ -140,6 +140,15 @@ def embedding_map(*, method: str = "tsne", sample: int | None = None, split: str
     return MapResult(points, method, seed, coords, time.perf_counter() - started)
 
 
+def save_map_picture(result: MapResult, out: str | os.PathLike[str]) -> Path:
+    """Write the map as a PNG scatter coloured by label, titled with collection, method and point count."""
+    from lookalike.plots import map_figure, save_figure
+
+    method = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[result.method]
+    title = f"{result.points.collection}: {method} of {len(result.points.ids)} points (seed {result.seed})"
+    return save_figure(map_figure(result.coords, result.points.labels, result.points.label_names, title), out)
+
+
 def save_coords(result: MapResult, path: str | os.PathLike[str]) -> Path:
     """Write ``id,label,label_name,split,x,y`` rows to a CSV file."""
     out = Path(path).expanduser()

@@ -81,11 +81,16 @@ def map_figure(coords: np.ndarray, labels: np.ndarray, label_names: Sequence[str
     return fig
 
 
+def _grid(n: int, columns: int) -> tuple[int, int]:
+    """(columns, rows) of a grid holding ``n`` panels (at least one), at most ``columns`` wide."""
+    n = max(n, 1)
+    columns = min(columns, n)
+    return columns, (n + columns - 1) // columns
+
+
 def gallery_figure(images: Sequence[np.ndarray | None], titles: Sequence[str], title: str, columns: int = 8) -> Any:
     """A grid of images (grey in grey scale), each titled; ``title`` on top. Returns a Figure."""
-    n = max(len(images), 1)
-    columns = min(columns, n)
-    rows = (n + columns - 1) // columns
+    columns, rows = _grid(len(images), columns)
     fig = _figure(1.45 * columns, 1.65 * rows + 0.5)
     axes = fig.subplots(rows, columns, squeeze=False)
     for i, ax in enumerate(axes.flat):
@@ -99,9 +104,7 @@ def gallery_figure(images: Sequence[np.ndarray | None], titles: Sequence[str], t
 
 def pairs_figure(pairs: Sequence[tuple[np.ndarray | None, np.ndarray | None, str]], title: str, columns: int = 4) -> Any:
     """Pairs side by side (query | neighbour), each pair captioned, e.g. ``"7 -> 1"``. Returns a Figure."""
-    n = max(len(pairs), 1)
-    columns = min(columns, n)
-    rows = (n + columns - 1) // columns
+    columns, rows = _grid(len(pairs), columns)
     fig = _figure(2.9 * columns, 1.75 * rows + 0.5)
     grids = fig.subfigures(rows, columns, squeeze=False)
     for i, sub in enumerate(grids.flat):
