@@ -109,7 +109,8 @@ def ingest(
         _stream(ds, todo, model, col, batch_size, added, skipped, progress)
     seconds = time.perf_counter() - started
     stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
-    return IngestReport(name, store.db if store is not None else str(db or default_db()), ds.name, spec.describe(), added, already, skipped, stored, seconds)
+    where = store.db if store is not None else str(db or default_db())
+    return IngestReport(name, where, ds.name, spec.describe(), added, already, skipped, stored, seconds)
 
 
 def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int, added: dict[str, int],
