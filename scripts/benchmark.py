@@ -1,0 +1,274 @@
+"""Benchmark lookalike end to end on MNIST, each figure beside a baseline measured in the same run.
+
+    python scripts/benchmark.py --source ../shared/datasets/mnist.npz [--limit N] [--json FILE]
+
+Without ``--limit``: the 70,000 digits, official split (60,000 indexed, 10,000 held out). With it: the
+first N training digits, N/7 of them held out (quick runs). Seeded random VGG16 weights throughout.
+Rows: embedding throughput (ours vs the notebook's one ``model.predict`` over an array), Chroma
+writes (ours vs a plain ``collection.add`` loop), the ``lookalike ingest`` wall time and peak RSS
+(and its growth from a 10,000-digit run), evaluation through the store vs sklearn
+``NearestNeighbors`` and exact NumPy search, and label-filtered / by-id search latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EMBED_SAMPLE = 5000  # images for the embedding-throughput rows
+FILTERED_QUERIES = 200
+BY_ID_QUERIES = 50
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import chromadb
+    import keras
+    import sklearn
+    import tensorflow as tf
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "tensorflow": tf.__version__, "keras": keras.__version__, "chromadb": chromadb.__version__,
+            "scikit-learn": sklearn.__version__, "platform": platform.platform()}  # fmt: skip
+
+
+def peak_gflops(n: int = 4096, repeats: int = 5) -> dict[str, float]:
+    """Best float32 GFLOP/s of an n x n matrix product: NumPy's BLAS and TensorFlow's (oneDNN), all cores."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    ta, tb = tf.constant(a), tf.constant(b)
+    out = {}
+    for name, fn in (("numpy", lambda: a @ b), ("tensorflow", lambda: tf.linalg.matmul(ta, tb).numpy())):
+        fn()
+        out[name] = 2 * n**3 / min(_timed(fn) for _ in range(repeats)) / 1e9
+    out["peak"] = max(out.values())
+    return out
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def model_macs(spec: Any) -> float:
+    """Multiply-adds per image of the VGG16 convolutions up to ``spec.layer``."""
+    from lookalike.embedder import VGG16_LAYERS
+
+    macs, side, c_in = 0.0, spec.input_size, 3
+    for name, (c_out, pools) in VGG16_LAYERS.items():
+        if "conv" in name:
+            macs += side * side * c_in * c_out * 9
+            c_in = c_out
+        else:
+            side //= 2
+        if name == spec.layer:
+            break
+    return macs
+
+
+def embedding_rows(images: list[np.ndarray], peak: float) -> dict[str, Any]:
+    """Our embed path vs the notebook's single ``model.predict`` over a prepared array."""
+    from keras.applications.vgg16 import preprocess_input
+
+    from lookalike.embedder import VGG16Embedder, make_spec, resize
+
+    spec = make_spec("vgg16", weights="random")
+    ours = VGG16Embedder(spec)
+    ours.embed(images[:16])
+    t = time.perf_counter()
+    v_ours = np.concatenate([ours.embed(images[i : i + 256]) for i in range(0, len(images), 256)])
+    ours_s = time.perf_counter() - t
+
+    model = ours._model
+    t = time.perf_counter()
+    x = preprocess_input(np.stack([resize(im, spec.input_size, "RGB") for im in images]))
+    feats = model.predict(x, verbose=0)  # the notebook: one predict over the whole array, default batch
+    pooled = feats.max(axis=(1, 2))
+    v_nb = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    nb_s = time.perf_counter() - t
+    flops = 2 * model_macs(spec)
+    return {
+        "images": len(images), "ours_images_per_s": len(images) / ours_s, "notebook_images_per_s": len(images) / nb_s,
+        "ratio": nb_s / ours_s, "max_abs_vector_difference": float(np.abs(v_ours - v_nb).max()),
+        "gflop_per_image": flops / 1e9, "ours_fraction_of_peak": len(images) / ours_s * flops / (peak * 1e9),
+    }  # fmt: skip
+
+
+def run_ingest(source: str, db: Path, limit: int | None) -> dict[str, Any]:
+    """``lookalike ingest mnist`` in a child process: wall time and the child's peak RSS."""
+    args = [sys.executable, "-c", "from lookalike.cli import main; main()", "ingest", "mnist", "--source", source,
+            "--weights", "random", "--db", str(db)]  # fmt: skip
+    if limit is not None:
+        args += ["--limit", str(limit), "--test-size", str(max(1, limit // 7))]
+    t = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+    if out.returncode != 0:
+        raise SystemExit(f"ingest failed: {out.stderr.strip().splitlines()[-1:]}")
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
+    n = limit or 70000
+    return {"items": n, "seconds": wall, "images_per_s": n / wall, "peak_rss_mb_so_far": peak_kb / 1024}
+
+
+def write_rows(ids: list[str], vectors: np.ndarray, metas: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+    """Writing the vectors: our batched ``VectorCollection.add`` vs a plain ``collection.add`` loop of 256."""
+    from lookalike.store import Store
+
+    store = Store(str(root / "writes"), create=True)
+    col = store.create("ours", {"embedder": {}, "protocol": {}})
+    ours = _timed(lambda: col.add(ids, vectors, metas))
+    plain = store._client.create_collection("plain", embedding_function=None, metadata={"hnsw:space": "l2"})
+
+    def loop() -> None:
+        for i in range(0, len(ids), 256):
+            plain.add(ids=ids[i : i + 256], embeddings=vectors[i : i + 256], metadatas=metas[i : i + 256])
+
+    base = _timed(loop)
+    return {"vectors": len(ids), "ours_vectors_per_s": len(ids) / ours, "plain_loop_vectors_per_s": len(ids) / base,
+            "ratio": base / ours}  # fmt: skip
+
+
+def evaluation_rows(db: Path) -> dict[str, Any]:
+    """10,000 held-out queries through the store vs sklearn NearestNeighbors and exact NumPy search."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from lookalike.evaluate import evaluate, exact_neighbours
+    from lookalike.store import Store
+
+    report = evaluate(db=str(db))
+    col = Store(str(db)).open()
+    _, test, tmeta = col.scan({"split": "test"})
+    _, train, rmeta = col.scan({"split": "train"})
+    y_test = np.array([m["label"] for m in tmeta])
+    y_train = np.array([m["label"] for m in rmeta])
+    t = time.perf_counter()
+    nn = NearestNeighbors(n_neighbors=1, metric="euclidean").fit(train)
+    _, idx = nn.kneighbors(test)
+    sk_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ex_idx, _ = exact_neighbours(test, train, 1)
+    ex_s = time.perf_counter() - t
+    return {
+        "queries": report.n_queries, "indexed": report.n_indexed,
+        "store_queries_per_s": report.queries_per_s, "store_query_seconds": report.query_seconds,
+        "evaluate_seconds": report.seconds, "recall_at_1": report.recall_at_1, "store_accuracy": report.accuracy,
+        "sklearn_queries_per_s": len(test) / sk_s, "sklearn_accuracy": float((y_train[idx[:, 0]] == y_test).mean()),
+        "numpy_exact_queries_per_s": len(test) / ex_s, "numpy_exact_accuracy": float((y_train[ex_idx[:, 0]] == y_test).mean()),
+    }  # fmt: skip
+
+
+def search_rows(db: Path) -> dict[str, Any]:
+    """Latency of single label-filtered queries (one label, ~10% of the items) and of ``search(id=...)``."""
+    from lookalike.search import search
+    from lookalike.store import Store
+
+    col = Store(str(db)).open()
+    ids, vecs, metas = col.scan({"split": "test"})
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(ids), min(FILTERED_QUERIES, len(ids)), replace=False)
+    lat = []
+    for i in picks:
+        label = int(rng.integers(0, 10))
+        lat.append(_timed(lambda: col.query(vecs[i : i + 1], 5, where={"label": label})))
+    by_id = [_timed(lambda: search(id=ids[i], k=5, db=str(db))) for i in picks[:BY_ID_QUERIES]]
+    ms = np.array(lat) * 1000
+    return {"filtered_queries": len(lat), "filtered_p50_ms": float(np.percentile(ms, 50)),
+            "filtered_p95_ms": float(np.percentile(ms, 95)),
+            "by_id_p50_ms": float(np.percentile(np.array(by_id) * 1000, 50))}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", required=True, help="MNIST .npz in Keras's layout")
+    ap.add_argument("--limit", type=int, default=None, help="Use the first N training digits (N/7 held out)")
+    ap.add_argument("--json", default=None, help="Write every figure and the machine to this file")
+    ap.add_argument("--workdir", default=None, help="Where the benchmark stores go [default: a temp dir, removed]")
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    started = time.perf_counter()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="lookalike-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        results = _run(args, root)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    results["total_seconds"] = time.perf_counter() - started
+    _print(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from lookalike.datasets import load_dataset
+    from lookalike.store import Store
+
+    results: dict[str, Any] = {"machine": machine(), "limit": args.limit}
+    peaks = peak_gflops()
+    results["peak_float32_gflops"] = peaks
+    peak = peaks["peak"]
+    ds = load_dataset("mnist", source=args.source)
+    sample = [im for im in ds.load(ds.items[:EMBED_SAMPLE]) if im is not None]
+    results["embedding"] = embedding_rows(sample, peak)
+    small = min(10000, args.limit or 10000)
+    results["ingest_small"] = run_ingest(args.source, root / "db-small", small)
+    results["ingest"] = run_ingest(args.source, root / "db", args.limit)
+    ids, vecs, metas = Store(str(root / "db")).open().scan(None)
+    results["writes"] = write_rows(ids, vecs, metas, root)
+    results["evaluation"] = evaluation_rows(root / "db")
+    results["search"] = search_rows(root / "db")
+    return results
+
+
+def _print(r: dict[str, Any]) -> None:
+    m, e, w, ev, s = r["machine"], r["embedding"], r["writes"], r["evaluation"], r["search"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores; TF {m['tensorflow']}, chromadb {m['chromadb']}; peak float32 {r['peak_float32_gflops']['peak']:.0f} GFLOP/s "
+          f"(numpy {r['peak_float32_gflops']['numpy']:.0f}, tensorflow {r['peak_float32_gflops']['tensorflow']:.0f})")
+    rows = [
+        ("embedding (images/s)", e["ours_images_per_s"], "notebook predict", e["notebook_images_per_s"], e["ratio"]),
+        ("chroma writes (vectors/s)", w["ours_vectors_per_s"], "add loop of 256", w["plain_loop_vectors_per_s"], w["ratio"]),
+        ("evaluation (queries/s)", ev["store_queries_per_s"], "sklearn NearestNeighbors", ev["sklearn_queries_per_s"],
+         ev["store_queries_per_s"] / ev["sklearn_queries_per_s"]),
+        ("", ev["store_queries_per_s"], "exact numpy", ev["numpy_exact_queries_per_s"],
+         ev["store_queries_per_s"] / ev["numpy_exact_queries_per_s"]),
+    ]  # fmt: skip
+    print(f"{'measure':<28}{'ours':>12}  {'baseline':<26}{'theirs':>12}{'ratio':>8}")
+    for name, ours, base, theirs, ratio in rows:
+        print(f"{name:<28}{ours:>12.0f}  {base:<26}{theirs:>12.0f}{ratio:>8.2f}")
+    print(f"embedding: {e['gflop_per_image']:.3f} GFLOP/image, {100 * e['ours_fraction_of_peak']:.1f}% of peak; "
+          f"max |ours - notebook| = {e['max_abs_vector_difference']:.2e}")  # fmt: skip
+    i, i0 = r["ingest"], r["ingest_small"]
+    print(f"lookalike ingest: {i['items']} digits in {i['seconds']:.1f} s ({i['images_per_s']:.0f}/s), peak RSS "
+          f"{i['peak_rss_mb_so_far']:.0f} MB; {i0['items']} digits: {i0['seconds']:.1f} s, {i0['peak_rss_mb_so_far']:.0f} MB")  # fmt: skip
+    print(f"evaluation: {ev['queries']} queries vs {ev['indexed']}: store {ev['store_query_seconds']:.1f} s "
+          f"(evaluate {ev['evaluate_seconds']:.1f} s in all), recall@1 {ev['recall_at_1']:.4f}; 1-NN accuracy store "
+          f"{ev['store_accuracy']:.4f}, sklearn {ev['sklearn_accuracy']:.4f}, numpy {ev['numpy_exact_accuracy']:.4f}")  # fmt: skip
+    print(f"search: label-filtered single query p50 {s['filtered_p50_ms']:.1f} ms, p95 {s['filtered_p95_ms']:.1f} ms; "
+          f"search by id p50 {s['by_id_p50_ms']:.1f} ms")  # fmt: skip
+    print(f"total {r['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
