@@ -46,6 +46,7 @@ class EvalReport:
     query_seconds: float
     seconds: float
     mistakes: list[dict[str, Any]] = field(default_factory=list)  # {id, nearest_id, true, predicted}
+    accuracy_1nn: float = 0.0  # the same store answers read as 1-NN (equals ``accuracy`` when k=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +104,7 @@ def evaluate(*, k: int = 1, collection: str | None = None, db: str | None = None
         queries_per_s=len(test_ids) / query_seconds if query_seconds > 0 else float("inf"),
         query_seconds=query_seconds,
         seconds=time.perf_counter() - started,
+        accuracy_1nn=float((y_train[store_nn[:, 0]] == y_test).mean()),
         mistakes=[
             {"id": test_ids[i], "nearest_id": train_ids[store_nn[i, 0]], "true": int(y_test[i]), "predicted": int(pred[i])}
             for i in np.flatnonzero(pred != y_test)

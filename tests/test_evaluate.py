@@ -52,6 +52,7 @@ def test_accuracy_matches_sklearn_on_noisy_data(tmp_path: Path, db: str) -> None
         assert r.exact_accuracy == pytest.approx(float((ref.predict(flat[300:]) == y[300:]).mean()), abs=0.021)
         assert r.recall_at_1 >= 0.99 and abs(r.accuracy - r.exact_accuracy) <= 0.02
         assert 0.0 < r.accuracy < 0.4
+        assert r.accuracy_1nn == evaluate(k=1, db=db).accuracy
 
 
 def test_bad_evaluations(tiny_npz: Path, db: str) -> None:
