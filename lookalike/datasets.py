@@ -159,7 +159,7 @@ def _read_image(path: Path) -> np.ndarray | None:
         with Image.open(path) as im:
             im.load()
             if im.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and not _palette_has_colour(im):
-                grey = im.convert("L") if im.mode != "I;16" and im.mode != "I" else _to_uint8(im)
+                grey = _to_uint8(im) if im.mode in ("I", "I;16") else im.convert("L")  # 16/32-bit: rescale, not clip
                 return np.asarray(grey, dtype=np.uint8)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
