@@ -53,15 +53,15 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 
 @contextmanager
-def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (images/s and ETA) on stderr, fed by ``progress(done, total)`` calls."""
+def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (rate and ETA) on stderr, fed by ``progress(done, total)`` calls."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     bar = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7} img/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[rate]:>7} " + unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console, transient=False, disable=not console.is_terminal,
     )  # fmt: skip
     task = None
@@ -92,6 +92,8 @@ def ingest(
     pooling: Annotated[str, typer.Option(help="max, avg (global pooling) or flatten")] = "max",
     normalize: Annotated[Optional[str], typer.Option(help="l2 or none [default: l2 for vgg16, none for pixels]")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (VGG16: >= 32) [default: 32; pixels: 28]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Embed with a MODEL.keras written by `lookalike train` (replaces --embedder and the VGG16 options)")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
     collection: CollectionOpt = None,
     db: DbOpt = None,
@@ -104,7 +106,7 @@ def ingest(
             report = _call(
                 run_ingest, dataset, path, source=source, limit=limit, test_size=test_size, seed=seed,
                 embedder=embedder, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
-                input_size=input_size, batch_size=batch_size, collection=collection, db=db, progress=progress,
+                input_size=input_size, precision=precision, model=model, batch_size=batch_size, collection=collection, db=db, progress=progress,
             )  # fmt: skip
     except KeyboardInterrupt:
         raise _fail("interrupted: what was written is kept; run the same command again to resume", 130) from None
@@ -247,7 +249,7 @@ def clusters(
 def compare(
     dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample or folder")],
     path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
-    embedder: Annotated[Optional[list[str]], typer.Option("--embedder", help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten")] = None,
+    embedder: Annotated[Optional[list[str]], typer.Option("--embedder", help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras")] = None,
     source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1)")] = None,
@@ -329,6 +331,59 @@ def quickstart(
     typer.echo(f"search:   neighbours of {r.query_id}: " + ", ".join(f"{h.id} ({h.label_name})" for h in r.hits))
     typer.echo(f"picture:  {r.picture}")
     typer.echo(f"next:     lookalike search --id {r.query_id} --collection {r.ingest.collection} --db {r.ingest.db}")
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")],
+    path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
+    out: Annotated[str, typer.Option(help="Where to save the model (.keras)")] = "lookalike-model.keras",
+    source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only N items, as in ingest (held-out items are never trained on)")] = None,
+    test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1), as in ingest")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for weights, sampling, shuffling and augmentation")] = 0,
+    weights: Annotated[str, typer.Option(help="Start from imagenet (downloads once), random (seeded) or a VGG16 weights FILE")] = "imagenet",
+    layer: Annotated[str, typer.Option(help="VGG16 layer the embedding head sits on")] = "block3_pool",
+    precision: Annotated[Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")] = None,
+    dim: Annotated[int, typer.Option(help="Embedding dimension")] = 128,
+    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping may end sooner)")] = 12,
+    batch_size: Annotated[int, typer.Option(help="Images per training step")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 3e-4,
+    loss: Annotated[str, typer.Option(help="cosine (normalised-softmax classifier) or softmax (plain classifier)")] = "cosine",
+    validation: Annotated[float, typer.Option(help="Fraction of the indexed items kept aside for early stopping")] = 0.1,
+    patience: Annotated[int, typer.Option(help="Epochs without a better validation loss before stopping")] = 3,
+    shift: Annotated[int, typer.Option(help="Augmentation: random shifts of up to N pixels")] = 2,
+    dropout: Annotated[float, typer.Option(help="Dropout on the features before the embedding layer")] = 0.3,
+    margin: Annotated[float, typer.Option(help="CosFace margin of the cosine loss")] = 0.2,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune VGG16 + an embedding head on the indexed items; then `lookalike ingest ... --model OUT`."""
+    from lookalike.train import train as run_train
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        typer.echo(f"epoch {epoch}/{epochs}  {shown}", err=True)
+
+    try:
+        with _progress_bar("training (batches)", unit="batch/s") as progress:
+            r = _call(
+                run_train, dataset, path, out=out, source=source, limit=limit, test_size=test_size, seed=seed,
+                weights=weights, layer=layer, precision=precision, dim=dim, epochs=epochs, batch_size=batch_size,
+                learning_rate=learning_rate, loss=loss, validation=validation, patience=patience, shift=shift,
+                dropout=dropout, margin=margin,
+                overwrite=overwrite, on_batch=progress, on_epoch=on_epoch,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted: no model was written to {out}", 130) from None
+    if as_json:
+        typer.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    typer.echo(f"model:    {r.out} ({r.dim}-d, {r.description['weights']} VGG16 {r.description['layer']} + {r.description['head']}, {r.description['loss']} loss)")
+    typer.echo(f"data:     {r.dataset}: trained on {r.n_train}, validated on {r.n_validation} (held-out items not used)")
+    typer.echo(f"epochs:   {r.epochs_run} run, best {r.best_epoch} (val loss {r.best_val_loss:.4f}, val accuracy {r.best_val_accuracy:.4f})")
+    typer.echo(f"time:     {r.seconds:.1f} s")
+    typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-trained ...")
 
 
 def main() -> None:

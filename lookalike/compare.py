@@ -1,7 +1,8 @@
 """Compare embedders on one dataset and protocol: each into its own collection, evaluated the same way.
 
 An embedder SPEC is ``name[:key=value,...]``: ``pixels``, ``vgg16``,
-``vgg16:layer=block3_pool,pooling=flatten``, ``vgg16:input_size=48``, ``vgg16:weights=random,seed=1``.
+``vgg16:layer=block3_pool,pooling=flatten``, ``vgg16:input_size=48``, ``vgg16:weights=random,seed=1``,
+``vgg16:precision=float32``, and ``model:FILE.keras`` (a model written by ``lookalike train``).
 Collections already there are reused (ingest only adds what is missing).
 """
 
@@ -23,7 +24,8 @@ from lookalike.evaluate import evaluate
 from lookalike.explore import read_points
 from lookalike.ingest import Progress, ingest
 
-SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int}
+SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int,
+             "precision": str}  # fmt: skip
 THROUGHPUT_SAMPLE = 256  # images embedded (after a warm-up) to measure each embedder's speed
 SILHOUETTE_SAMPLE = 2000
 
@@ -59,6 +61,10 @@ class CompareReport:
 def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> dict[str, Any]:
     """Keyword arguments for :func:`~lookalike.embedder.make_spec` from ``name[:key=value,...]``."""
     name, _, rest = text.partition(":")
+    if name.strip() == "model":
+        if not rest.strip():
+            raise InputError(f"bad --embedder {text!r}: use model:FILE.keras (a file written by `lookalike train`)")
+        return {"model": "keras", "weights": rest.strip()}
     options: dict[str, Any] = {"model": name.strip()}
     if options["model"] == "vgg16":
         options.update(weights=default_weights, seed=seed)

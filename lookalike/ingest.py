@@ -61,6 +61,8 @@ def ingest(
     pooling: str = "max",
     normalize: str | None = None,
     input_size: int | None = None,
+    precision: str | None = None,
+    model: str | None = None,
     batch_size: int = 256,
     collection: str | None = None,
     db: str | None = None,
@@ -69,17 +71,22 @@ def ingest(
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db``.
 
     ``embedder`` is ``"vgg16"``, ``"pixels"`` or any :class:`~lookalike.embedder.Embedder` object
-    (its ``spec`` is recorded). ``progress(done, total)`` is called after each written batch.
+    (its ``spec`` is recorded); ``model`` is a file written by ``lookalike train`` (it replaces
+    ``embedder`` and the VGG16 options; the collection records its path and SHA-256).
+    ``progress(done, total)`` is called after each written batch.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
-    if isinstance(embedder, str):
+    if model is not None:
+        spec = make_spec("keras", weights=model)
+        model_obj: Embedder | None = None
+    elif isinstance(embedder, str):
         spec = make_spec(embedder, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
-                         input_size=input_size, seed=seed)  # fmt: skip
-        model: Embedder | None = None
+                         input_size=input_size, seed=seed, precision=precision)  # fmt: skip
+        model_obj = None
     else:
-        spec, model = embedder.spec, embedder
+        spec, model_obj = embedder.spec, embedder
     name = collection or ds.name
     check_name(name)
     record = {"embedder": spec.to_dict(), "protocol": ds.protocol, "label_names": ds.label_names}
@@ -100,13 +107,13 @@ def ingest(
     added = dict.fromkeys(SPLITS, 0)
     skipped: list[str] = []
     if todo:
-        if model is None:
-            model = build_embedder(spec)  # may fail (weights): nothing written yet
+        if model_obj is None:
+            model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
         if store is None:
             store = Store(db, create=True)
         if col is None:
             col = store.create(name, record)
-        _stream(ds, todo, model, col, batch_size, added, skipped, progress)
+        _stream(ds, todo, model_obj, col, batch_size, added, skipped, progress)
     seconds = time.perf_counter() - started
     stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
     where = store.db if store is not None else str(db or default_db())

@@ -97,3 +97,35 @@ def one_line_error(result: object) -> str:
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1, out
     return errors[0]
+
+
+def make_cluttered(n: int, seed: int, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 uint8 images in ``classes`` classes that an untrained network separates poorly.
+
+    The class is a small 5x5 square in one of four places (jittered by a pixel); three larger random
+    bright rectangles (clutter) dominate the pixels, so nearest neighbours of raw or randomly
+    embedded images mostly follow the clutter, and a network has to learn to ignore it.
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % classes).astype(np.uint8)
+    x = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+    corners = [(3, 3), (3, 20), (20, 3), (20, 20)]
+    for i, lab in enumerate(labels):
+        for _ in range(3):
+            h, w = rng.integers(5, 12, 2)
+            r, c = rng.integers(0, 28 - h), rng.integers(0, 28 - w)
+            x[i, r : r + h, c : c + w] = rng.integers(120, 200)
+        r, c = corners[int(lab)]
+        r, c = r + int(rng.integers(-1, 2)), c + int(rng.integers(-1, 2))
+        x[i, r : r + 5, c : c + 5] = 255
+    return x, labels
+
+
+@pytest.fixture(scope="session")
+def cluttered_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An .npz in Keras's MNIST layout: 320 training and 80 test cluttered images (4 classes)."""
+    x_train, y_train = make_cluttered(320, seed=11)
+    x_test, y_test = make_cluttered(80, seed=12)
+    path = tmp_path_factory.mktemp("cluttered") / "cluttered.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path

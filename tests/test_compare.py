@@ -12,6 +12,10 @@ from lookalike.store import Store
 
 def test_parse_spec() -> None:
     assert parse_spec("pixels") == {"model": "pixels"}
+    assert parse_spec("model:/models/digits.keras") == {"model": "keras", "weights": "/models/digits.keras"}
+    assert parse_spec("vgg16:precision=float32", "random")["precision"] == "float32"
+    with pytest.raises(InputError, match="model:FILE.keras"):
+        parse_spec("model:")
     assert parse_spec("vgg16", "random", 2) == {"model": "vgg16", "weights": "random", "seed": 2}
     assert parse_spec("vgg16:layer=block3_pool, pooling=flatten,size=48", "random") == {
         "model": "vgg16", "weights": "random", "seed": 0, "layer": "block3_pool", "pooling": "flatten", "input_size": 48}  # fmt: skip

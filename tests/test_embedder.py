@@ -32,6 +32,7 @@ def test_spec_dimension_without_tensorflow() -> None:
         ({"layer": "block9_pool"}, "unknown VGG16 layer"),
         ({"pooling": "median"}, "--pooling"),
         ({"normalize": "l1"}, "--normalize"),
+        ({"precision": "float16"}, "--precision"),
     ],
 )
 def test_bad_options(kwargs: dict, message: str) -> None:
@@ -66,7 +67,21 @@ def test_pixel_embedder_is_deterministic_and_protocol_conformant() -> None:
 
 @pytest.fixture(scope="module")
 def vgg_random() -> Embedder:
-    return build_embedder(make_spec("vgg16", weights="random", seed=0))
+    return build_embedder(make_spec("vgg16", weights="random", seed=0, precision="float32"))
+
+
+def test_bfloat16_vectors_agree_with_float32_ones(vgg_random: Embedder) -> None:
+    from lookalike.embedder import default_precision
+
+    assert default_precision() in ("float32", "bfloat16")
+    spec = make_spec("vgg16", weights="random", seed=0, precision="bfloat16")
+    assert spec.precision == "bfloat16" and spec.describe().endswith("bf16")
+    assert EmbedderSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "precision"}).precision == "float32"  # old records
+    x, _ = make_digits(8, seed=5)
+    fast, exact = build_embedder(spec).embed(list(x)), vgg_random.embed(list(x))
+    assert fast.dtype == np.float32 and np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+    assert (fast * exact).sum(1).min() > 0.9999  # documented tolerance (README "Performance")
+    assert np.abs(fast - exact).max() > 0  # it really computed in bfloat16
 
 
 def test_vgg16_random_vectors(vgg_random: Embedder) -> None:
@@ -85,7 +100,7 @@ def test_vgg16_vector_is_the_same_in_a_new_process(vgg_random: Embedder, tmp_pat
     np.save(tmp_path / "x.npy", x)
     code = (
         "import numpy as np, sys; from lookalike.embedder import build_embedder, make_spec;"
-        "x = np.load(sys.argv[1]); e = build_embedder(make_spec('vgg16', weights='random', seed=0));"
+        "x = np.load(sys.argv[1]); e = build_embedder(make_spec('vgg16', weights='random', seed=0, precision='float32'));"
         "np.save(sys.argv[2], e.embed(list(x)))"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), str(tmp_path / "v.npy")], check=True, timeout=300)
@@ -103,7 +118,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
     base.set_weights(seeded_weights(base, 0))
     path = tmp_path / "vgg16_notop.weights.h5"
     base.save_weights(path)
-    from_file = build_embedder(make_spec("vgg16", weights=str(path)))
+    from_file = build_embedder(make_spec("vgg16", weights=str(path), precision="float32"))
     x, _ = make_digits(2, seed=0)
     assert np.abs(from_file.embed(list(x)) - vgg_random.embed(list(x))).max() < 1e-5
     assert from_file.spec.weights_sha256 and from_file.spec.weights == str(path.resolve())

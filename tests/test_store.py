@@ -42,7 +42,7 @@ def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None
     col = s.create("digits", record())
     vecs = fill(col)
     assert col.count() == 30
-    assert Store(db).open("digits").record == record()
+    assert Store(db).open("digits").record == {**record(), "label_partitions": True}
     assert col.existing_ids(["mnist:train:1", "mnist:train:999"]) == {"mnist:train:1"}
     (res,) = col.query(vecs[1:2], 3)
     assert res[0].id == "mnist:train:1" and res[0].distance == pytest.approx(0.0, abs=1e-3)
@@ -59,6 +59,83 @@ def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None
     col.add(["mnist:train:1"], vecs[:1] * 0, [metas[0]])  # re-adding an id is skipped, not duplicated
     assert col.count() == 30
     assert np.allclose(col.get(["mnist:train:1"], vectors=True)[1], vecs[1])
+
+
+def _exact_filtered(vecs: np.ndarray, q: np.ndarray, keep: np.ndarray, k: int) -> list[int]:
+    d = ((vecs - q) ** 2).sum(1)
+    d[~keep] = np.inf
+    return [int(i) for i in np.argsort(d, kind="stable")[:k]]
+
+
+def test_label_filter_uses_partitions_and_matches_exact_search(db: str) -> None:
+    s = Store(db, create=True)
+    col = s.create("digits", record())
+    vecs = fill(col, n=200, dim=16)
+    labels = np.arange(200) % 10
+    split = np.array(["test" if i % 3 == 0 else "train" for i in range(200)])
+    assert s.names() == ["digits"]  # the ten partitions are hidden
+    assert sorted(s._client.list_collections(), key=lambda c: c.name)[1].name == "digits.p0"
+    reopened = s.open("digits")
+    assert reopened.partitioned
+    cases = [({"label": 3}, labels == 3), ({"label": {"$in": [2, 7]}}, np.isin(labels, [2, 7])),
+             ({"$and": [{"label": 4}, {"split": "train"}]}, (labels == 4) & (split == "train")),
+             ({"split": "test"}, split == "test")]  # fmt: skip
+    for where, keep in cases:
+        got = reopened.query(vecs[:20], 4, where=where)
+        for i, row in enumerate(got):
+            assert [int(n.id.rsplit(":", 1)[1]) for n in row] == _exact_filtered(vecs, vecs[i], keep, 4), where
+            assert all(store_mod.matches(n.metadata, where) for n in row)
+    assert reopened.query(vecs[:1], 4, where={"label": 3})[0][0].metadata["label"] == 3
+    s.drop("digits")
+    assert s._client.list_collections() == []  # partitions dropped with it
+
+
+def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "PROBE", 5)
+    col = Store(db, create=True).create("digits", {**record(), "label_names": [str(i) for i in range(200)]})
+    assert not col.partitioned  # too many labels for partitions
+    vecs = fill(col, n=60, dim=8)
+    labels = np.arange(60) % 10
+    for i in range(10):  # the probe (32 of 60) often holds fewer than 4 of a label: then Chroma's where answers
+        want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
+        (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
+        assert [int(n.id.rsplit(":", 1)[1]) for n in row] == want
+
+
+def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    col = Store(db, create=True).create("digits", record())
+    rng = np.random.default_rng(1)
+    vecs = rng.random((20, 8), dtype=np.float32)
+    ids = [f"mnist:train:{i}" for i in range(20)]
+    metas = [{"label": i % 2, "label_name": str(i % 2), "split": "train"} for i in range(20)]
+    real_add = col._add
+
+    def crash(*a: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(col, "_add", crash)  # dies after the partitions, before the main collection
+    with pytest.raises(KeyboardInterrupt):
+        col.add(ids, vecs, metas)
+    monkeypatch.setattr(col, "_add", real_add)
+    assert col.existing_ids(ids) == set()  # not committed: a resumed ingest adds the batch again
+    col.add(ids, vecs, metas)
+    assert col.count() == 20
+    part = col._partition(1)
+    assert part is not None and part.count() == 10
+    (row,) = col.query(vecs[1:2], 3, where={"label": 1})
+    assert [n.id for n in row] == [ids[i] for i in _exact_filtered(vecs, vecs[1], np.arange(20) % 2 == 1, 3)]
+
+
+def test_matches_and_label_filter() -> None:
+    meta = {"label": 3, "split": "train"}
+    assert store_mod.matches(meta, {"$and": [{"label": {"$in": [1, 3]}}, {"split": {"$ne": "test"}}]})
+    assert not store_mod.matches(meta, {"$or": [{"label": 4}, {"split": {"$eq": "test"}}]})
+    with pytest.raises(ValueError):
+        store_mod.matches(meta, {"label": {"$gt": 1}})
+    assert store_mod.label_filter({"label": 3}) == ([3], None)
+    assert store_mod.label_filter({"$and": [{"split": "train"}, {"label": {"$in": [1, 2]}}]}) == ([1, 2], {"split": "train"})
+    assert store_mod.label_filter({"split": "train"}) is None
+    assert store_mod.label_filter({"label": {"$gt": 1}}) is None
 
 
 def test_default_collection_and_listing(db: str) -> None:
