@@ -318,11 +318,11 @@ class KerasModelEmbedder:
 
 def load_trained_model(path: str | os.PathLike[str]) -> Any:
     """Load a ``lookalike train`` model file (Keras) and warm it up."""
-    import keras
-
     desc = read_model_description(path)
     size = int(desc["input_size"])
-    with _quiet_native_stderr():
+    with _quiet_native_stderr():  # TensorFlow's import and first use print to fd 2
+        import keras
+
         try:
             model = keras.saving.load_model(str(path), compile=False)
         except Exception as exc:  # Keras raises many kinds on a damaged file

@@ -153,11 +153,13 @@ def bars_figure(names: Sequence[str], series: dict[str, Sequence[float]], title:
     for i, (label, values) in enumerate(series.items()):
         bars = ax.barh(y + i * height, values, height=height, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
-    ax.set_yticks(y + height * (len(series) - 1) / 2, names, fontsize=9)
+    import textwrap
+
+    ax.set_yticks(y + height * (len(series) - 1) / 2, [textwrap.fill(n, 42) for n in names], fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel(ylabel)
     low = min((v for values in series.values() for v in values), default=0.0)
-    ax.set_xlim(max(0.0, np.floor((low - 0.03) * 20) / 20), 1.0)  # differences of a point or two stay visible
+    ax.set_xlim(max(0.0, np.floor((low - 0.03) * 20) / 20), 1.012)  # differences of a point or two stay visible
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / max(1, len(names))), ncols=len(series), fontsize=9, frameon=False)
-    ax.set_title(title, fontsize=11)
+    fig.suptitle(title, fontsize=11)  # centred on the figure, not on axes pushed right by long names
     return fig

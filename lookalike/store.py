@@ -187,13 +187,14 @@ class VectorCollection:
     ) -> list[list[Neighbor]]:
         """The ``k`` nearest stored items to each row of ``vectors`` ``(n, dim)``, nearest first.
 
-        A filter on labels uses the label partitions when there are (each is searched with the rest
-        of the filter, and the answers merged by distance). Otherwise, with ``where``, the collection is first asked *unfiltered* for ``max(4k + 16, 100)``
-        neighbours and those matching ``where`` are kept: when at least ``k`` match, they are the
-        ``k`` nearest matching items (any nearer match would be among them). Only the rows left short
-        are asked again with Chroma's ``where``, which costs ~50 ms a query on 70,000 items (it scans
-        the metadata) against ~7 ms for the probe. ``metadata=False`` skips reading metadata back
-        (about a third of an unfiltered query's time); it is ignored when ``where`` is given.
+        A filter on labels uses the label partitions when there are some (each label's partition is
+        searched with the rest of the filter, the answers merged by distance). Any other ``where``:
+        the collection is first asked *unfiltered* for ``max(4k + 16, 100)`` neighbours and those
+        matching ``where`` are kept; when at least ``k`` match, they are the ``k`` nearest matching
+        items (any nearer match would be among them). Only rows left short are asked again with
+        Chroma's ``where``, which costs ~50 ms a query on 70,000 items (it reads the metadata of
+        every match) against ~7 ms for the probe. ``metadata=False`` skips reading metadata back
+        (a third of an unfiltered query's time); it is ignored when ``where`` is given.
         """
         if where is None or len(vectors) == 0:
             return self._query(vectors, k, None, metadata)
