@@ -441,11 +441,14 @@ def check_compatible(record: dict[str, Any], wanted: dict[str, Any], name: str) 
     from lookalike.embedder import EmbedderSpec
 
     have_emb, want_emb = record.get("embedder"), wanted["embedder"]
-    if have_emb != want_emb:
-        have = EmbedderSpec.from_dict(have_emb).describe() if have_emb else "unknown"
+    have_spec = EmbedderSpec.from_dict(have_emb) if have_emb else None
+    want_spec = EmbedderSpec.from_dict(want_emb)
+    if have_spec != want_spec:  # compared as specs: records written before a field existed get its default
+        have = have_spec.describe() if have_spec else "unknown"
+        hint = f"pass --precision {have_spec.precision}, or " if have_spec and have_spec.precision != want_spec.precision else ""
         raise MismatchError(
-            f"collection {name!r} was built with embedder [{have}], not [{EmbedderSpec.from_dict(want_emb).describe()}]: "
-            "use another --collection NAME (or `lookalike drop` it first)"
+            f"collection {name!r} was built with embedder [{have}], not [{want_spec.describe()}]: "
+            f"{hint}use another --collection NAME (or `lookalike drop` it first)"
         )
     keys = ("dataset", "mode", "limit", "test_size", "seed", "root", "source_sha256")
     have_p, want_p = record.get("protocol", {}), wanted["protocol"]

@@ -24,7 +24,12 @@ def test_benchmark_script_quick_run(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["embedding"]["max_abs_vector_difference"] < 1e-4
+    emb = data["embedding"]
+    if emb["precision"] == "float32":
+        assert emb["max_abs_vector_difference"] < 1e-4
+    else:  # bfloat16 where the CPU has it: the documented tolerance
+        assert emb["min_cosine_to_notebook"] > 0.9999 and emb["max_abs_vector_difference"] < 0.01
+    assert 0.9 <= data["search"]["filtered_recall_at_5"] <= 1.0
     assert data["evaluation"]["queries"] == 100 and data["evaluation"]["indexed"] == 600
     assert data["evaluation"]["store_accuracy"] == data["evaluation"]["numpy_exact_accuracy"]
     assert data["writes"]["vectors"] == 700 and data["search"]["filtered_queries"] > 0

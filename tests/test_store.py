@@ -180,6 +180,12 @@ def test_compatibility_check() -> None:
         check_compatible(have, other, "c")
     with pytest.raises(MismatchError, match="limit"):
         check_compatible(have, record(limit=5000), "c")
+    vgg = make_spec("vgg16", weights="random", precision="float32").to_dict()
+    old_record = dict(record(), embedder={k: v for k, v in vgg.items() if k != "precision"})  # written before bfloat16
+    check_compatible(old_record, dict(record(), embedder=vgg), "c")  # resumable with float32
+    bf16 = make_spec("vgg16", weights="random", precision="bfloat16").to_dict()
+    with pytest.raises(MismatchError, match="pass --precision float32"):
+        check_compatible(old_record, dict(record(), embedder=bf16), "c")
 
 
 def _free_port() -> int:
