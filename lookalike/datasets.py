@@ -250,8 +250,11 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
 
 
 def _keras_download(name: str) -> dict[str, np.ndarray]:
+    from lookalike.embedder import _quiet_native_stderr  # here: embedder imports this module
+
     try:
-        import keras
+        with _quiet_native_stderr():  # TensorFlow's import prints CPU-feature notes on fd 2
+            import keras
 
         loader = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
         (x_train, y_train), (x_test, y_test) = loader.load_data()
