@@ -1,17 +1,19 @@
-"""Train: fine-tune VGG16 plus a small embedding head on a collection's indexed items.
+"""Train: fine-tune VGG16 plus a small embedding head on a dataset's indexed items.
 
-The network is VGG16 (ImageNet, seeded random or a weights file) cut at ``layer``, flattened, then
-``Dense(dim)`` and L2 normalisation: the embedding. It is trained as a *cosine classifier*
-(normalised-softmax): logits are ``scale * cos(embedding, class weight)``, so classes are pulled
-apart on the unit sphere where Chroma's distances are measured. Only the dataset's ``train`` items
-are used (the held-out items are never seen); a stratified ``validation`` slice of them drives early
+The network is VGG16 (ImageNet, seeded random or a weights file) cut at ``layer``, flattened,
+dropout, ``Dense(dim)`` and L2 normalisation: the embedding. It is trained as a *cosine classifier*
+with a CosFace margin: logits are ``scale * (cos(embedding, class weight) - margin [true class])``,
+so each class is pulled together on the unit sphere where Chroma's distances are measured
+(``loss="softmax"``: a plain classifier on the same head). Only the dataset's ``train`` items are
+used (the held-out items are never seen); a stratified ``validation`` slice of them drives early
 stopping, and the weights of the best validation epoch are kept. Batches are shifted by up to
-``shift`` pixels (seeded augmentation).
+``shift`` pixels (seeded augmentation). Defaults were chosen by measurement (README, "Fine-tuning").
 
 The saved file is a plain Keras ``.keras`` model (input ``(N, S, S, 3)`` VGG16-preprocessed, output
 ``(N, dim)`` unit vectors) with a ``lookalike.json`` entry describing how it was made; it is written
 to a temporary file and renamed, so an interrupted run never leaves a half-written model.
-Deterministic given ``seed`` on the CPU (TensorFlow op determinism is switched on).
+Deterministic given ``seed`` on the CPU: TensorFlow op determinism is switched on (for the rest of
+the process).
 """
 
 from __future__ import annotations
@@ -124,9 +126,9 @@ def train(
         embedder, classifier = _build(spec, dim, n_classes, loss, dropout)
     classifier.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=_loss_fn(loss, n_classes, margin),
                        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])  # fmt: skip
-    train_batches = _Batches(x[train_rows], y[train_rows], batch_size, seed, shift)
+    train_batches = _batches(x[train_rows], y[train_rows], batch_size, seed, shift)
     val_data = (_preprocess(x[val_rows]), y[val_rows]) if len(val_rows) else None
-    callbacks: list[Any] = [_Report(len(train_batches) * epochs, on_batch, on_epoch)]
+    callbacks: list[Any] = [_report(len(train_batches) * epochs, on_batch, on_epoch)]
     monitor = "val_loss" if val_data is not None else "loss"
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
     callbacks.append(stopper)
@@ -265,58 +267,54 @@ def _CosineClassifier(n_classes: int, name: str) -> Any:  # noqa: N802 - a layer
     return CosineClassifier(name=name, dtype="float32")
 
 
-class _Batches:
-    """Placeholder replaced by a keras.utils.PyDataset subclass on first use (keeps Keras import lazy)."""
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shift: int) -> Any:
+    """A ``keras.utils.PyDataset`` of seeded, shuffled, shifted, preprocessed batches (Keras imported lazily).
 
-    def __new__(cls, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shift: int) -> Any:  # type: ignore[misc]
-        import keras
+    Each epoch has a new order (one generator seeded once) and new shifts (seeded by epoch and batch).
+    """
+    import keras
 
-        class Batches(keras.utils.PyDataset):
-            """Seeded shuffled, shifted, preprocessed batches; a new order and new shifts each epoch."""
+    class Batches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(x))
+            self.epoch = 0
 
-            def __init__(self) -> None:
-                super().__init__(workers=1, use_multiprocessing=False)
-                self.rng = np.random.default_rng(seed)
-                self.order = self.rng.permutation(len(x))
+        def __len__(self) -> int:
+            return int(np.ceil(len(x) / batch_size))
 
-            def __len__(self) -> int:
-                return int(np.ceil(len(x) / batch_size))
+        def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
+            shift_rng = np.random.default_rng([seed, self.epoch, i])
+            return _preprocess(_shifted(x[rows], shift_rng, shift)), y[rows]
 
-            def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-                rows = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
-                shift_rng = np.random.default_rng([seed, self.epoch, i])
-                return _preprocess(_shifted(x[rows], shift_rng, shift)), y[rows]
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self.order = self.rng.permutation(len(x))
 
-            epoch = 0
-
-            def on_epoch_end(self) -> None:
-                self.epoch += 1
-                self.order = self.rng.permutation(len(x))
-
-        return Batches()
+    return Batches()
 
 
-class _Report:
-    """Placeholder replaced by a keras Callback calling the progress functions (keeps Keras import lazy)."""
+def _report(total: int, on_batch: BatchProgress | None, on_epoch: EpochProgress | None) -> Any:
+    """A Keras callback feeding ``on_batch(done, total)`` and ``on_epoch(epoch, logs)`` (Keras imported lazily)."""
+    import keras
 
-    def __new__(cls, total: int, on_batch: BatchProgress | None, on_epoch: EpochProgress | None) -> Any:  # type: ignore[misc]
-        import keras
+    class Report(keras.callbacks.Callback):
+        done = 0
 
-        class Report(keras.callbacks.Callback):
-            done = 0
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            self.done += 1
+            if on_batch is not None:
+                on_batch(self.done, total)
 
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                self.done += 1
-                if on_batch is not None:
-                    on_batch(self.done, total)
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            if on_epoch is not None:
+                on_epoch(epoch + 1, logs)
 
-            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                logs = {k: float(v) for k, v in (logs or {}).items()}
-                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-                if on_epoch is not None:
-                    on_epoch(epoch + 1, logs)
-
-        return Report()
+    return Report()
 
 
 def save_model(embedder: Any, description: dict[str, Any], out: Path) -> Path:
