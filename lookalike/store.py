@@ -105,6 +105,9 @@ class VectorCollection:
                     col = self._client.get_collection(name, embedding_function=None)
                 except Exception:  # no item with this label was ever stored
                     return None
+            if (col.metadata or {}).get(PARTITION_KEY) != self.name:
+                raise StoreError(f"collection {name!r} exists and is not a label partition of {self.name!r}: "
+                                 "ingest under another --collection NAME (or drop it)")  # fmt: skip
             self._parts[label] = VectorCollection(col, self._max_batch)
         return self._parts[label]
 

@@ -126,6 +126,15 @@ def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.
     assert [n.id for n in row] == [ids[i] for i in _exact_filtered(vecs, vecs[1], np.arange(20) % 2 == 1, 3)]
 
 
+def test_a_user_collection_named_like_a_partition_is_never_written_to(db: str) -> None:
+    s = Store(db, create=True)
+    theirs = s.create("digits.p1", record())
+    col = s.create("digits", record())
+    with pytest.raises(StoreError, match="not a label partition"):
+        fill(col, n=20, dim=8)
+    assert theirs.count() == 0 and col.count() == 0  # the partition of label 0 was written, the main one not
+
+
 def test_matches_and_label_filter() -> None:
     meta = {"label": 3, "split": "train"}
     assert store_mod.matches(meta, {"$and": [{"label": {"$in": [1, 3]}}, {"split": {"$ne": "test"}}]})
