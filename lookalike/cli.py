@@ -31,6 +31,9 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Store directory or h
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection name (optional when the store has one)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 SampleOpt = Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")]
+DatasetArg = Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")]
+PathArg = Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")]
+SourceOpt = Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")]
 SplitOpt = Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")]
 
 
@@ -80,9 +83,9 @@ def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, in
 
 @app.command()
 def ingest(
-    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")],
-    path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
-    source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")] = None,
+    dataset: DatasetArg,
+    path: PathArg = None,
+    source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items (mnist: the first N training images)")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1) for evaluation")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and stratified sampling")] = 0,
@@ -247,10 +250,10 @@ def clusters(
 
 @app.command()
 def compare(
-    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample or folder")],
-    path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
+    dataset: DatasetArg,
+    path: PathArg = None,
     embedder: Annotated[Optional[list[str]], typer.Option("--embedder", help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras")] = None,
-    source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout")] = None,
+    source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and sampling")] = 0,
@@ -335,10 +338,10 @@ def quickstart(
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")],
-    path: Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")] = None,
+    dataset: DatasetArg,
+    path: PathArg = None,
     out: Annotated[str, typer.Option(help="Where to save the model (.keras)")] = "lookalike-model.keras",
-    source: Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")] = None,
+    source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items, as in ingest (held-out items are never trained on)")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1), as in ingest")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, sampling, shuffling and augmentation")] = 0,

@@ -83,12 +83,13 @@ class EmbedderSpec:
             return f"pixels {self.input_size}px/{self.normalize} {self.dim}d"
         if self.model == "keras":
             return f"trained model:{Path(self.weights).name} ({self.layer}) {self.input_size}px {self.dim}d{self._bf16()}"
-        w = self.weights
-        if w == "random":
-            w = f"random(seed={self.seed})"
-        elif w != "imagenet":
-            w = f"file:{Path(w).name}"
-        return f"vgg16 {w} {self.layer}/{self.pooling}/{self.normalize} {self.input_size}px {self.dim}d{self._bf16()}"
+        return f"vgg16 {self.weights_label()} {self.layer}/{self.pooling}/{self.normalize} {self.input_size}px {self.dim}d{self._bf16()}"
+
+    def weights_label(self) -> str:
+        """``imagenet``, ``random(seed=N)`` or ``file:NAME`` (VGG16 weights)."""
+        if self.weights == "random":
+            return f"random(seed={self.seed})"
+        return self.weights if self.weights == "imagenet" else f"file:{Path(self.weights).name}"
 
     def _bf16(self) -> str:
         return " bf16" if self.precision == "bfloat16" else ""
@@ -272,11 +273,7 @@ class VGG16Embedder:
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        outs = []
-        for start in range(0, len(images), self.batch_size):
-            x = vgg16_inputs(images[start : start + self.batch_size], self.spec.input_size)
-            outs.append(np.asarray(self._model.predict_on_batch(x), dtype=np.float32))
-        feats = np.concatenate(outs)
+        feats = _predict(self._model, images, self.spec.input_size, self.batch_size)
         if self.spec.pooling == "max":
             feats = feats.max(axis=(1, 2))
         elif self.spec.pooling == "avg":
@@ -292,6 +289,21 @@ def vgg16_inputs(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return preprocess_input(np.stack([resize(im, size, "RGB") for im in images]))
 
 
+def _predict(model: Any, images: Sequence[np.ndarray], size: int, batch_size: int) -> np.ndarray:
+    """``model`` over ``images`` as VGG16 inputs, ``batch_size`` a call: float32 outputs, concatenated."""
+    outs = [np.asarray(model.predict_on_batch(vgg16_inputs(images[i : i + batch_size], size)), dtype=np.float32)
+            for i in range(0, len(images), batch_size)]  # fmt: skip
+    return np.concatenate(outs)
+
+
+def check_pinned_file(path: Path, sha256: str | None, what: str, fix: str) -> None:
+    """EmbedderError unless ``path`` exists with content ``sha256`` (when given); ``fix`` ends the missing-file message."""
+    if not path.is_file():
+        raise EmbedderError(f"{what} {path} is missing: restore it, or {fix}")
+    if sha256 and file_sha256(path) != sha256:
+        raise EmbedderError(f"{what} {path} changed since the collection was built: restore it or re-ingest into a new collection")
+
+
 class KerasModelEmbedder:
     """A model file written by ``lookalike train``: VGG16 inputs in, L2-normalised vectors out.
 
@@ -302,24 +314,18 @@ class KerasModelEmbedder:
         self.spec = spec
         self.batch_size = batch_size
         path = Path(spec.weights)
-        if not path.is_file():
-            raise EmbedderError(f"model file {path} is missing: restore it, or re-ingest with another --model")
-        if spec.weights_sha256 and file_sha256(path) != spec.weights_sha256:
-            raise EmbedderError(f"model file {path} changed since the collection was built: restore it or re-ingest into a new collection")
-        self._model = load_trained_model(path)
+        check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
+        self._model = load_trained_model(path, spec.input_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        outs = [np.asarray(self._model.predict_on_batch(vgg16_inputs(images[i : i + self.batch_size], self.spec.input_size)), dtype=np.float32)
-                for i in range(0, len(images), self.batch_size)]  # fmt: skip
-        return _normalize(np.concatenate(outs).reshape(len(images), -1), "l2")
+        feats = _predict(self._model, images, self.spec.input_size, self.batch_size)
+        return _normalize(feats.reshape(len(images), -1), "l2")
 
 
-def load_trained_model(path: str | os.PathLike[str]) -> Any:
-    """Load a ``lookalike train`` model file (Keras) and warm it up."""
-    desc = read_model_description(path)
-    size = int(desc["input_size"])
+def load_trained_model(path: str | os.PathLike[str], size: int) -> Any:
+    """Load a ``lookalike train`` model file (Keras) and warm it up on one ``size`` x ``size`` image."""
     with _quiet_native_stderr():  # TensorFlow's import and first use print to fd 2
         import keras
 
@@ -403,10 +409,7 @@ def _make_vgg16_policy(spec: EmbedderSpec) -> Any:
             base.set_weights(seeded_weights(base, spec.seed))
         else:
             path = Path(spec.weights)
-            if not path.is_file():
-                raise EmbedderError(f"weights file {path} is missing: restore it, or re-ingest into a new collection")
-            if spec.weights_sha256 and file_sha256(path) != spec.weights_sha256:
-                raise EmbedderError(f"weights file {path} changed since the collection was built: restore it or re-ingest")
+            check_pinned_file(path, spec.weights_sha256, "weights file", "re-ingest into a new collection")
             try:
                 base.load_weights(str(path))
             except Exception as exc:

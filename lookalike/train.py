@@ -137,7 +137,7 @@ def train(
     best = int(np.argmin([h[monitor] for h in hist]))
     seconds = time.perf_counter() - started
     description = {
-        "format": "lookalike-trained-embedder", "version": 1, "base": "vgg16", "weights": _weights_label(spec),
+        "format": "lookalike-trained-embedder", "version": 1, "base": "vgg16", "weights": spec.weights_label() + (f" sha256:{spec.weights_sha256}" if spec.weights_sha256 else ""),
         "layer": layer, "head": f"flatten->dense{dim}->l2", "loss": loss, "dim": dim, "input_size": input_size, "precision": spec.precision,
         "preprocessing": spec.preprocessing, "seed": seed, "dataset": ds.protocol, "label_names": ds.label_names,
         "n_train": len(train_rows), "n_validation": len(val_rows), "epochs": epochs, "epochs_run": len(hist),
@@ -171,14 +171,6 @@ def _check_options(out: Path, overwrite: bool, dim: int, epochs: int, batch_size
     for ok, message in checks:
         if not ok:
             raise InputError(message)
-
-
-def _weights_label(spec: Any) -> str:
-    if spec.weights == "random":
-        return f"random(seed={spec.seed})"
-    if spec.weights == "imagenet":
-        return "imagenet"
-    return f"file:{Path(spec.weights).name} sha256:{spec.weights_sha256}"
 
 
 def _read_train_items(ds: Dataset, size: int) -> tuple[np.ndarray, np.ndarray, int]:

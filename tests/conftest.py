@@ -29,14 +29,16 @@ def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
+def write_npz(path: Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> Path:
+    """Save (images, labels) pairs as an .npz in Keras's MNIST layout; returns ``path``."""
+    np.savez(path, x_train=train[0], y_train=train[1], x_test=test[0], y_test=test[1])
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An .npz in Keras's MNIST layout: 200 training and 50 test images."""
-    x_train, y_train = make_digits(200, seed=1)
-    x_test, y_test = make_digits(50, seed=2)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
+    return write_npz(tmp_path_factory.mktemp("data") / "tiny.npz", make_digits(200, seed=1), make_digits(50, seed=2))
 
 
 @pytest.fixture
@@ -124,8 +126,4 @@ def make_cluttered(n: int, seed: int, classes: int = 4) -> tuple[np.ndarray, np.
 @pytest.fixture(scope="session")
 def cluttered_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An .npz in Keras's MNIST layout: 320 training and 80 test cluttered images (4 classes)."""
-    x_train, y_train = make_cluttered(320, seed=11)
-    x_test, y_test = make_cluttered(80, seed=12)
-    path = tmp_path_factory.mktemp("cluttered") / "cluttered.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
+    return write_npz(tmp_path_factory.mktemp("cluttered") / "cluttered.npz", make_cluttered(320, seed=11), make_cluttered(80, seed=12))
