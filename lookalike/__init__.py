@@ -2,37 +2,44 @@
 
 Library entry points (each returns a dataclass or a list of them)::
 
-    from lookalike import ingest, search, evaluate
+    from lookalike import Gallery, ingest, search, evaluate
     report = ingest("mnist", source="mnist.npz", limit=5000, test_size=1000, weights="random")
-    hits = search(id="mnist:test:0", k=5, labels=[3])
-    result = evaluate(k=1)
+    with Gallery.open("mnist") as g:          # one opened collection (holds a local store's lock)
+        hits = search(g, id="mnist:test:0", k=5, labels=[3])
+        result = evaluate(g, k=1)
 
 Importing the package is cheap: TensorFlow and chromadb load only when first needed.
 """
 
 from __future__ import annotations
 
+from lookalike.check import CheckReport, check, repair
 from lookalike.errors import LookalikeError
 from lookalike.evaluate import EvalReport, evaluate
+from lookalike.gallery import CollectionInfo, Gallery, list_collections
 from lookalike.ingest import IngestReport, ingest
 from lookalike.quickstart import QuickstartReport, quickstart
 from lookalike.search import Hit, search
-from lookalike.store import CollectionInfo, drop_collection, list_collections
+from lookalike.store import Store
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "CheckReport",
     "CollectionInfo",
     "EvalReport",
+    "Gallery",
     "Hit",
     "IngestReport",
     "LookalikeError",
     "QuickstartReport",
-    "drop_collection",
+    "Store",
+    "__version__",
+    "check",
     "evaluate",
     "ingest",
     "list_collections",
     "quickstart",
+    "repair",
     "search",
-    "__version__",
 ]

@@ -6,17 +6,24 @@ exit code; no traceback reaches the user.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
+import click
 import typer
 
 from lookalike.errors import LookalikeError
+from lookalike.util import first_line
+
+if TYPE_CHECKING:
+    from lookalike.gallery import Gallery
 
 app = typer.Typer(
     name="lookalike",
@@ -25,9 +32,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-T = TypeVar("T")
 
-DbOpt = Annotated[Optional[str], typer.Option("--db", help="Store directory or http://HOST:PORT of `chroma run` [default: $LOOKALIKE_DB or ./lookalike-db]")]
+DbOpt = Annotated[
+    Optional[str],
+    typer.Option("--db", help="Store directory or http://HOST:PORT of `chroma run` [default: $LOOKALIKE_DB or ./lookalike-db]"),
+]
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection name (optional when the store has one)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
 SampleOpt = Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")]
@@ -35,6 +44,19 @@ DatasetArg = Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sam
 PathArg = Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")]
 SourceOpt = Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")]
 SplitOpt = Annotated[Optional[str], typer.Option(help="Only train (indexed) or test (held-out) items")]
+WaitOpt = Annotated[
+    Optional[float], typer.Option("--wait", help="Seconds to wait while another process uses a local store [default: fail at once]")
+]
+MaxPixelsOpt = Annotated[
+    Optional[int], typer.Option("--max-pixels", help="Refuse images of more pixels than this [default: Pillow's 89,478,485]")
+]
+
+
+def _open(collection: str | None, db: str | None, wait: float | None, max_pixels: int | None = None) -> Gallery:
+    """The command's one Gallery (a local store's lock is held until it is closed)."""
+    from lookalike.gallery import Gallery
+
+    return Gallery.open(collection, db, wait=wait, max_pixels=max_pixels)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -42,12 +64,41 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a library call, turning library errors into a one-line message and exit code."""
-    try:
-        return fn(*args, **kwargs)
-    except LookalikeError as exc:
-        raise _fail(str(exc), exc.exit_code) from None
+INTERRUPTED = {
+    "ingest": "interrupted: what was written is kept; run the same command again to resume",
+    "compare": "interrupted: what was written is kept; run the same command again to resume",
+    "quickstart": "interrupted: run `lookalike quickstart` again to resume",
+}
+
+
+def command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a command whose every error ends as one line on stderr and an exit code, never a traceback.
+
+    Library errors carry their own message and code; Ctrl-C exits 130; anything unexpected is one
+    line too (``--verbose`` logs where it came from).
+    """
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                fn(*args, **kwargs)
+            except LookalikeError as exc:
+                raise _fail(str(exc), exc.exit_code) from None
+            except KeyboardInterrupt:
+                raise _fail(INTERRUPTED.get(fn.__name__, "interrupted"), 130) from None
+            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+                raise
+            except BrokenPipeError:  # `lookalike ... | head`: the reader left; say nothing more
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise typer.Exit(0) from None
+            except Exception as exc:  # a bug or an error from a library we did not foresee: still one line
+                logging.getLogger("lookalike").info("unexpected error in %s", fn.__name__, exc_info=True)
+                raise _fail(f"unexpected {first_line(exc)}; rerun with --verbose for details, and please report it", 1) from None
+
+        return app.command(name)(run)
+
+    return register
 
 
 @app.callback()
@@ -63,10 +114,17 @@ def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, in
 
     console = Console(stderr=True)
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7} " + unit), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal,
-    )  # fmt: skip
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7} " + unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
     task = None
     started = time.perf_counter()
 
@@ -81,7 +139,7 @@ def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, in
         yield update
 
 
-@app.command()
+@command()
 def ingest(
     dataset: DatasetArg,
     path: PathArg = None,
@@ -94,37 +152,65 @@ def ingest(
     layer: Annotated[str, typer.Option(help="VGG16 layer to read features from")] = "block4_pool",
     pooling: Annotated[str, typer.Option(help="max, avg (global pooling) or flatten")] = "max",
     normalize: Annotated[Optional[str], typer.Option(help="l2 or none [default: l2 for vgg16, none for pixels]")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Side in pixels images are resized to (VGG16: >= 32) [default: 32; pixels: 28]")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Embed with a MODEL.keras written by `lookalike train` (replaces --embedder and the VGG16 options)")] = None,
+    input_size: Annotated[
+        Optional[int], typer.Option(help="Side in pixels images are resized to (VGG16: >= 32) [default: 32; pixels: 28]")
+    ] = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="Embed with a MODEL.keras written by `lookalike train` (replaces --embedder and the VGG16 options)"),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
+    max_pixels: MaxPixelsOpt = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a collection; resumable, and a rerun adds nothing."""
     from lookalike.ingest import ingest as run_ingest
 
-    try:
-        with _progress_bar(f"embedding {dataset}") as progress:
-            report = _call(
-                run_ingest, dataset, path, source=source, limit=limit, test_size=test_size, seed=seed,
-                embedder=embedder, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
-                input_size=input_size, precision=precision, model=model, batch_size=batch_size, collection=collection, db=db, progress=progress,
-            )  # fmt: skip
-    except KeyboardInterrupt:
-        raise _fail("interrupted: what was written is kept; run the same command again to resume", 130) from None
+    with _progress_bar(f"embedding {dataset}") as progress:
+        report = run_ingest(
+            dataset,
+            path,
+            source=source,
+            limit=limit,
+            test_size=test_size,
+            seed=seed,
+            embedder=embedder,
+            weights=weights,
+            layer=layer,
+            pooling=pooling,
+            normalize=normalize,
+            input_size=input_size,
+            precision=precision,
+            model=model,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            collection=collection,
+            db=db,
+            wait=wait,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
     added = ", ".join(f"{k} {v}" for k, v in report.added.items())
     stored = ", ".join(f"{k} {v}" for k, v in report.stored.items())
     typer.echo(f"collection {report.collection!r} in {report.db}: {report.dataset} with {report.embedder}")
     typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
     typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s")
-    if report.skipped:
-        shown = ", ".join(report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")
-        typer.echo(f"  skipped {len(report.skipped)} unreadable files: {shown}")
+    for what, files in (("unreadable files", report.skipped), ("images over the pixel limit (--max-pixels)", report.too_large)):
+        if files:
+            shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
+            typer.echo(f"  skipped {len(files)} {what}: {shown}")
 
 
-@app.command()
+@command()
 def search(
     image: Annotated[Optional[str], typer.Option(help="Query by an image file (any size or mode)")] = None,
     id: Annotated[Optional[str], typer.Option("--id", help="Query by a stored item's id (it is never returned)")] = None,
@@ -133,16 +219,22 @@ def search(
     split: Annotated[Optional[str], typer.Option(help="Keep only train (indexed) or test (held-out) items")] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
+    max_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
     save: Annotated[Optional[str], typer.Option(help="Write a PNG of the query beside its neighbours")] = None,
 ) -> None:
     """Find the nearest stored items to an image file or a stored id."""
+    from lookalike.errors import InputError
     from lookalike.search import save_picture
     from lookalike.search import search as run_search
 
-    hits = _call(run_search, image=image, id=id, k=k, labels=label, split=split, collection=collection, db=db)
-    if save:
-        path = _call(save_picture, hits, save, image=image, id=id, collection=collection, db=db)
+    if (image is None) == (id is None):
+        raise InputError("give exactly one query: --image FILE or --id ID")
+    with _open(collection, db, wait, max_pixels) as gallery:
+        hits = run_search(gallery, image=image, id=id, k=k, labels=label, split=split)
+        if save:
+            path = save_picture(gallery, hits, save, image=image, id=id)
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2))
     else:
@@ -155,25 +247,29 @@ def search(
         typer.echo(f"saved {path}", err=as_json)
 
 
-@app.command()
+@command()
 def evaluate(
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours in the majority vote (1-NN by default)")] = 1,
     collection: CollectionOpt = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
     as_json: JsonOpt = False,
     plot: Annotated[Optional[str], typer.Option(help="Write the confusion matrix as a PNG")] = None,
-    errors: Annotated[Optional[str], typer.Option(help="Write a PNG gallery of misclassified held-out items beside their nearest neighbour")] = None,
+    errors: Annotated[
+        Optional[str], typer.Option(help="Write a PNG gallery of misclassified held-out items beside their nearest neighbour")
+    ] = None,
 ) -> None:
     """Held-out k-NN accuracy through the store, with an exact-search audit."""
     from lookalike.evaluate import evaluate as run_evaluate
     from lookalike.evaluate import save_confusion_picture, save_errors_picture
 
-    r = _call(run_evaluate, k=k, collection=collection, db=db)
-    saved = []
-    if plot:
-        saved.append(_call(save_confusion_picture, r, plot))
-    if errors:
-        saved.append(_call(save_errors_picture, r, errors, db=db))
+    with _open(collection, db, wait) as gallery:
+        r = run_evaluate(gallery, k=k)
+        saved = []
+        if plot:
+            saved.append(save_confusion_picture(r, plot))
+        if errors:
+            saved.append(save_errors_picture(gallery, r, errors))
     for path in saved:
         typer.echo(f"saved {path}", err=as_json)
     if as_json:
@@ -197,7 +293,7 @@ def evaluate(
         typer.echo(f"  {n:>{width}}" + "".join(f"{v:>7}" for v in row))
 
 
-@app.command("map")
+@command("map")
 def map_(
     out: Annotated[str, typer.Option(help="PNG file for the map")],
     method: Annotated[str, typer.Option(help="tsne, umap (pip install 'lookalike[umap]') or pca")] = "tsne",
@@ -207,18 +303,22 @@ def map_(
     coords: Annotated[Optional[str], typer.Option(help="Also write id,label,label_name,split,x,y to this CSV")] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
 ) -> None:
     """Draw the embedding space in 2-D, coloured by label."""
-    from lookalike.explore import embedding_map, save_coords, save_map_picture
+    from lookalike.explore import METHODS, embedding_map, save_coords, save_map_picture
 
-    r = _call(embedding_map, method=method, sample=sample, split=split, seed=seed, collection=collection, db=db)
-    path = _call(save_map_picture, r, out)
+    if method not in METHODS:
+        raise _fail(f"--method {method!r} is not one of {', '.join(METHODS)}", 2)
+    with _open(collection, db, wait) as gallery:
+        r = embedding_map(gallery, method=method, sample=sample, split=split, seed=seed)
+    path = save_map_picture(r, out)
     typer.echo(f"saved {path} ({len(r.points.ids)} points, {r.method}, {r.seconds:.1f} s)")
     if coords:
-        typer.echo(f"saved {_call(save_coords, r, coords)}")
+        typer.echo(f"saved {save_coords(r, coords)}")
 
 
-@app.command()
+@command()
 def clusters(
     k: Annotated[int, typer.Option("--k", "-k", help="Number of k-means clusters")] = 10,
     on: Annotated[str, typer.Option(help="Cluster the embedding vectors or the 2-D map")] = "embedding",
@@ -229,14 +329,16 @@ def clusters(
     out: Annotated[Optional[str], typer.Option(help="PNG gallery of items whose cluster disagrees with their label")] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """k-means clusters against the labels: silhouette, ARI, NMI and Hungarian-matched cluster accuracy."""
     from lookalike.explore import cluster, save_disagreement_picture
 
-    r = _call(cluster, k=k, on=on, method=method, sample=sample, split=split, seed=seed, collection=collection, db=db)
-    if out:
-        typer.echo(f"saved {_call(save_disagreement_picture, r, out)}", err=as_json)
+    with _open(collection, db, wait) as gallery:
+        r = cluster(gallery, k=k, on=on, method=method, sample=sample, split=split, seed=seed)
+        if out:
+            typer.echo(f"saved {save_disagreement_picture(gallery, r, out)}", err=as_json)
     if as_json:
         typer.echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -248,11 +350,17 @@ def clusters(
     typer.echo(f"  disagreeing       {len(r.disagreeing())} items")
 
 
-@app.command()
+@command()
 def compare(
     dataset: DatasetArg,
     path: PathArg = None,
-    embedder: Annotated[Optional[list[str]], typer.Option("--embedder", help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras")] = None,
+    embedder: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--embedder",
+            help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras",
+        ),
+    ] = None,
     source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1)")] = None,
@@ -262,6 +370,7 @@ def compare(
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
     out: Annotated[Optional[str], typer.Option(help="PNG bar chart of the accuracies")] = None,
     db: DbOpt = None,
+    wait: WaitOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest one dataset with several embedders (reusing collections), evaluate each, print one table."""
@@ -269,29 +378,45 @@ def compare(
     from lookalike.compare import save_compare_picture
 
     with _progress_bar("embedding") as progress:
-        r = _call(run_compare, dataset, path, embedders=list(embedder or []), source=source, limit=limit,
-                  test_size=test_size, seed=seed, weights=weights, k=k, batch_size=batch_size, db=db, progress=progress)  # fmt: skip
+        r = run_compare(
+            dataset,
+            path,
+            embedders=list(embedder or []),
+            source=source,
+            limit=limit,
+            test_size=test_size,
+            seed=seed,
+            weights=weights,
+            k=k,
+            batch_size=batch_size,
+            db=db,
+            wait=wait,
+            progress=progress,
+        )
     if out:
-        typer.echo(f"saved {_call(save_compare_picture, r, out)}", err=as_json)
+        typer.echo(f"saved {save_compare_picture(r, out)}", err=as_json)
     if as_json:
         typer.echo(json.dumps(r.to_dict(), indent=2))
         return
     typer.echo(f"{r.dataset} ({r.protocol}), accuracy of held-out items through the store")
     typer.echo(f"{'embedder':<52} {'dim':>6} {'1-NN':>7} {f'{r.k}-NN':>7} {'silh.':>7} {'img/s':>8}")
     for row in r.rows:
-        typer.echo(f"{row.embedder:<52} {row.dim:>6} {row.accuracy_1nn:>7.4f} {row.accuracy_knn:>7.4f} "
-                   f"{row.silhouette:>7.3f} {row.images_per_s:>8.0f}")  # fmt: skip
+        typer.echo(
+            f"{row.embedder:<52} {row.dim:>6} {row.accuracy_1nn:>7.4f} {row.accuracy_knn:>7.4f} "
+            f"{row.silhouette:>7.3f} {row.images_per_s:>8.0f}"
+        )
 
 
-@app.command()
-def collections(db: DbOpt = None, as_json: JsonOpt = False) -> None:
+@command()
+def collections(db: DbOpt = None, wait: WaitOpt = None, as_json: JsonOpt = False) -> None:
     """List the collections: name, count, dataset, embedder."""
-    from lookalike.store import list_collections
+    from lookalike.gallery import list_collections
+    from lookalike.store import Store
 
-    infos = _call(list_collections, db)
+    with Store(db, wait=wait) as store:
+        infos = list_collections(store)
     if as_json:
-        typer.echo(json.dumps([{"name": i.name, "count": i.count, "dataset": i.dataset, "embedder": i.embedder,
-                                "record": i.record} for i in infos], indent=2))  # fmt: skip
+        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
         return
     if not infos:
         typer.echo("no collections")
@@ -299,44 +424,79 @@ def collections(db: DbOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(f"{i.name:<30} {i.count:>8}  {i.dataset:<14} {i.embedder}")
 
 
-@app.command()
-def drop(name: Annotated[str, typer.Argument(help="Collection to delete")], db: DbOpt = None) -> None:
+@command()
+def drop(name: Annotated[str, typer.Argument(help="Collection to delete")], db: DbOpt = None, wait: WaitOpt = None) -> None:
     """Delete a collection."""
-    from lookalike.store import drop_collection
+    from lookalike.store import Store
 
-    _call(drop_collection, name, db)
+    with Store(db, wait=wait) as store:
+        store.drop(name)
     typer.echo(f"dropped {name!r}")
 
 
-@app.command()
+@command()
+def check(
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Rebuild the label partitions from the stored vectors when only they are wrong")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a collection: record, every vector, the index, the label partitions, counts per split; exit 1 when damaged."""
+    from lookalike.check import check as run_check
+    from lookalike.check import repair as run_repair
+    from lookalike.store import Store
+
+    with Store(db, wait=wait) as store:
+        r = run_repair(store, collection) if repair else run_check(store, collection)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict(), indent=2))
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
+        typer.echo(f"collection {r.collection!r} in {r.db}: {r.count} items ({counts})")
+        if r.partitions:
+            typer.echo(f"  label partitions: {len(r.partitions)}, holding {sum(r.partitions.values())} items")
+        for problem in r.problems:
+            typer.echo(f"  problem: {problem}")
+        typer.echo(f"  {'ok' if r.ok else 'DAMAGED'}" + (f": {r.fix}" if r.fix else ""))
+    if not r.ok:
+        raise typer.Exit(1)
+
+
+@command()
 def quickstart(
     db: DbOpt = None,
     out: Annotated[str, typer.Option(help="Where to save the search picture")] = "lookalike-quickstart.png",
     offline: Annotated[bool, typer.Option(help="Do not try to download MNIST or ImageNet weights")] = False,
     limit: Annotated[int, typer.Option(help="Digits to use (the seed notebook's 5,000)")] = 5000,
     test_size: Annotated[int, typer.Option(help="Digits held out for evaluation (the seed notebook's 1,000)")] = 1000,
+    wait: WaitOpt = None,
 ) -> None:
     """Ingest, evaluate and search end to end on the best data and weights this machine has."""
     from lookalike.quickstart import quickstart as run_quickstart
 
-    try:
-        with _progress_bar("embedding") as progress:
-            r = _call(run_quickstart, db=db, out=out, offline=offline, limit=limit, test_size=test_size, progress=progress)
-    except KeyboardInterrupt:
-        raise _fail("interrupted: run `lookalike quickstart` again to resume", 130) from None
+    with _progress_bar("embedding") as progress:
+        r = run_quickstart(db=db, out=out, offline=offline, limit=limit, test_size=test_size, wait=wait, progress=progress)
     typer.echo(f"data:     {r.dataset} ({r.ingest.stored.get('train', 0)} indexed, {r.ingest.stored.get('test', 0)} held out)")
     typer.echo(f"weights:  {r.weights}  [{r.ingest.embedder}]")
     for note in r.notes:
         typer.echo(f"note:     {note}")
-    typer.echo(f"ingest:   {sum(r.ingest.added.values())} embedded in {r.ingest.seconds:.1f} s into {r.ingest.collection!r} at {r.ingest.db}")
+    typer.echo(
+        f"ingest:   {sum(r.ingest.added.values())} embedded in {r.ingest.seconds:.1f} s into {r.ingest.collection!r} at {r.ingest.db}"
+    )
     e = r.evaluation
-    typer.echo(f"evaluate: 1-NN accuracy {e.accuracy:.4f} (exact {e.exact_accuracy:.4f}, recall@1 {e.recall_at_1:.4f}, {e.queries_per_s:.0f} queries/s)")
+    typer.echo(
+        f"evaluate: 1-NN accuracy {e.accuracy:.4f} (exact {e.exact_accuracy:.4f}, recall@1 {e.recall_at_1:.4f}, "
+        f"{e.queries_per_s:.0f} queries/s)"
+    )
     typer.echo(f"search:   neighbours of {r.query_id}: " + ", ".join(f"{h.id} ({h.label_name})" for h in r.hits))
     typer.echo(f"picture:  {r.picture}")
     typer.echo(f"next:     lookalike search --id {r.query_id} --collection {r.ingest.collection} --db {r.ingest.db}")
 
 
-@app.command()
+@command()
 def train(
     dataset: DatasetArg,
     path: PathArg = None,
@@ -345,9 +505,13 @@ def train(
     limit: Annotated[Optional[int], typer.Option(help="Use only N items, as in ingest (held-out items are never trained on)")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1), as in ingest")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, sampling, shuffling and augmentation")] = 0,
-    weights: Annotated[str, typer.Option(help="Start from imagenet (downloads once), random (seeded) or a VGG16 weights FILE")] = "imagenet",
+    weights: Annotated[
+        str, typer.Option(help="Start from imagenet (downloads once), random (seeded) or a VGG16 weights FILE")
+    ] = "imagenet",
     layer: Annotated[str, typer.Option(help="VGG16 layer the embedding head sits on")] = "block3_pool",
-    precision: Annotated[Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")] = None,
+    precision: Annotated[
+        Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")
+    ] = None,
     dim: Annotated[int, typer.Option(help="Embedding dimension")] = 128,
     epochs: Annotated[int, typer.Option(help="Most epochs (early stopping may end sooner)")] = 12,
     batch_size: Annotated[int, typer.Option(help="Images per training step")] = 64,
@@ -370,21 +534,44 @@ def train(
 
     try:
         with _progress_bar("training (batches)", unit="batch/s") as progress:
-            r = _call(
-                run_train, dataset, path, out=out, source=source, limit=limit, test_size=test_size, seed=seed,
-                weights=weights, layer=layer, precision=precision, dim=dim, epochs=epochs, batch_size=batch_size,
-                learning_rate=learning_rate, loss=loss, validation=validation, patience=patience, shift=shift,
-                dropout=dropout, margin=margin,
-                overwrite=overwrite, on_batch=progress, on_epoch=on_epoch,
-            )  # fmt: skip
+            r = run_train(
+                dataset,
+                path,
+                out=out,
+                source=source,
+                limit=limit,
+                test_size=test_size,
+                seed=seed,
+                weights=weights,
+                layer=layer,
+                precision=precision,
+                dim=dim,
+                epochs=epochs,
+                batch_size=batch_size,
+                learning_rate=learning_rate,
+                loss=loss,
+                validation=validation,
+                patience=patience,
+                shift=shift,
+                dropout=dropout,
+                margin=margin,
+                overwrite=overwrite,
+                on_batch=progress,
+                on_epoch=on_epoch,
+            )
     except KeyboardInterrupt:
         raise _fail(f"interrupted: no model was written to {out}", 130) from None
     if as_json:
         typer.echo(json.dumps(r.to_dict(), indent=2))
         return
-    typer.echo(f"model:    {r.out} ({r.dim}-d, {r.description['weights']} VGG16 {r.description['layer']} + {r.description['head']}, {r.description['loss']} loss)")
+    typer.echo(
+        f"model:    {r.out} ({r.dim}-d, {r.description['weights']} VGG16 {r.description['layer']} + {r.description['head']}, "
+        f"{r.description['loss']} loss)"
+    )
     typer.echo(f"data:     {r.dataset}: trained on {r.n_train}, validated on {r.n_validation} (held-out items not used)")
-    typer.echo(f"epochs:   {r.epochs_run} run, best {r.best_epoch} (val loss {r.best_val_loss:.4f}, val accuracy {r.best_val_accuracy:.4f})")
+    typer.echo(
+        f"epochs:   {r.epochs_run} run, best {r.best_epoch} (val loss {r.best_val_loss:.4f}, val accuracy {r.best_val_accuracy:.4f})"
+    )
     typer.echo(f"time:     {r.seconds:.1f} s")
     typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-trained ...")
 

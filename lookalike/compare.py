@@ -8,6 +8,8 @@ Collections already there are reused (ingest only adds what is missing).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -18,14 +20,15 @@ from typing import Any
 import numpy as np
 
 from lookalike.datasets import load_dataset
-from lookalike.embedder import build_embedder, make_spec
-from lookalike.errors import InputError
+from lookalike.embedder import EmbedderSpec, build_embedder, make_spec
+from lookalike.errors import InputError, MismatchError, StoreError
 from lookalike.evaluate import evaluate
 from lookalike.explore import read_points
+from lookalike.gallery import Gallery
 from lookalike.ingest import Progress, ingest
+from lookalike.store import Store
 
-SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int,
-             "precision": str}  # fmt: skip
+SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int, "precision": str}
 THROUGHPUT_SAMPLE = 256  # images embedded (after a warm-up) to measure each embedder's speed
 SILHOUETTE_SAMPLE = 2000
 
@@ -85,12 +88,16 @@ def _count(value: float | None) -> str:
     return str(int(value)) if value is not None and float(value).is_integer() else str(value)
 
 
-def collection_name(dataset: str, limit: int | None, test_size: float | None, seed: int, spec_text: str) -> str:
-    """A readable, valid collection name for one embedder on one protocol."""
-    proto = "official" if limit is None and test_size is None else f"{limit or 'all'}-{_count(test_size)}"
-    raw = f"cmp-{dataset}-{proto}-s{seed}-{spec_text}"
-    name = re.sub(r"[^a-zA-Z0-9._-]+", "-", raw).strip("-._")
-    return name[:200]
+def collection_name(dataset: str, spec_text: str, spec: EmbedderSpec, protocol: dict[str, Any]) -> str:
+    """A valid collection name for one embedder on one protocol: readable, and unique to everything that makes them differ.
+
+    The readable part names the dataset and the SPEC; a hash of the full embedder spec and dataset
+    protocol (weights, seed, precision, source file, folder root, limit, hold-out...) follows, so a
+    later comparison with other weights or another source never meets a collection of the same name.
+    """
+    digest = hashlib.sha256(json.dumps([spec.to_dict(), protocol], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    readable = re.sub(r"[^a-zA-Z0-9._-]+", "-", f"cmp-{dataset}-{spec_text}").strip("-._")[:80]
+    return f"{readable}-{digest}"
 
 
 def compare(
@@ -106,6 +113,8 @@ def compare(
     k: int = 5,
     batch_size: int = 256,
     db: str | None = None,
+    store: Store | None = None,
+    wait: float | None = None,
     progress: Progress | None = None,
 ) -> CompareReport:
     """Ingest ``dataset`` with every embedder SPEC (reusing collections), evaluate each, return the table."""
@@ -115,18 +124,53 @@ def compare(
         raise InputError(f"--k must be at least 1, got {k}")
     specs = [(text, make_spec(**parse_spec(text, weights, seed))) for text in embedders]  # validate all first
     ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
-    sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if im is not None]
+    sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if isinstance(im, np.ndarray)]
     proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"
     report = CompareReport(ds.name, proto, k)
-    for text, spec in specs:
-        model = build_embedder(spec)
-        name = collection_name(ds.name, limit, test_size, seed, text)
-        ingest(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, embedder=model,
-               batch_size=batch_size, collection=name, db=db, progress=progress)  # fmt: skip
-        result = evaluate(k=k, collection=name, db=db)  # its store answers give both the 1-NN and k-NN columns
-        points = read_points(sample=SILHOUETTE_SAMPLE, seed=seed, collection=name, db=db)
-        report.rows.append(CompareRow(text, spec.describe(), name, spec.dim, result.accuracy_1nn, result.accuracy, result.recall_at_1,
-                                      _silhouette(points.vectors, points.labels, seed), _throughput(model, sample_images)))  # fmt: skip
+    own = store is None
+    st = store if store is not None else Store(db, create=True, wait=wait)
+    try:
+        for text, spec in specs:
+            model = build_embedder(spec)
+            name = collection_name(ds.name, text, spec, ds.protocol)
+            try:
+                ingest(
+                    dataset,
+                    path,
+                    source=source,
+                    limit=limit,
+                    test_size=test_size,
+                    seed=seed,
+                    embedder=model,
+                    batch_size=batch_size,
+                    collection=name,
+                    store=st,
+                    progress=progress,
+                )
+            except MismatchError:
+                raise StoreError(
+                    f"collection {name!r}, compare's name for --embedder {text}, holds something else: "
+                    f"drop it with `lookalike drop {name}` and compare again"
+                ) from None
+            gallery = Gallery(st, name)
+            result = evaluate(gallery, k=k)  # its store answers give both the 1-NN and k-NN columns
+            points = read_points(gallery, sample=SILHOUETTE_SAMPLE, seed=seed)
+            report.rows.append(
+                CompareRow(
+                    text,
+                    spec.describe(),
+                    name,
+                    spec.dim,
+                    result.accuracy_1nn,
+                    result.accuracy,
+                    result.recall_at_1,
+                    _silhouette(points.vectors, points.labels, seed),
+                    _throughput(model, sample_images),
+                )
+            )
+    finally:
+        if own:
+            st.close()
     return report
 
 

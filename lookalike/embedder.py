@@ -17,17 +17,16 @@ import dataclasses
 import json
 import logging
 import os
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from lookalike.datasets import file_sha256
 from lookalike.errors import EmbedderError, InputError
+from lookalike.images import resize
+from lookalike.util import check_pinned_file, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ class EmbedderSpec:
         return " bf16" if self.precision == "bfloat16" else ""
 
 
-def default_precision() -> str:
+def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
     """``bfloat16`` where the CPU computes it natively (AVX512-BF16 or AMX), else ``float32``.
 
     On this project's 2-core AMD EPYC (Zen 4) bfloat16 VGG16 embeds 1.9x faster, and its vectors
@@ -103,7 +102,7 @@ def default_precision() -> str:
     "Performance". Elsewhere bfloat16 is emulated and slower, so float32 stays the default there.
     """
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
@@ -170,9 +169,19 @@ def model_spec(path: str | os.PathLike[str]) -> EmbedderSpec:
     """The spec of a model file written by ``lookalike train`` (read from its description, no TensorFlow)."""
     p = Path(path).expanduser()
     desc = read_model_description(p)
-    return EmbedderSpec("keras", str(p.resolve()), f"{desc['base']} {desc['layer']} + {desc['head']}", "none", "l2",
-                        int(desc["input_size"]), int(desc["seed"]), file_sha256(p), int(desc["dim"]), PREPROCESSING["vgg16"],
-                        str(desc.get("precision", "float32")))  # fmt: skip
+    return EmbedderSpec(
+        "keras",
+        str(p.resolve()),
+        f"{desc['base']} {desc['layer']} + {desc['head']}",
+        "none",
+        "l2",
+        int(desc["input_size"]),
+        int(desc["seed"]),
+        file_sha256(p),
+        int(desc["dim"]),
+        PREPROCESSING["vgg16"],
+        str(desc.get("precision", "float32")),
+    )
 
 
 def read_model_description(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -186,7 +195,7 @@ def read_model_description(path: str | os.PathLike[str]) -> dict[str, Any]:
         with zipfile.ZipFile(p) as z:
             desc = json.loads(z.read(DESCRIPTION_ENTRY))
         for key in ("base", "layer", "head", "input_size", "dim", "seed"):
-            desc[key]  # noqa: B018 - presence check
+            desc[key]
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
         raise EmbedderError(
             f"{p} is not a model written by `lookalike train` ({type(exc).__name__}): give the --out file of a training run"
@@ -210,28 +219,6 @@ class Embedder(Protocol):
     spec: EmbedderSpec
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
-
-
-def resize(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """One image as float32 ``(size, size)`` grey (mode "L") or ``(size, size, 3)`` RGB, 0-255."""
-    from PIL import Image
-
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        raise InputError(f"images must be uint8, got {img.dtype}")
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[..., 0]
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
-        raise InputError(f"an image must be (H, W) grey or (H, W, 3) RGB, got shape {img.shape}")
-    pil = Image.fromarray(img)
-    if mode == "L" and pil.mode != "L":
-        pil = pil.convert("L")
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.BILINEAR)
-    out = np.asarray(pil, dtype=np.float32)
-    if mode == "RGB" and out.ndim == 2:
-        out = np.repeat(out[..., None], 3, axis=2)
-    return out
 
 
 def _normalize(x: np.ndarray, how: str) -> np.ndarray:
@@ -268,7 +255,9 @@ class VGG16Embedder:
     def __init__(self, spec: EmbedderSpec, batch_size: int = 256) -> None:
         self.spec = spec
         self.batch_size = batch_size  # 256 a call: 28% faster than 128 here (float32, 376 vs 293 images/s)
-        self._model = build_vgg16_model(spec)
+        from lookalike.backend import make_vgg16, warm_up
+
+        self._model = warm_up(make_vgg16(spec), spec.input_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
@@ -282,26 +271,11 @@ class VGG16Embedder:
         return _normalize(feats, self.spec.normalize)
 
 
-def vgg16_inputs(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """VGG16's input ``(N, size, size, 3)`` float32: RGB, resized, ``preprocess_input`` (BGR, ImageNet mean)."""
-    from keras.applications.vgg16 import preprocess_input
-
-    return preprocess_input(np.stack([resize(im, size, "RGB") for im in images]))
-
-
 def _predict(model: Any, images: Sequence[np.ndarray], size: int, batch_size: int) -> np.ndarray:
-    """``model`` over ``images`` as VGG16 inputs, ``batch_size`` a call: float32 outputs, concatenated."""
-    outs = [np.asarray(model.predict_on_batch(vgg16_inputs(images[i : i + batch_size], size)), dtype=np.float32)
-            for i in range(0, len(images), batch_size)]  # fmt: skip
-    return np.concatenate(outs)
+    """``model`` over ``images`` resized to VGG16's RGB input, ``batch_size`` a call: float32 outputs."""
+    from lookalike.backend import predict_batches
 
-
-def check_pinned_file(path: Path, sha256: str | None, what: str, fix: str) -> None:
-    """EmbedderError unless ``path`` exists with content ``sha256`` (when given); ``fix`` ends the missing-file message."""
-    if not path.is_file():
-        raise EmbedderError(f"{what} {path} is missing: restore it, or {fix}")
-    if sha256 and file_sha256(path) != sha256:
-        raise EmbedderError(f"{what} {path} changed since the collection was built: restore it or re-ingest into a new collection")
+    return predict_batches(model, [resize(im, size, "RGB") for im in images], batch_size)
 
 
 class KerasModelEmbedder:
@@ -315,125 +289,15 @@ class KerasModelEmbedder:
         self.batch_size = batch_size
         path = Path(spec.weights)
         check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
-        self._model = load_trained_model(path, spec.input_size)
+        from lookalike.backend import load_keras_model, warm_up
+
+        self._model = warm_up(load_keras_model(path), spec.input_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
         feats = _predict(self._model, images, self.spec.input_size, self.batch_size)
         return _normalize(feats.reshape(len(images), -1), "l2")
-
-
-def load_trained_model(path: str | os.PathLike[str], size: int) -> Any:
-    """Load a ``lookalike train`` model file (Keras) and warm it up on one ``size`` x ``size`` image."""
-    with _quiet_native_stderr():  # TensorFlow's import and first use print to fd 2
-        import keras
-
-        try:
-            model = keras.saving.load_model(str(path), compile=False)
-        except Exception as exc:  # Keras raises many kinds on a damaged file
-            raise EmbedderError(f"cannot load model file {path} ({str(exc).splitlines()[0][:100]}): train it again") from None
-        model.predict_on_batch(np.zeros((1, size, size, 3), np.float32))
-    return model
-
-
-@contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Silence TensorFlow's C++ start-up chatter (absl INFO lines ignore TF_CPP_MIN_LOG_LEVEL).
-
-    Also quiets TensorFlow's Python "retracing" warnings (a last, smaller batch retraces: harmless).
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def build_vgg16_model(spec: EmbedderSpec) -> Any:
-    """The Keras VGG16 (no top) model of ``spec``, cut at ``spec.layer``: (N, S, S, 3) -> feature maps."""
-    # TensorFlow's C++ start-up logging (CUDA probes, oneDNN notes) fires on import and first use
-    with _quiet_native_stderr():
-        model = _make_vgg16(spec)
-        model.predict_on_batch(np.zeros((1, spec.input_size, spec.input_size, 3), np.float32))
-    return model
-
-
-@contextmanager
-def dtype_policy(precision: str) -> Iterator[None]:
-    """Layers created inside use Keras's ``mixed_bfloat16`` policy when ``precision`` is bfloat16."""
-    import keras
-
-    if precision != "bfloat16":
-        yield
-        return
-    saved = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(saved)
-
-
-def _make_vgg16(spec: EmbedderSpec) -> Any:
-    with dtype_policy(spec.precision):
-        return _make_vgg16_policy(spec)
-
-
-def _make_vgg16_policy(spec: EmbedderSpec) -> Any:
-    import keras
-
-    shape = (spec.input_size, spec.input_size, 3)
-    if spec.weights == "imagenet":
-        try:
-            base = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=shape)
-        except Exception as exc:  # Keras raises a bare Exception when the download fails
-            raise EmbedderError(
-                f"cannot download the ImageNet VGG16 weights ({str(exc).splitlines()[0][:100]}); offline? "
-                "pass --weights FILE (a VGG16 no-top weights file) or --weights random"
-            ) from None
-    else:
-        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
-        if spec.weights == "random":
-            base.set_weights(seeded_weights(base, spec.seed))
-        else:
-            path = Path(spec.weights)
-            check_pinned_file(path, spec.weights_sha256, "weights file", "re-ingest into a new collection")
-            try:
-                base.load_weights(str(path))
-            except Exception as exc:
-                raise EmbedderError(
-                    f"cannot load VGG16 weights from {path} ({str(exc).splitlines()[0][:100]}): "
-                    "give a VGG16 no-top weights file (.h5 / .weights.h5)"
-                ) from None
-    return keras.Model(base.input, base.get_layer(spec.layer).output, name=f"vgg16_{spec.layer}")
-
-
-def seeded_weights(model: Any, seed: int) -> list[np.ndarray]:
-    """Glorot-uniform kernels and zero biases for ``model``'s weights, from ``np.random.default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for w in model.weights:
-        shape = tuple(w.shape)
-        if len(shape) == 4:
-            fan_in = shape[0] * shape[1] * shape[2]
-            fan_out = shape[0] * shape[1] * shape[3]
-            limit = np.sqrt(6.0 / (fan_in + fan_out))
-            out.append(rng.uniform(-limit, limit, shape).astype(np.float32))
-        else:
-            out.append(np.zeros(shape, np.float32))
-    return out
 
 
 def build_embedder(spec: EmbedderSpec | dict[str, Any]) -> Embedder:

@@ -1,4 +1,4 @@
-"""One exception family for the library; the CLI turns each into a one-line message."""
+"""One exception family for the library; the front-ends turn each into one line (or one JSON error)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class LookalikeError(Exception):
 
 
 class InputError(LookalikeError):
-    """An option or argument has a bad value (``--k 0``, unknown label, bad split...)."""
+    """An option or argument has a bad value (``--k 0``, unknown label, bad split, unreadable image...)."""
 
     exit_code = 2
 
@@ -27,7 +27,7 @@ class EmbedderError(LookalikeError):
 
 
 class StoreError(LookalikeError):
-    """The vector store cannot be opened or does not hold what was asked for."""
+    """The vector store cannot be opened, failed, or does not hold what was asked for."""
 
 
 class NotFoundError(StoreError):
@@ -36,3 +36,11 @@ class NotFoundError(StoreError):
 
 class MismatchError(StoreError):
     """A collection was built with another embedder or dataset protocol."""
+
+
+class LockedError(StoreError):
+    """Another process holds the local store's lock."""
+
+
+class DamagedError(StoreError):
+    """The store answered with an internal error: the collection may be damaged (``lookalike check``)."""

@@ -19,7 +19,8 @@ import numpy as np
 
 from lookalike.datasets import SPLITS, stratified_pick
 from lookalike.errors import InputError, LookalikeError
-from lookalike.store import Store
+from lookalike.gallery import Gallery
+from lookalike.util import label_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ class Points:
     vectors: np.ndarray
     metadatas: list[dict[str, Any]]
     label_names: list[str]
-    protocol: dict[str, Any]
 
 
 @dataclass
@@ -71,11 +71,21 @@ class ClusterReport:
     points: Points = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("collection", "k", "on", "n_items", "silhouette", "silhouette_sample", "adjusted_rand",
-                "normalized_mutual_info", "cluster_accuracy", "seconds")  # fmt: skip
+        keys = (
+            "collection",
+            "k",
+            "on",
+            "n_items",
+            "silhouette",
+            "silhouette_sample",
+            "adjusted_rand",
+            "normalized_mutual_info",
+            "cluster_accuracy",
+            "seconds",
+        )
         out = {key: getattr(self, key) for key in keys}
         out["mapping"] = {str(c): int(lab) for c, lab in self.mapping.items()}
-        out["n_disagreeing"] = int(len(self.disagreeing()))
+        out["n_disagreeing"] = len(self.disagreeing())
         return out
 
     def disagreeing(self) -> np.ndarray:
@@ -84,23 +94,20 @@ class ClusterReport:
         return np.flatnonzero(matched != self.points.labels)
 
 
-def read_points(*, sample: int | None = None, split: str | None = None, seed: int = 0,
-                collection: str | None = None, db: str | None = None) -> Points:  # fmt: skip
+def read_points(gallery: Gallery, *, sample: int | None = None, split: str | None = None, seed: int = 0) -> Points:
     """Vectors and labels of a collection (``split`` only), a seeded stratified ``sample`` of them if given."""
     if split is not None and split not in SPLITS:
         raise InputError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
     if sample is not None and sample < 3:
         raise InputError(f"--sample must be at least 3, got {sample}")
-    col = Store(db).open(collection)
-    ids, vectors, metas = col.scan({"split": split} if split else None)
+    ids, vectors, metas = gallery.scan(split)
     if len(ids) < 3:
-        raise InputError(f"collection {col.name!r} has {len(ids)} items{' in split ' + split if split else ''}: need at least 3")
+        raise InputError(f"collection {gallery.name!r} has {len(ids)} items{' in split ' + split if split else ''}: need at least 3")
     labels = np.array([int(m["label"]) for m in metas])
     order = np.argsort(ids, kind="stable")  # Chroma's page order is not guaranteed: sort for reproducibility
     if sample is not None and sample < len(ids):
         order = order[stratified_pick(labels[order], sample, seed)]
-    return Points(col.name, [ids[i] for i in order], labels[order], vectors[order], [metas[i] for i in order],
-                  list(col.record.get("label_names", [])), col.record.get("protocol", {}))  # fmt: skip
+    return Points(gallery.name, [ids[i] for i in order], labels[order], vectors[order], [metas[i] for i in order], gallery.label_names)
 
 
 def project(vectors: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
@@ -129,12 +136,13 @@ def project(vectors: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndar
     return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity, n_jobs=os.cpu_count()).fit_transform(x)
 
 
-def embedding_map(*, method: str = "tsne", sample: int | None = None, split: str | None = None, seed: int = 0,
-                  collection: str | None = None, db: str | None = None) -> MapResult:  # fmt: skip
+def embedding_map(
+    gallery: Gallery, *, method: str = "tsne", sample: int | None = None, split: str | None = None, seed: int = 0
+) -> MapResult:
     """A seeded 2-D map of a collection (or a stratified sample of it)."""
     if method not in METHODS:
         raise InputError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    points = read_points(sample=sample, split=split, seed=seed, collection=collection, db=db)
+    points = read_points(gallery, sample=sample, split=split, seed=seed)
     started = time.perf_counter()
     coords = project(points.vectors, method, seed)
     return MapResult(points, method, seed, coords, time.perf_counter() - started)
@@ -159,21 +167,35 @@ def save_coords(result: MapResult, path: str | os.PathLike[str]) -> Path:
             w.writerow(["id", "label", "label_name", "split", "x", "y"])
             names = result.points.label_names
             for i, (id_, lab, meta) in enumerate(zip(result.points.ids, result.points.labels, result.points.metadatas)):
-                name = names[lab] if lab < len(names) else str(lab)
-                w.writerow([id_, int(lab), name, meta.get("split", ""), f"{result.coords[i, 0]:.6g}", f"{result.coords[i, 1]:.6g}"])
+                w.writerow(
+                    [
+                        id_,
+                        int(lab),
+                        label_name(names, int(lab)),
+                        meta.get("split", ""),
+                        f"{result.coords[i, 0]:.6g}",
+                        f"{result.coords[i, 1]:.6g}",
+                    ]
+                )
     except OSError as exc:
         raise InputError(f"cannot write {out} ({exc.strerror or exc}): choose a writable path") from None
     return out
 
 
-def cluster_scores(features: np.ndarray, labels: np.ndarray, clusters: np.ndarray, seed: int = 0) -> tuple[float, int, float, float, float, dict[int, int]]:
+def cluster_scores(
+    features: np.ndarray, labels: np.ndarray, clusters: np.ndarray, seed: int = 0
+) -> tuple[float, int, float, float, float, dict[int, int]]:
     """(silhouette, its sample size, ARI, NMI, cluster accuracy, cluster->label mapping) of a clustering."""
     from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
     n_clusters = len(np.unique(clusters))
     sample = min(len(features), SILHOUETTE_SAMPLE)
-    sil = float(silhouette_score(features, clusters, sample_size=sample, random_state=seed)) if 1 < n_clusters < len(features) else float("nan")
+    sil = (
+        float(silhouette_score(features, clusters, sample_size=sample, random_state=seed))
+        if 1 < n_clusters < len(features)
+        else float("nan")
+    )
     cl_values, cl_idx = np.unique(clusters, return_inverse=True)
     lab_values, lab_idx = np.unique(labels, return_inverse=True)
     table = np.zeros((len(cl_values), len(lab_values)), dtype=int)
@@ -181,18 +203,32 @@ def cluster_scores(features: np.ndarray, labels: np.ndarray, clusters: np.ndarra
     rows, cols = linear_sum_assignment(-table)
     mapping = {int(cl_values[r]): int(lab_values[c]) for r, c in zip(rows, cols)}
     accuracy = float(table[rows, cols].sum() / len(labels))
-    return (sil, sample, float(adjusted_rand_score(labels, clusters)), float(normalized_mutual_info_score(labels, clusters)),
-            accuracy, mapping)  # fmt: skip
+    return (
+        sil,
+        sample,
+        float(adjusted_rand_score(labels, clusters)),
+        float(normalized_mutual_info_score(labels, clusters)),
+        accuracy,
+        mapping,
+    )
 
 
-def cluster(*, k: int = 10, on: str = "embedding", method: str = "tsne", sample: int | None = None,
-            split: str | None = None, seed: int = 0, collection: str | None = None, db: str | None = None) -> ClusterReport:  # fmt: skip
+def cluster(
+    gallery: Gallery,
+    *,
+    k: int = 10,
+    on: str = "embedding",
+    method: str = "tsne",
+    sample: int | None = None,
+    split: str | None = None,
+    seed: int = 0,
+) -> ClusterReport:
     """k-means with ``k`` clusters on the vectors (``on="embedding"``) or on a 2-D map (``on="map"``)."""
     if k < 2:
         raise InputError(f"--k must be at least 2, got {k}")
     if on not in ("embedding", "map"):
         raise InputError(f"--on {on!r} is not one of embedding, map")
-    points = read_points(sample=sample, split=split, seed=seed, collection=collection, db=db)
+    points = read_points(gallery, sample=sample, split=split, seed=seed)
     if k > len(points.ids):
         raise InputError(f"--k {k} is more than the {len(points.ids)} items")
     from sklearn.cluster import KMeans
@@ -201,24 +237,20 @@ def cluster(*, k: int = 10, on: str = "embedding", method: str = "tsne", sample:
     features = project(points.vectors, method, seed) if on == "map" else points.vectors
     clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
     sil, n_sil, ari, nmi, acc, mapping = cluster_scores(features, points.labels, clusters, seed)
-    return ClusterReport(points.collection, k, on, len(points.ids), sil, n_sil, ari, nmi, acc, mapping,
-                         time.perf_counter() - started, clusters, points)  # fmt: skip
+    return ClusterReport(
+        points.collection, k, on, len(points.ids), sil, n_sil, ari, nmi, acc, mapping, time.perf_counter() - started, clusters, points
+    )
 
 
-def save_disagreement_picture(report: ClusterReport, out: str | os.PathLike[str], limit: int = 48) -> Path:
+def save_disagreement_picture(gallery: Gallery, report: ClusterReport, out: str | os.PathLike[str], limit: int = 48) -> Path:
     """A gallery of items whose cluster's matched label differs from their label ("label -> cluster's label")."""
-    from lookalike.datasets import load_images_by_metadata
     from lookalike.plots import gallery_figure, save_figure
 
     pts = report.points
     idx = report.disagreeing()
     shown = idx[:limit]
-    names = pts.label_names
-    images = load_images_by_metadata(pts.protocol, [pts.metadatas[i] for i in shown]) if len(shown) else []
-
-    def name(label: int) -> str:
-        return names[label] if 0 <= label < len(names) else str(label)
-
+    images = gallery.images([pts.metadatas[i] for i in shown]) if len(shown) else []
+    name = gallery.label_name
     titles = [f"{name(int(pts.labels[i]))} -> {name(report.mapping.get(int(report.clusters[i]), -1))}" for i in shown]
     title = f"{len(shown)} of {len(idx)} items whose cluster disagrees with their label (label -> cluster's label)"
     return save_figure(gallery_figure(images, titles, title), out)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,10 @@ import numpy as np
 from lookalike.datasets import SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
 from lookalike.errors import InputError, NotFoundError
-from lookalike.store import Store, check_compatible, check_name, default_db
+from lookalike.gallery import Gallery
+from lookalike.images import Unreadable, check_max_pixels
+from lookalike.record import Record
+from lookalike.store import Store, check_name, default_db
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ Progress = Callable[[int, int], None]  # (images done, images to do)
 
 @dataclass
 class IngestReport:
-    """What an ingest did. ``added``/``stored`` count items per split; ``skipped`` lists unreadable files."""
+    """What an ingest did. ``added``/``stored`` count items per split; ``skipped`` lists unreadable files
+    and ``too_large`` the files over the pixel limit (neither is stored)."""
 
     collection: str
     db: str
@@ -40,11 +44,15 @@ class IngestReport:
     skipped: list[str] = field(default_factory=list)
     stored: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    too_large: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
         n = sum(self.added.values())
         return n / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": self.images_per_s}
 
 
 def ingest(
@@ -64,71 +72,99 @@ def ingest(
     precision: str | None = None,
     model: str | None = None,
     batch_size: int = 256,
+    max_pixels: int | None = None,
     collection: str | None = None,
     db: str | None = None,
+    store: Store | None = None,
+    wait: float | None = None,
     progress: Progress | None = None,
 ) -> IngestReport:
-    """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db``.
+    """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
     ``embedder`` is ``"vgg16"``, ``"pixels"`` or any :class:`~lookalike.embedder.Embedder` object
     (its ``spec`` is recorded); ``model`` is a file written by ``lookalike train`` (it replaces
-    ``embedder`` and the VGG16 options; the collection records its path and SHA-256).
-    ``progress(done, total)`` is called after each written batch.
+    ``embedder`` and the VGG16 options; the collection records its path and SHA-256). Folder images
+    over ``max_pixels`` (default: Pillow's limit) are skipped and counted. ``wait``: seconds to wait
+    for another process's lock on a local store. ``progress(done, total)`` is called after each
+    written batch.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
+    check_max_pixels(max_pixels)
+    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, max_pixels=max_pixels)
     if model is not None:
         spec = make_spec("keras", weights=model)
         model_obj: Embedder | None = None
     elif isinstance(embedder, str):
-        spec = make_spec(embedder, weights=weights, layer=layer, pooling=pooling, normalize=normalize,
-                         input_size=input_size, seed=seed, precision=precision)  # fmt: skip
+        spec = make_spec(
+            embedder,
+            weights=weights,
+            layer=layer,
+            pooling=pooling,
+            normalize=normalize,
+            input_size=input_size,
+            seed=seed,
+            precision=precision,
+        )
         model_obj = None
     else:
         spec, model_obj = embedder.spec, embedder
     name = collection or ds.name
     check_name(name)
-    record = {"embedder": spec.to_dict(), "protocol": ds.protocol, "label_names": ds.label_names}
+    record = Record(spec, ds.protocol, ds.label_names)
+    own = store is None
+    if store is None:
+        try:
+            store = Store(db, wait=wait)
+        except NotFoundError:
+            store = None  # no store yet: it is created only once there is something to write
     try:
-        store: Store | None = Store(db)
-    except NotFoundError:
-        store = None  # no store yet: it is created only once there is something to write
-    col = store.open(name) if store is not None and store.exists(name) else None
-    have: set[str] = set()
-    if col is not None:
-        check_compatible(col.record, record, name)
-        have = col.existing_ids([it.id for it in ds.items])
-    todo = [it for it in ds.items if it.id not in have]
-    already = len(have)
-    log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), already, len(todo))
-
-    started = time.perf_counter()
-    added = dict.fromkeys(SPLITS, 0)
-    skipped: list[str] = []
-    if todo:
-        if model_obj is None:
-            model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
-        if store is None:
-            store = Store(db, create=True)
-        if col is None:
-            col = store.create(name, record)
-        _stream(ds, todo, model_obj, col, batch_size, added, skipped, progress)
-    seconds = time.perf_counter() - started
+        gallery = Gallery(store, name) if store is not None and store.exists(name) else None
+        have: set[str] = set()
+        if gallery is not None:
+            gallery.record.check_compatible(record, name)
+            have = gallery.existing_ids([it.id for it in ds.items])
+        todo = [it for it in ds.items if it.id not in have]
+        log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), len(have), len(todo))
+        started = time.perf_counter()
+        added = dict.fromkeys(SPLITS, 0)
+        skipped: list[tuple[str, Unreadable]] = []
+        if todo:
+            if model_obj is None:
+                model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
+            if store is None:
+                store = Store(db, create=True, wait=wait)
+            if gallery is None:
+                gallery = Gallery.create(store, name, record)
+            _stream(ds, todo, model_obj, gallery, batch_size, added, skipped, progress)
+        seconds = time.perf_counter() - started
+        where = store.db if store is not None else str(db or default_db())
+    finally:
+        if own and store is not None:
+            store.close()
     stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
-    where = store.db if store is not None else str(db or default_db())
-    return IngestReport(name, where, ds.name, spec.describe(), added, already, skipped, stored, seconds)
+    unreadable = [loc for loc, u in skipped if u.reason != "too-large"]
+    too_large = [loc for loc, u in skipped if u.reason == "too-large"]
+    return IngestReport(name, where, ds.name, spec.describe(), added, len(have), unreadable, stored, seconds, too_large)
 
 
-def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int, added: dict[str, int],
-            skipped: list[str], progress: Progress | None) -> None:  # fmt: skip
+def _stream(
+    ds: Dataset,
+    todo: list,
+    model: Embedder,
+    gallery: Gallery,
+    batch_size: int,
+    added: dict[str, int],
+    skipped: list[tuple[str, Unreadable]],
+    progress: Progress | None,
+) -> None:
     done = 0
     for items, images in ds.batches(todo, batch_size):
-        ok = [(it, im) for it, im in zip(items, images) if im is not None]
-        skipped += [it.locator for it, im in zip(items, images) if im is None]
+        ok = [(it, im) for it, im in zip(items, images) if not isinstance(im, Unreadable)]
+        skipped += [(it.locator, im) for it, im in zip(items, images) if isinstance(im, Unreadable)]
         if ok:
             vectors = np.asarray(model.embed([im for _, im in ok]), np.float32)
-            col.add([it.id for it, _ in ok], vectors, [it.metadata(ds.name, ds.label_names) for it, _ in ok])
+            gallery.add([it.id for it, _ in ok], vectors, [it.metadata(ds.name, ds.label_names) for it, _ in ok])
             for it, _ in ok:
                 added[it.split] += 1
         done += len(items)
@@ -136,4 +172,4 @@ def _stream(ds: Dataset, todo: list, model: Embedder, col: Any, batch_size: int,
         if progress is not None:
             progress(done, len(todo))
     if skipped:
-        log.warning("skipped %d unreadable images", len(skipped))
+        log.warning("skipped %d images (unreadable or over the pixel limit)", len(skipped))

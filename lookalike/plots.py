@@ -133,8 +133,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], label_names: Sequence[s
     for i in range(n):
         for j in range(n):
             if m[i, j]:
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8, color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0, ha="right" if max(map(len, names)) > 2 else "center")
     ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")

@@ -16,6 +16,7 @@ from lookalike.datasets import load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
 from lookalike.errors import DatasetError, EmbedderError
 from lookalike.evaluate import EvalReport, evaluate
+from lookalike.gallery import Gallery
 from lookalike.ingest import IngestReport, Progress, ingest
 from lookalike.search import Hit, save_picture, search
 from lookalike.store import Store
@@ -45,6 +46,7 @@ def quickstart(
     limit: int = 5000,
     test_size: int = 1000,
     seed: int = 0,
+    wait: float | None = None,
     progress: Progress | None = None,
 ) -> QuickstartReport:
     """Ingest, evaluate and search on the best data and weights available; ``offline`` skips downloads."""
@@ -72,13 +74,15 @@ def quickstart(
         embedder = build_embedder(make_spec("vgg16", weights="random", seed=seed))
     weights = embedder.spec.weights
     name = f"quickstart-{dataset}-{weights}"
-    report = ingest(dataset, limit=limit, test_size=test_size, seed=seed, embedder=embedder, collection=name,
-                    db=db, progress=progress)  # fmt: skip
-    evaluation = evaluate(k=1, collection=name, db=db)
-    store_db = report.db
-    col = Store(store_db).open(name)
-    test_ids, _, _ = col.scan({"split": "test"}, vectors=False)
-    query_id = sorted(test_ids)[0]
-    hits = search(id=query_id, k=5, collection=name, db=store_db)
-    picture = save_picture(hits, out, id=query_id, collection=name, db=store_db)
+    with Store(db, create=True, wait=wait) as store:
+        report = ingest(
+            dataset, limit=limit, test_size=test_size, seed=seed, embedder=embedder, collection=name, store=store, progress=progress
+        )
+        gallery = Gallery(store, name)
+        gallery.use_embedder(embedder)
+        evaluation = evaluate(gallery, k=1)
+        test_ids, _, _ = gallery.scan("test", vectors=False)
+        query_id = sorted(test_ids)[0]
+        hits = search(gallery, id=query_id, k=5)
+        picture = save_picture(gallery, hits, out, id=query_id)
     return QuickstartReport(dataset, weights, notes, report, evaluation, query_id, hits, picture)

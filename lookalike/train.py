@@ -25,22 +25,17 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lookalike.backend import make_vgg16, quiet_native_stderr, vgg16_preprocess
 from lookalike.datasets import Dataset, load_dataset, stratified_pick
-from lookalike.embedder import (
-    DESCRIPTION_ENTRY,
-    MIN_INPUT_SIZE,
-    VGG16_LAYERS,
-    _quiet_native_stderr,
-    make_spec,
-    resize,
-)
+from lookalike.embedder import DESCRIPTION_ENTRY, MIN_INPUT_SIZE, VGG16_LAYERS, make_spec
 from lookalike.errors import EmbedderError, InputError
+from lookalike.images import resize
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +105,27 @@ def train(
     x, y, n_read = _read_train_items(ds, input_size)
     if len(np.unique(y)) < 2:
         raise InputError(f"{ds.name} has {len(np.unique(y))} label among its indexed items: training needs at least 2")
-    n_val = max(int(round(validation * len(y))), len(np.unique(y))) if validation > 0 else 0
+    n_val = max(round(validation * len(y)), len(np.unique(y))) if validation > 0 else 0
     val_rows = stratified_pick(y, n_val, seed) if n_val else np.zeros(0, int)
     train_rows = np.setdiff1d(np.arange(len(y)), val_rows)
     log.info("training on %d items, validating on %d", len(train_rows), len(val_rows))
 
-    with _quiet_native_stderr():  # TensorFlow's import prints CPU-feature notes on fd 2
+    with quiet_native_stderr():  # TensorFlow's import prints CPU-feature notes on fd 2
         import keras
         import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     n_classes = int(y.max()) + 1
-    with _quiet_native_stderr():
+    with quiet_native_stderr():
         embedder, classifier = _build(spec, dim, n_classes, loss, dropout)
-    classifier.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=_loss_fn(loss, n_classes, margin),
-                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])  # fmt: skip
+    classifier.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=_loss_fn(loss, n_classes, margin),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
     train_batches = _batches(x[train_rows], y[train_rows], batch_size, seed, shift)
-    val_data = (_preprocess(x[val_rows]), y[val_rows]) if len(val_rows) else None
+    val_data = (vgg16_preprocess(x[val_rows]), y[val_rows]) if len(val_rows) else None
     callbacks: list[Any] = [_report(len(train_batches) * epochs, on_batch, on_epoch)]
     monitor = "val_loss" if val_data is not None else "loss"
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True)
@@ -137,37 +135,87 @@ def train(
     best = int(np.argmin([h[monitor] for h in hist]))
     seconds = time.perf_counter() - started
     description = {
-        "format": "lookalike-trained-embedder", "version": 1, "base": "vgg16", "weights": spec.weights_label() + (f" sha256:{spec.weights_sha256}" if spec.weights_sha256 else ""),
-        "layer": layer, "head": f"flatten->dense{dim}->l2", "loss": loss, "dim": dim, "input_size": input_size, "precision": spec.precision,
-        "preprocessing": spec.preprocessing, "seed": seed, "dataset": ds.protocol, "label_names": ds.label_names,
-        "n_train": len(train_rows), "n_validation": len(val_rows), "epochs": epochs, "epochs_run": len(hist),
-        "best_epoch": best + 1, "batch_size": batch_size, "learning_rate": learning_rate, "shift": shift, "margin": margin if loss == "cosine" else None,
-        "dropout": dropout, "scale": COSINE_SCALE if loss == "cosine" else None,
-        "patience": patience, "history": hist, "train_seconds": seconds, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": "lookalike-trained-embedder",
+        "version": 1,
+        "base": "vgg16",
+        "weights": spec.weights_label() + (f" sha256:{spec.weights_sha256}" if spec.weights_sha256 else ""),
+        "layer": layer,
+        "head": f"flatten->dense{dim}->l2",
+        "loss": loss,
+        "dim": dim,
+        "input_size": input_size,
+        "precision": spec.precision,
+        "preprocessing": spec.preprocessing,
+        "seed": seed,
+        "dataset": ds.protocol,
+        "label_names": ds.label_names,
+        "n_train": len(train_rows),
+        "n_validation": len(val_rows),
+        "epochs": epochs,
+        "epochs_run": len(hist),
+        "best_epoch": best + 1,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "shift": shift,
+        "margin": margin if loss == "cosine" else None,
+        "dropout": dropout,
+        "scale": COSINE_SCALE if loss == "cosine" else None,
+        "patience": patience,
+        "history": hist,
+        "train_seconds": seconds,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"keras": keras.__version__, "tensorflow": tf.__version__},
-    }  # fmt: skip
+    }
     save_model(embedder, description, out_path)
     log.info("saved %s (%d items read, best epoch %d)", out_path, n_read, best + 1)
-    return TrainReport(str(out_path), ds.name, len(train_rows), len(val_rows), len(hist), best + 1, hist[best][monitor],
-                       hist[best].get("val_accuracy", hist[best].get("accuracy", 0.0)), seconds, dim, hist, description)  # fmt: skip
+    return TrainReport(
+        str(out_path),
+        ds.name,
+        len(train_rows),
+        len(val_rows),
+        len(hist),
+        best + 1,
+        hist[best][monitor],
+        hist[best].get("val_accuracy", hist[best].get("accuracy", 0.0)),
+        seconds,
+        dim,
+        hist,
+        description,
+    )
 
 
-def _check_options(out: Path, overwrite: bool, dim: int, epochs: int, batch_size: int, learning_rate: float, loss: str,
-                   validation: float, patience: int, shift: int, input_size: int, layer: str) -> None:  # fmt: skip
+def _check_options(
+    out: Path,
+    overwrite: bool,
+    dim: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    loss: str,
+    validation: float,
+    patience: int,
+    shift: int,
+    input_size: int,
+    layer: str,
+) -> None:
     if out.suffix != ".keras":
         raise InputError(f"--out {out} must end in .keras")
     if out.exists() and not overwrite:
         raise InputError(f"--out {out} exists: pass --overwrite, or another --out")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist")
-    checks = [(dim >= 2, f"--dim must be at least 2, got {dim}"), (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
-              (batch_size >= 2, f"--batch-size must be at least 2, got {batch_size}"),
-              (learning_rate > 0, f"--learning-rate must be positive, got {learning_rate}"),
-              (loss in LOSSES, f"--loss {loss!r} is not one of {', '.join(LOSSES)}"),
-              (0 <= validation < 0.5, f"--validation must be a fraction in [0, 0.5), got {validation}"),
-              (patience >= 1, f"--patience must be at least 1, got {patience}"), (0 <= shift <= 8, f"--shift must be 0-8 pixels, got {shift}"),
-              (input_size >= MIN_INPUT_SIZE, f"--input-size must be at least {MIN_INPUT_SIZE}, got {input_size}"),
-              (layer in VGG16_LAYERS and layer != "block1_conv1", f"unknown VGG16 layer {layer!r}: choose one of {', '.join(VGG16_LAYERS)}")]  # fmt: skip
+    checks = [
+        (dim >= 2, f"--dim must be at least 2, got {dim}"),
+        (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
+        (batch_size >= 2, f"--batch-size must be at least 2, got {batch_size}"),
+        (learning_rate > 0, f"--learning-rate must be positive, got {learning_rate}"),
+        (loss in LOSSES, f"--loss {loss!r} is not one of {', '.join(LOSSES)}"),
+        (0 <= validation < 0.5, f"--validation must be a fraction in [0, 0.5), got {validation}"),
+        (patience >= 1, f"--patience must be at least 1, got {patience}"),
+        (0 <= shift <= 8, f"--shift must be 0-8 pixels, got {shift}"),
+        (input_size >= MIN_INPUT_SIZE, f"--input-size must be at least {MIN_INPUT_SIZE}, got {input_size}"),
+        (layer in VGG16_LAYERS and layer != "block1_conv1", f"unknown VGG16 layer {layer!r}: choose one of {', '.join(VGG16_LAYERS)}"),
+    ]
     for ok, message in checks:
         if not ok:
             raise InputError(message)
@@ -181,17 +229,10 @@ def _read_train_items(ds: Dataset, size: int) -> tuple[np.ndarray, np.ndarray, i
     xs, ys = [], []
     for batch, images in ds.batches(items, 1024):
         for it, im in zip(batch, images):
-            if im is not None:
+            if isinstance(im, np.ndarray):
                 xs.append(resize(im, size, "RGB").astype(np.uint8))
                 ys.append(it.label)
     return np.stack(xs), np.asarray(ys, dtype=np.int64), len(items)
-
-
-def _preprocess(x: np.ndarray) -> np.ndarray:
-    """uint8 RGB ``(N, S, S, 3)`` -> VGG16 input (BGR, ImageNet mean subtracted), as the embedders do."""
-    from keras.applications.vgg16 import preprocess_input
-
-    return preprocess_input(x.astype(np.float32))
 
 
 def _shifted(x: np.ndarray, rng: np.random.Generator, shift: int) -> np.ndarray:
@@ -226,9 +267,7 @@ def _build(spec: Any, dim: int, n_classes: int, loss: str, dropout: float = 0.0)
     """(embedding model: VGG16 input -> (N, dim) unit vectors, classifier model used for training)."""
     import keras
 
-    from lookalike.embedder import _make_vgg16
-
-    trunk = _make_vgg16(spec)  # VGG16 cut at spec.layer, weights as the spec says (seeded when random), bf16 if asked
+    trunk = make_vgg16(spec)  # VGG16 cut at spec.layer, weights as the spec says (seeded when random), bf16 if asked
     # the head computes in float32 whatever the trunk's precision: the vectors stored are float32 unit vectors
     feats = keras.layers.Flatten(name="flatten", dtype="float32")(trunk.output)
     if dropout > 0:
@@ -279,7 +318,7 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shift: in
         def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
             rows = np.sort(self.order[i * batch_size : (i + 1) * batch_size])
             shift_rng = np.random.default_rng([seed, self.epoch, i])
-            return _preprocess(_shifted(x[rows], shift_rng, shift)), y[rows]
+            return vgg16_preprocess(_shifted(x[rows], shift_rng, shift)), y[rows]
 
         def on_epoch_end(self) -> None:
             self.epoch += 1

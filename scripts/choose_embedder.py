@@ -15,9 +15,11 @@ import time
 
 import numpy as np
 
+from lookalike.backend import make_vgg16
 from lookalike.datasets import load_dataset
-from lookalike.embedder import PixelEmbedder, build_vgg16_model, make_spec, resize
-from lookalike.evaluate import exact_neighbours
+from lookalike.embedder import PixelEmbedder, make_spec
+from lookalike.images import resize
+from lookalike.metrics import exact_neighbours
 
 LAYERS = ["block2_pool", "block3_pool", "block4_conv3", "block4_pool", "block5_conv3", "block5_pool"]
 
@@ -47,7 +49,7 @@ def main() -> None:
     from keras.applications.vgg16 import preprocess_input
 
     spec = make_spec("vgg16", weights=args.weights, layer="block5_pool", input_size=args.input_size)
-    base = build_vgg16_model(spec)
+    base = make_vgg16(spec)
     model = keras.Model(base.input, [base.get_layer(name).output for name in LAYERS])  # base ends at block5_pool
     x = preprocess_input(np.stack([resize(im, args.input_size, "RGB") for im in images]))
     t = time.perf_counter()

@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+
+from lookalike.embedder import PixelEmbedder, make_spec
+from lookalike.gallery import Gallery
+from lookalike.ingest import ingest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -67,6 +72,24 @@ def db(tmp_path: Path) -> str:
     return str(tmp_path / "db")
 
 
+@pytest.fixture(scope="session")
+def fake_embedder() -> PixelEmbedder:
+    """The tests' one tiny deterministic embedder: grey pixels at 8x8, L2-normalised, 64-d.
+
+    No TensorFlow, the same vector for the same image in any process, and rebuildable from the
+    spec a collection records (a Gallery opened later embeds query images with it).
+    """
+    return PixelEmbedder(make_spec("pixels", input_size=8, normalize="l2"))
+
+
+@pytest.fixture
+def gallery(tiny_npz: Path, db: str, fake_embedder: PixelEmbedder) -> Iterator[Gallery]:
+    """The tiny digits (200 indexed, 50 held out) embedded by ``fake_embedder``, opened."""
+    ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
+    with Gallery.open(db=db) as g:
+        yield g
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -77,16 +100,28 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", "from lookalike.cli import main; main()", *args],
-        capture_output=True, text=True, env=full_env, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a child process that cannot download anything and has no Keras cache."""
     dead = "http://127.0.0.1:9"
     env = {k: v for k, v in os.environ.items() if k not in ("LOOKALIKE_MNIST", "LOOKALIKE_FASHION_MNIST")}
-    env.update({"KERAS_HOME": str(tmp_path / "keras-home"), "HTTP_PROXY": dead, "HTTPS_PROXY": dead,
-                "http_proxy": dead, "https_proxy": dead, "NO_PROXY": "", "no_proxy": ""})  # fmt: skip
+    env.update(
+        {
+            "KERAS_HOME": str(tmp_path / "keras-home"),
+            "HTTP_PROXY": dead,
+            "HTTPS_PROXY": dead,
+            "http_proxy": dead,
+            "https_proxy": dead,
+            "NO_PROXY": "",
+            "no_proxy": "",
+        }
+    )
     return env
 
 

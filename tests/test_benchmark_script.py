@@ -20,8 +20,12 @@ def test_benchmark_script_quick_run(tmp_path: Path) -> None:
     np.savez(src, x_train=x, y_train=y, x_test=x[:100], y_test=y[:100])
     out = tmp_path / "bench.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
-    r = subprocess.run([sys.executable, str(script), "--source", str(src), "--limit", "700", "--json", str(out)],
-                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script), "--source", str(src), "--limit", "700", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     emb = data["embedding"]

@@ -14,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lookalike.cli import app
+from lookalike.gallery import Gallery
 from lookalike.store import Store
 
 from .conftest import offline_env, one_line_error, run_cli
@@ -25,9 +26,11 @@ def ingest_pixels(runner: CliRunner, npz: Path, db: str, *extra: str) -> None:
 
 
 def test_help_does_not_import_tensorflow() -> None:
-    code = "import sys; from typer.testing import CliRunner; from lookalike.cli import app; " \
-           "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; " \
-           "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print(r.output)"  # fmt: skip
+    code = (
+        "import sys; from typer.testing import CliRunner; from lookalike.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print(r.output)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for command in ("ingest", "search", "evaluate", "collections", "drop", "quickstart"):
@@ -35,12 +38,30 @@ def test_help_does_not_import_tensorflow() -> None:
 
 
 def test_vgg16_end_to_end_through_the_cli(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path) -> None:
-    r = runner.invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--limit", "120", "--test-size", "30",
-                            "--weights", "random", "--db", db, "--batch-size", "50"])  # fmt: skip
+    r = runner.invoke(
+        app,
+        [
+            "ingest",
+            "mnist",
+            "--source",
+            str(tiny_npz),
+            "--limit",
+            "120",
+            "--test-size",
+            "30",
+            "--weights",
+            "random",
+            "--db",
+            db,
+            "--batch-size",
+            "50",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "added   train 90, test 30" in r.stdout and "vgg16 random(seed=0) block4_pool/max/l2 32px 512d" in r.stdout
-    rerun = runner.invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--limit", "120", "--test-size", "30",
-                                "--weights", "random", "--db", db])  # fmt: skip
+    rerun = runner.invoke(
+        app, ["ingest", "mnist", "--source", str(tiny_npz), "--limit", "120", "--test-size", "30", "--weights", "random", "--db", db]
+    )
     assert "added   train 0, test 0 (already stored: 120)" in rerun.stdout
     ev = runner.invoke(app, ["evaluate", "--db", db, "--json"])
     assert ev.exit_code == 0, ev.output
@@ -50,8 +71,9 @@ def test_vgg16_end_to_end_through_the_cli(runner: CliRunner, tiny_npz: Path, db:
     assert report["accuracy"] > 0.5  # the bars are easy even for random conv features
     with np.load(tiny_npz) as f:
         Image.fromarray(f["x_train"][60]).save(tmp_path / "q.png")
-    s = runner.invoke(app, ["search", "--image", str(tmp_path / "q.png"), "--k", "3", "--db", db, "--json",
-                            "--save", str(tmp_path / "s.png")])  # fmt: skip
+    s = runner.invoke(
+        app, ["search", "--image", str(tmp_path / "q.png"), "--k", "3", "--db", db, "--json", "--save", str(tmp_path / "s.png")]
+    )
     assert s.exit_code == 0, s.output
     hits = json.loads(s.stdout)
     assert hits[0]["id"] == "mnist:train:60" and hits[0]["distance"] < 1e-3  # same vector as at ingest time
@@ -99,7 +121,12 @@ BAD_INPUTS = [
     (["search", "--image", "{missing}"], "not found"),
     (["search", "--image", "{corrupt}"], "cannot read"),
     (["search", "--id", "mnist:test:0", "--k", "0"], "--k"),
-    (["search", "--id", "mnist:test:0", "--label", "42"], "not in this collection"),
+    (["search", "--id", "mnist:test:0", "--label", "42"], "not in collection 'mnist'"),
+    (["search", "--image", "{bomb}"], "too large (12000x12000"),
+    (["search", "--image", "{small}", "--max-pixels", "10"], "--max-pixels"),
+    (["search", "--image", "{small}", "--max-pixels", "0"], "must be positive"),
+    (["search", "--id", "mnist:test:0", "--db", "http://127.0.0.1:1"], "cannot reach a Chroma server"),
+    (["check", "--collection", "nope"], "no collection 'nope'"),
     (["search", "--id", "mnist:test:0", "--collection", "nope"], "no collection 'nope'"),
     (["search", "--id", "mnist:test:0", "--save", "{file}/x.png"], "cannot write"),
     (["evaluate", "--collection", "nope"], "no collection 'nope'"),
@@ -117,8 +144,17 @@ def test_bad_input_is_one_line_and_leaves_the_store_unchanged(
     (tmp_path / "empty" / "label").mkdir(parents=True)
     (tmp_path / "file").write_text("x")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n garbage")
-    subs = {"{npz}": str(tiny_npz), "{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "file"),
-            "{missing}": str(tmp_path / "missing.png"), "{corrupt}": str(tmp_path / "corrupt.png")}  # fmt: skip
+    Image.new("1", (12_000, 12_000)).save(tmp_path / "bomb.png")
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    subs = {
+        "{npz}": str(tiny_npz),
+        "{empty}": str(tmp_path / "empty"),
+        "{file}": str(tmp_path / "file"),
+        "{missing}": str(tmp_path / "missing.png"),
+        "{corrupt}": str(tmp_path / "corrupt.png"),
+        "{bomb}": str(tmp_path / "bomb.png"),
+        "{small}": str(tmp_path / "small.png"),
+    }
     argv = []
     for a in args:
         for key, value in subs.items():
@@ -126,13 +162,18 @@ def test_bad_input_is_one_line_and_leaves_the_store_unchanged(
         argv.append(a)
     if "--db" not in argv:
         argv += ["--db", db]
-    before = {c.name: c.count() for c in (Store(db).open(n) for n in Store(db).names())}
+
+    def counts() -> dict[str, int]:
+        with Store(db) as store:
+            return {n: store.open(n).count() for n in store.names()}
+
+    before = counts()
     r = runner.invoke(app, argv)
     assert r.exit_code != 0
     assert message in one_line_error(r)
-    after = {c.name: c.count() for c in (Store(db).open(n) for n in Store(db).names())}
-    assert after == before == {"mnist": 250}
-    assert Store(db).open("mnist").record["embedder"]["model"] == "pixels"
+    assert counts() == before == {"mnist": 250}
+    with Gallery.open("mnist", db) as g:
+        assert g.record.embedder.model == "pixels"
 
 
 def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
@@ -140,7 +181,7 @@ def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
     assert r.returncode != 0
     line = one_line_error(r)
     assert "--source" in line and "mnist-sample" in line and "LOOKALIKE_MNIST" in line
-    assert not (tmp_path / "db").exists() or Store(str(tmp_path / "db")).names() == []
+    assert not (tmp_path / "db").exists()
     weights = run_cli("ingest", "mnist-sample", "--limit", "50", "--db", str(tmp_path / "db"), env=offline_env(tmp_path))
     assert weights.returncode != 0
     line = one_line_error(weights)
@@ -150,10 +191,13 @@ def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
 
 def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     db = str(tmp_path / "db")
-    args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random",
-            "--batch-size", "25", "--db", db)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random", "--batch-size", "25", "--db", db)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # wait for the first written batch, then kill -9 mid-ingest
         if "stored 25/600" in line:
@@ -165,7 +209,8 @@ def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     already = int(second.stdout.split("already stored: ")[1].split(")")[0])
     assert 25 <= already < 600  # resumed: what was written survives, the rest is embedded now
     assert "stored  train 500, test 100" in second.stdout
-    ids, _, _ = Store(db).open().scan(None, vectors=False)
+    with Gallery.open(db=db) as g:
+        ids, _, _ = g.scan(vectors=False)
     assert len(ids) == len(set(ids)) == 600
     third = run_cli(*args)
     assert "added   train 0, test 0 (already stored: 600)" in third.stdout
@@ -173,8 +218,10 @@ def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
 
 def test_explore_commands(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path) -> None:
     ingest_pixels(runner, tiny_npz, db)
-    m = runner.invoke(app, ["map", "--db", db, "--method", "tsne", "--sample", "100", "--out", str(tmp_path / "m.png"),
-                            "--coords", str(tmp_path / "m.csv")])  # fmt: skip
+    m = runner.invoke(
+        app,
+        ["map", "--db", db, "--method", "tsne", "--sample", "100", "--out", str(tmp_path / "m.png"), "--coords", str(tmp_path / "m.csv")],
+    )
     assert m.exit_code == 0, m.output
     assert "100 points" in m.stdout and (tmp_path / "m.png").is_file()
     assert len((tmp_path / "m.csv").read_text().splitlines()) == 101
@@ -186,8 +233,27 @@ def test_explore_commands(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: 
     e = runner.invoke(app, ["evaluate", "--db", db, "--plot", str(tmp_path / "cm.png"), "--errors", str(tmp_path / "e.png")])
     assert e.exit_code == 0, e.output
     assert (tmp_path / "cm.png").is_file() and (tmp_path / "e.png").is_file()
-    cmp = runner.invoke(app, ["compare", "mnist", "--source", str(tiny_npz), "--limit", "60", "--test-size", "20",
-                              "--embedder", "pixels", "--embedder", "pixels:size=14", "--db", db, "--out", str(tmp_path / "b.png")])  # fmt: skip
+    cmp = runner.invoke(
+        app,
+        [
+            "compare",
+            "mnist",
+            "--source",
+            str(tiny_npz),
+            "--limit",
+            "60",
+            "--test-size",
+            "20",
+            "--embedder",
+            "pixels",
+            "--embedder",
+            "pixels:size=14",
+            "--db",
+            db,
+            "--out",
+            str(tmp_path / "b.png"),
+        ],
+    )
     assert cmp.exit_code == 0, cmp.output
     assert "pixels 14px/none 196d" in cmp.stdout and "1-NN" in cmp.stdout and (tmp_path / "b.png").is_file()
 
@@ -209,4 +275,4 @@ def test_explore_bad_input(runner: CliRunner, tiny_npz: Path, db: str, tmp_path:
     argv = [str(tmp_path / a) if a.startswith("x.") else a for a in args] + ["--db", db]
     r = runner.invoke(app, argv)
     assert r.exit_code != 0 and message in one_line_error(r)
-    assert Store(db).names() == ["mnist"] and Store(db).open().count() == 250
+    assert Store(db).names() == ["mnist"] and Store(db).open("mnist").count() == 250

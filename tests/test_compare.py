@@ -6,7 +6,10 @@ import pytest
 from PIL import Image
 
 from lookalike.compare import collection_name, compare, parse_spec, save_compare_picture
-from lookalike.errors import InputError
+from lookalike.embedder import make_spec
+from lookalike.errors import InputError, StoreError
+from lookalike.gallery import Gallery
+from lookalike.ingest import ingest
 from lookalike.store import Store
 
 
@@ -14,16 +17,40 @@ def test_parse_spec() -> None:
     assert parse_spec("pixels") == {"model": "pixels"}
     assert parse_spec("model:/models/digits.keras") == {"model": "keras", "weights": "/models/digits.keras"}
     assert parse_spec("vgg16:precision=float32", "random")["precision"] == "float32"
-    with pytest.raises(InputError, match="model:FILE.keras"):
+    with pytest.raises(InputError, match=r"model:FILE\.keras"):
         parse_spec("model:")
     assert parse_spec("vgg16", "random", 2) == {"model": "vgg16", "weights": "random", "seed": 2}
     assert parse_spec("vgg16:layer=block3_pool, pooling=flatten,size=48", "random") == {
-        "model": "vgg16", "weights": "random", "seed": 0, "layer": "block3_pool", "pooling": "flatten", "input_size": 48}  # fmt: skip
+        "model": "vgg16",
+        "weights": "random",
+        "seed": 0,
+        "layer": "block3_pool",
+        "pooling": "flatten",
+        "input_size": 48,
+    }
     for bad in ("vgg16:colour=red", "vgg16:input_size=big", "vgg16:layer"):
         with pytest.raises(InputError, match="--embedder"):
             parse_spec(bad)
-    name = collection_name("mnist", 5000, 1000, 0, "vgg16:layer=block3_pool,pooling=flatten")
-    assert name == "cmp-mnist-5000-1000-s0-vgg16-layer-block3_pool-pooling-flatten"
+
+
+def test_collection_names_tell_apart_everything_that_differs() -> None:
+    proto = {"dataset": "mnist", "mode": "first-n", "limit": 5000, "test_size": 1000, "seed": 0, "source_sha256": "ab"}
+    spec = make_spec("vgg16", weights="random", layer="block3_pool", pooling="flatten", precision="float32")
+    name = collection_name("mnist", "vgg16:layer=block3_pool,pooling=flatten", spec, proto)
+    assert name.startswith("cmp-mnist-vgg16-layer-block3_pool-pooling-flatten-") and len(name) < 100
+    assert name == collection_name("mnist", "vgg16:layer=block3_pool,pooling=flatten", spec, dict(proto))  # stable
+    others = [
+        collection_name(
+            "mnist",
+            "vgg16:layer=block3_pool,pooling=flatten",
+            make_spec("vgg16", weights="random", seed=1, layer="block3_pool", pooling="flatten", precision="float32"),
+            proto,
+        ),
+        collection_name("mnist", "vgg16:layer=block3_pool,pooling=flatten", spec, {**proto, "source_sha256": "cd"}),
+        collection_name("mnist", "vgg16:layer=block3_pool,pooling=flatten", spec, {**proto, "root": "/other/folder"}),
+        collection_name("mnist", "vgg16:layer=block3_pool,pooling=flatten", spec, {**proto, "limit": 6000}),
+    ]
+    assert len({name, *others}) == 5
 
 
 def test_compare_builds_one_collection_per_embedder_and_reuses_them(tiny_npz: Path, db: str, tmp_path: Path) -> None:
@@ -33,10 +60,14 @@ def test_compare_builds_one_collection_per_embedder_and_reuses_them(tiny_npz: Pa
     assert r.rows[0].accuracy_1nn == 1.0 and r.rows[0].dim == 784 and r.rows[2].dim == 512
     assert all(0 <= row.accuracy_knn <= 1 and row.recall_at_1 >= 0.999 and row.images_per_s > 0 for row in r.rows)
     assert -1 <= r.rows[0].silhouette <= 1
-    names = Store(db).names()
-    assert len(names) == 3 and all(Store(db).open(n).count() == 100 for n in names)
+    with Store(db) as store:
+        names = store.names()
+        assert len(names) == 3 and all(Gallery(store, n).count() == 100 for n in names)
+        assert sorted(row.collection for row in r.rows) == names
     again = compare("mnist", source=str(tiny_npz), limit=100, test_size=30, embedders=specs[:2], k=3, db=db)
     assert Store(db).names() == names and again.rows[1].accuracy_1nn == r.rows[1].accuracy_1nn
+    other = compare("mnist", source=str(tiny_npz), limit=100, test_size=30, embedders=["vgg16:weights=random,seed=1"], k=3, db=db)
+    assert other.rows[0].collection not in names  # other weights: another collection, no mismatch error
     out = save_compare_picture(r, tmp_path / "bars.png")
     with Image.open(out) as im:
         assert im.format == "PNG"
@@ -48,3 +79,12 @@ def test_compare_validates_every_spec_before_writing(tiny_npz: Path, db: str) ->
     with pytest.raises(InputError, match="at least one"):
         compare("mnist", source=str(tiny_npz), embedders=[], db=db)
     assert not Path(db).exists()
+
+
+def test_a_name_taken_by_something_else_fails_cleanly(tiny_npz: Path, db: str) -> None:
+    proto = compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=["pixels"], k=1, db=db).rows[0].collection
+    with Store(db) as store:
+        store.drop(proto)
+        ingest("mnist", source=str(tiny_npz), embedder="pixels", normalize="l2", collection=proto, store=store)  # squatter
+    with pytest.raises(StoreError, match=f"drop it with `lookalike drop {proto}`"):
+        compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=["pixels"], k=1, db=db)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import Embedder, EmbedderSpec, PixelEmbedder, build_embedder, make_spec, resize
+from lookalike.embedder import Embedder, EmbedderSpec, PixelEmbedder, build_embedder, make_spec
 from lookalike.errors import EmbedderError, InputError
 
 from .conftest import make_digits, offline_env
@@ -45,14 +45,17 @@ def test_missing_weights_file_names_the_fix(tmp_path: Path) -> None:
         make_spec("vgg16", weights=str(tmp_path / "none.h5"))
 
 
-def test_resize_handles_grey_colour_and_any_size() -> None:
-    grey = np.zeros((28, 28), np.uint8)
-    colour = np.zeros((50, 70, 3), np.uint8)
-    assert resize(grey, 32, "RGB").shape == (32, 32, 3)
-    assert resize(colour, 32, "RGB").shape == (32, 32, 3)
-    assert resize(colour, 28, "L").shape == (28, 28)
-    with pytest.raises(InputError):
-        resize(np.zeros((4, 4, 2), np.uint8), 32, "RGB")
+def test_default_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
+    from lookalike.embedder import default_precision
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert default_precision(info) == "bfloat16"
+    info.write_text("flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n")
+    assert default_precision(info) == "bfloat16"
+    info.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert default_precision(info) == "float32"
+    assert default_precision(tmp_path / "missing") == "float32"
 
 
 def test_pixel_embedder_is_deterministic_and_protocol_conformant() -> None:
@@ -71,9 +74,6 @@ def vgg_random() -> Embedder:
 
 
 def test_bfloat16_vectors_agree_with_float32_ones(vgg_random: Embedder) -> None:
-    from lookalike.embedder import default_precision
-
-    assert default_precision() in ("float32", "bfloat16")
     spec = make_spec("vgg16", weights="random", seed=0, precision="bfloat16")
     assert spec.precision == "bfloat16" and spec.describe().endswith("bf16")
     assert EmbedderSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "precision"}).precision == "float32"  # old records
@@ -113,7 +113,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
     import keras
 
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
-    from lookalike.embedder import seeded_weights
+    from lookalike.backend import seeded_weights
 
     base.set_weights(seeded_weights(base, 0))
     path = tmp_path / "vgg16_notop.weights.h5"

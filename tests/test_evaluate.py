@@ -5,66 +5,70 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.errors import InputError, StoreError
-from lookalike.evaluate import evaluate, exact_neighbours, vote
+from lookalike.errors import InputError, NotFoundError, StoreError
+from lookalike.evaluate import evaluate, save_confusion_picture, save_errors_picture
+from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
+from lookalike.record import Record
 from lookalike.store import Store
 
-
-def test_vote_majority_and_ties() -> None:
-    assert vote(np.array([[3, 1, 1], [2, 5, 5], [4, 7, 9]])).tolist() == [1, 5, 4]
-    assert vote(np.array([[6, 8, 8, 6], [2, 3, 3, 2]])).tolist() == [6, 2]  # tie: the nearer label wins
+from .conftest import write_npz
 
 
-def test_exact_neighbours_matches_a_loop() -> None:
-    rng = np.random.default_rng(0)
-    index, queries = rng.random((300, 16), dtype=np.float32), rng.random((40, 16), dtype=np.float32)
-    idx, d2 = exact_neighbours(queries, index, 3, chunk=7)
-    for q, row, drow in zip(queries, idx, d2):
-        full = ((index - q) ** 2).sum(1)
-        assert row.tolist() == np.argsort(full)[:3].tolist()
-        assert np.allclose(drow, np.sort(full)[:3], rtol=1e-5)
-
-
-def test_separable_data_scores_perfectly(tiny_npz: Path, db: str) -> None:
-    ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
-    r = evaluate(db=db)
+def test_separable_data_scores_perfectly(gallery: Gallery) -> None:
+    r = evaluate(gallery)
     assert (r.n_queries, r.n_indexed, r.k) == (50, 200, 1)
     assert r.accuracy == r.exact_accuracy == r.recall_at_1 == 1.0
     assert np.trace(np.array(r.confusion)) == 50 and np.array(r.confusion).sum() == 50
     assert set(r.per_class.values()) == {1.0} and len(r.per_class) == 10
-    assert r.queries_per_s > 0
+    assert r.queries_per_s > 0 and not r.mistakes
 
 
-def test_accuracy_matches_sklearn_on_noisy_data(tmp_path: Path, db: str) -> None:
+def test_accuracy_matches_sklearn_on_noisy_data(tmp_path: Path, db: str, fake_embedder) -> None:
     from sklearn.neighbors import KNeighborsClassifier
 
     rng = np.random.default_rng(7)
     x = rng.integers(0, 256, (400, 28, 28)).astype(np.uint8)  # labels unrelated to pixels: ~chance accuracy
     y = rng.integers(0, 10, 400).astype(np.uint8)
-    path = tmp_path / "noise.npz"
-    np.savez(path, x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    path = write_npz(tmp_path / "noise.npz", (x[:300], y[:300]), (x[300:], y[300:]))
     ingest("mnist", source=str(path), embedder="pixels", db=db)
-    for k in (1, 5):
-        r = evaluate(k=k, db=db)
+    with Gallery.open(db=db) as g:
         flat = x.reshape(400, -1) / 255.0
-        ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(flat[:300], y[:300])
-        assert r.exact_accuracy == pytest.approx(float((ref.predict(flat[300:]) == y[300:]).mean()), abs=0.021)
-        assert r.recall_at_1 >= 0.99 and abs(r.accuracy - r.exact_accuracy) <= 0.02
-        assert 0.0 < r.accuracy < 0.4
-        assert r.accuracy_1nn == evaluate(k=1, db=db).accuracy
+        for k in (1, 5):
+            r = evaluate(g, k=k)
+            ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(flat[:300], y[:300])
+            assert r.exact_accuracy == pytest.approx(float((ref.predict(flat[300:]) == y[300:]).mean()), abs=0.021)
+            assert r.recall_at_1 >= 0.99 and abs(r.accuracy - r.exact_accuracy) <= 0.02
+            assert 0.0 < r.accuracy < 0.4
+            assert r.accuracy_1nn == evaluate(g, k=1).accuracy
+            assert len(r.mistakes) == round((1 - r.accuracy) * r.n_queries)
 
 
-def test_bad_evaluations(tiny_npz: Path, db: str) -> None:
-    with pytest.raises(StoreError):
-        evaluate(db=db)  # no store yet
-    ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
-    with pytest.raises(InputError, match="--k"):
-        evaluate(k=0, db=db)
-    with pytest.raises(InputError, match="more than"):
-        evaluate(k=500, db=db)
-    col = Store(db).open()
-    Store(db).create("onlytrain", col.record).add(["a:train:1"], np.zeros((1, 784), np.float32),
-                                                  [{"label": 1, "label_name": "1", "split": "train"}])  # fmt: skip
-    with pytest.raises(StoreError, match="no held-out"):
-        evaluate(collection="onlytrain", db=db)
+def test_pictures_of_a_report(tmp_path: Path, db: str) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (120, 28, 28)).astype(np.uint8)
+    y = rng.integers(0, 3, 120).astype(np.uint8)
+    ingest("mnist", source=str(write_npz(tmp_path / "n.npz", (x[:90], y[:90]), (x[90:], y[90:]))), embedder="pixels", db=db)
+    with Gallery.open(db=db) as g:
+        r = evaluate(g)
+        assert r.mistakes  # random labels: some are wrong
+        first = r.mistakes[0]
+        assert first["true"] == int(y[90 + int(first["id"].split(":")[-1])])
+        for out in (save_confusion_picture(r, tmp_path / "c.png"), save_errors_picture(g, r, tmp_path / "e.png")):
+            assert out.stat().st_size > 5000
+
+
+def test_bad_evaluations(tiny_npz: Path, db: str, fake_embedder) -> None:
+    with pytest.raises(NotFoundError, match="no store"):
+        Gallery.open(db=db)  # no store yet
+    ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
+    with Store(db) as store:
+        g = Gallery.open(store=store)
+        with pytest.raises(InputError, match="--k"):
+            evaluate(g, k=0)
+        with pytest.raises(InputError, match="more than"):
+            evaluate(g, k=500)
+        only_train = Gallery.create(store, "onlytrain", Record(g.record.embedder, g.record.protocol, g.label_names))
+        only_train.add(["a:train:1"], np.zeros((1, 64), np.float32), [{"label": 1, "label_name": "1", "split": "train"}])
+        with pytest.raises(StoreError, match="no held-out"):
+            evaluate(only_train)

@@ -10,13 +10,7 @@ from PIL import Image
 
 from lookalike.errors import InputError, LookalikeError
 from lookalike.explore import cluster, cluster_scores, embedding_map, project, save_coords, save_disagreement_picture
-from lookalike.ingest import ingest
-
-
-@pytest.fixture
-def pixel_db(tiny_npz: Path, db: str) -> str:
-    ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
-    return db
+from lookalike.gallery import Gallery
 
 
 def blobs(n_per: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -59,33 +53,34 @@ def test_umap_without_the_extra_names_the_install(monkeypatch: pytest.MonkeyPatc
         project(np.random.default_rng(0).random((30, 8)), "umap")
 
 
-def test_map_reads_the_store_and_writes_coordinates(pixel_db: str, tmp_path: Path) -> None:
-    r = embedding_map(method="pca", db=pixel_db)
+def test_map_reads_the_store_and_writes_coordinates(gallery: Gallery, tmp_path: Path) -> None:
+    r = embedding_map(gallery, method="pca")
     assert r.coords.shape == (250, 2) and len(r.points.ids) == 250
-    s = embedding_map(method="tsne", sample=60, split="train", seed=1, db=pixel_db)
+    s = embedding_map(gallery, method="tsne", sample=60, split="train", seed=1)
     assert len(s.points.ids) == 60 and set(np.bincount(s.points.labels)) == {6}
     assert all(m["split"] == "train" for m in s.points.metadatas)
-    again = embedding_map(method="tsne", sample=60, split="train", seed=1, db=pixel_db)
+    again = embedding_map(gallery, method="tsne", sample=60, split="train", seed=1)
     assert again.points.ids == s.points.ids and np.allclose(again.coords, s.coords)
     path = save_coords(s, tmp_path / "c.csv")
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 60 and rows[0]["id"] == s.points.ids[0] and float(rows[0]["x"]) == pytest.approx(s.coords[0, 0], rel=1e-4)
     with pytest.raises(InputError, match="--split"):
-        embedding_map(split="val", db=pixel_db)
+        embedding_map(gallery, split="val")
 
 
-def test_clusters_on_separable_digits(pixel_db: str, tmp_path: Path) -> None:
-    r = cluster(k=10, db=pixel_db)
+def test_clusters_on_separable_digits(gallery: Gallery, tmp_path: Path) -> None:
+    r = cluster(gallery, k=10)
     assert r.n_items == 250 and r.cluster_accuracy == 1.0 and r.adjusted_rand == pytest.approx(1.0)
     assert len(r.disagreeing()) == 0 and r.to_dict()["n_disagreeing"] == 0
-    on_map = cluster(k=10, on="map", method="pca", db=pixel_db)
+    on_map = cluster(gallery, k=10, on="map", method="pca")
     assert on_map.on == "map" and 0 < on_map.cluster_accuracy <= 1
-    few = cluster(k=3, db=pixel_db)  # 10 classes in 3 clusters: many disagree
+    few = cluster(gallery, k=3)  # 10 classes in 3 clusters: many disagree
     assert len(few.disagreeing()) >= 250 - 3 * 25 - 10
-    out = save_disagreement_picture(few, tmp_path / "g.png")
+    out = save_disagreement_picture(gallery, few, tmp_path / "g.png")
     with Image.open(out) as im:
         assert im.format == "PNG"
     with pytest.raises(InputError, match="--k"):
-        cluster(k=1, db=pixel_db)
+        cluster(gallery, k=1)
     with pytest.raises(InputError, match="--on"):
-        cluster(on="pixels", db=pixel_db)
+        cluster(gallery, on="pixels")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from lookalike.embedder import PixelEmbedder
-from lookalike.errors import EmbedderError, MismatchError
+from lookalike.errors import EmbedderError, InputError, MismatchError
+from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
-from lookalike.store import Store
 
 
 class CountingEmbedder(PixelEmbedder):
@@ -30,19 +30,25 @@ def test_ingest_then_rerun_adds_nothing(tiny_npz: Path, db: str) -> None:
     assert report.collection == "mnist" and report.added == {"train": 200, "test": 50}
     assert report.stored == {"train": 200, "test": 50} and report.already_stored == 0
     assert emb.seen == 250
-    col = Store(db).open("mnist")
+    col = Gallery.open("mnist", db)
     assert col.count() == 250
-    assert col.record["protocol"]["dataset"] == "mnist" and col.record["embedder"]["model"] == "pixels"
+    assert col.record.protocol["dataset"] == "mnist" and col.record.embedder.model == "pixels"
     _, vecs, metas = col.get(["mnist:test:7"], vectors=True)
     with np.load(tiny_npz) as f:
         assert np.allclose(vecs[0], f["x_test"][7].reshape(-1) / 255.0)
         assert metas[0]["label"] == int(f["y_test"][7])
-    assert metas[0] == {"label": metas[0]["label"], "label_name": str(metas[0]["label"]), "split": "test",
-                        "dataset": "mnist", "source": "x_test", "index": 7}  # fmt: skip
+    assert metas[0] == {
+        "label": metas[0]["label"],
+        "label_name": str(metas[0]["label"]),
+        "split": "test",
+        "dataset": "mnist",
+        "source": "x_test",
+        "index": 7,
+    }
     again = CountingEmbedder()
     second = ingest("mnist", source=str(tiny_npz), embedder=again, db=db)
     assert second.added == {"train": 0, "test": 0} and second.already_stored == 250 and again.seen == 0
-    assert Store(db).open().count() == 250
+    assert col.count() == 250
 
 
 def test_interrupted_ingest_resumes_without_duplicates_or_reembedding(tiny_npz: Path, db: str) -> None:
@@ -56,12 +62,12 @@ def test_interrupted_ingest_resumes_without_duplicates_or_reembedding(tiny_npz: 
 
     with pytest.raises(KeyboardInterrupt):
         ingest("mnist", source=str(tiny_npz), embedder=emb, batch_size=40, db=db, progress=stop_after_two_batches)
-    assert Store(db).open().count() == 80
+    assert Gallery.open(db=db).count() == 80
     resumed = CountingEmbedder()
     report = ingest("mnist", source=str(tiny_npz), embedder=resumed, batch_size=40, db=db)
     assert resumed.seen == 170 and report.already_stored == 80
     assert report.stored == {"train": 200, "test": 50}
-    ids, _, _ = Store(db).open().scan(None, vectors=False)
+    ids, _, _ = Gallery.open(db=db).scan(vectors=False)
     assert len(ids) == len(set(ids)) == 250
 
 
@@ -71,7 +77,7 @@ def test_other_embedder_or_protocol_is_refused_and_nothing_written(tiny_npz: Pat
         ingest("mnist", source=str(tiny_npz), embedder="pixels", input_size=20, limit=100, test_size=20, db=db)
     with pytest.raises(MismatchError, match="protocol"):
         ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
-    assert Store(db).open().count() == 100
+    assert Gallery.open(db=db).count() == 100
 
 
 def test_failing_embedder_build_writes_nothing(tiny_npz: Path, db: str, tmp_path: Path) -> None:
@@ -84,9 +90,30 @@ def test_failing_embedder_build_writes_nothing(tiny_npz: Path, db: str, tmp_path
 
 def test_folder_ingest_skips_and_reports_unreadable_files(digits_folder: Path, db: str) -> None:
     report = ingest("folder", str(digits_folder), embedder="pixels", test_size=0.34, db=db, collection="pics")
-    assert report.skipped == ["class_1/broken.png"]
+    assert report.skipped == ["class_1/broken.png"] and report.too_large == []
     assert sum(report.stored.values()) == 18
-    col = Store(db).open("pics")
-    assert col.count() == 18 and col.record["label_names"] == ["class_0", "class_1", "class_2"]
+    col = Gallery.open("pics", db)
+    assert col.count() == 18 and col.label_names == ["class_0", "class_1", "class_2"]
     _, _, metas = col.get(["folder:train:class_2/0.png", "folder:test:class_2/0.png"])
     assert metas and metas[0]["path"] == "class_2/0.png" and metas[0]["label_name"] == "class_2"
+
+
+def test_images_over_the_pixel_limit_are_skipped_and_counted(digits_folder: Path, db: str) -> None:
+    from PIL import Image
+
+    Image.new("L", (300, 200)).save(digits_folder / "class_2" / "big.png")  # 60,000 pixels
+    with pytest.raises(InputError, match="--max-pixels"):
+        ingest("folder", str(digits_folder), embedder="pixels", max_pixels=0, db=db)
+    report = ingest("folder", str(digits_folder), embedder="pixels", max_pixels=50_000, db=db)
+    assert report.too_large == ["class_2/big.png"] and report.skipped == ["class_1/broken.png"]
+    assert sum(report.stored.values()) == 18
+    assert report.to_dict()["too_large"] == ["class_2/big.png"]
+
+
+def test_ingest_into_a_given_store_leaves_it_open(tiny_npz: Path, db: str, fake_embedder: PixelEmbedder) -> None:
+    from lookalike.store import Store
+
+    with Store(db, create=True) as store:
+        ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="one", store=store)
+        ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="two", store=store)
+        assert store.names() == ["one", "two"]  # still usable: ingest did not close what it was given

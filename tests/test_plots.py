@@ -41,5 +41,5 @@ def test_save_figure(tmp_path: Path) -> None:
     out = save_figure(fig, tmp_path / "sub" / "c.png")
     with Image.open(out) as im:
         assert im.format == "PNG"
-    with pytest.raises(InputError, match=".png"):
+    with pytest.raises(InputError, match=r"\.png"):
         save_figure(fig, tmp_path / "c.svg")

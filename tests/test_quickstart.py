@@ -21,8 +21,10 @@ def test_quickstart_offline_library(tmp_path: Path) -> None:
     assert len(r.hits) == 5 and all(h.id != r.query_id for h in r.hits)
     with Image.open(r.picture) as im:
         assert im.format == "PNG"
-    again = CliRunner().invoke(app, ["quickstart", "--offline", "--limit", "200", "--test-size", "50",
-                                     "--db", str(tmp_path / "db"), "--out", str(tmp_path / "q2.png")])  # fmt: skip
+    again = CliRunner().invoke(
+        app,
+        ["quickstart", "--offline", "--limit", "200", "--test-size", "50", "--db", str(tmp_path / "db"), "--out", str(tmp_path / "q2.png")],
+    )
     assert again.exit_code == 0, again.output
     assert "data:     mnist-sample" in again.stdout and "0 embedded" in again.stdout  # resumed: nothing redone
     assert (tmp_path / "q2.png").is_file()
@@ -30,8 +32,18 @@ def test_quickstart_offline_library(tmp_path: Path) -> None:
 
 def test_quickstart_falls_back_when_downloads_fail(tmp_path: Path) -> None:
     """The README's main job on a machine without internet: no flag needed."""
-    r = run_cli("quickstart", "--limit", "150", "--test-size", "30", "--db", str(tmp_path / "db"),
-                "--out", str(tmp_path / "q.png"), env=offline_env(tmp_path))  # fmt: skip
+    r = run_cli(
+        "quickstart",
+        "--limit",
+        "150",
+        "--test-size",
+        "30",
+        "--db",
+        str(tmp_path / "db"),
+        "--out",
+        str(tmp_path / "q.png"),
+        env=offline_env(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert "data:     mnist-sample" in r.stdout and "weights:  random" in r.stdout
     assert "MNIST unavailable" in r.stdout and "ImageNet weights unavailable" in r.stdout

@@ -14,18 +14,21 @@ import pytest
 
 import lookalike.store as store_mod
 from lookalike.embedder import make_spec
-from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
-from lookalike.store import Store, check_compatible, drop_collection, list_collections
+from lookalike.errors import DamagedError, InputError, NotFoundError, StoreError
+from lookalike.record import Record
+from lookalike.store import Store
 
 from .conftest import run_cli
 
 
-def record(**protocol: object) -> dict:
-    return {
-        "embedder": make_spec("pixels").to_dict(),
-        "protocol": {"dataset": "mnist", "mode": "official", "limit": None, "test_size": None, "seed": 0, **protocol},
-        "label_names": [str(i) for i in range(10)],
-    }
+def record(n_labels: int = 10, **protocol: object) -> Record:
+    proto = {"dataset": "mnist", "mode": "official", "limit": None, "test_size": None, "seed": 0, **protocol}
+    return Record(make_spec("pixels"), proto, [str(i) for i in range(n_labels)], label_partitions=0 < n_labels <= 100)
+
+
+def create(s: Store, name: str, n_labels: int = 10) -> store_mod.VectorCollection:
+    rec = record(n_labels)
+    return s.create(name, rec.to_json(), rec.label_partitions)
 
 
 def fill(col: store_mod.VectorCollection, n: int = 30, dim: int = 784, seed: int = 0) -> np.ndarray:
@@ -39,10 +42,10 @@ def fill(col: store_mod.VectorCollection, n: int = 30, dim: int = 784, seed: int
 
 def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     s = Store(db, create=True)
-    col = s.create("digits", record())
+    col = create(s, "digits")
     vecs = fill(col)
     assert col.count() == 30
-    assert Store(db).open("digits").record == {**record(), "label_partitions": True}
+    assert Record.parse(s.open("digits").raw_record, "digits") == record()
     assert col.existing_ids(["mnist:train:1", "mnist:train:999"]) == {"mnist:train:1"}
     (res,) = col.query(vecs[1:2], 3)
     assert res[0].id == "mnist:train:1" and res[0].distance == pytest.approx(0.0, abs=1e-3)
@@ -51,6 +54,9 @@ def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert res[1].distance == pytest.approx(exact[np.argsort(exact)[1]], rel=1e-4)  # Euclidean, not squared
     (filtered,) = col.query(vecs[1:2], 5, where={"split": "test"})
     assert all(n.metadata["split"] == "test" for n in filtered)
+    (excluding,) = col.query(vecs[1:2], 3, exclude={"mnist:train:1"}, metadata=False)
+    assert [n.id for n in excluding] == [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in np.argsort(exact)[1:4]]
+    assert excluding[0].metadata == {}
     monkeypatch.setattr(store_mod, "PAGE", 7)  # force several pages
     ids, got, metas = col.scan({"split": "train"})
     assert len(ids) == 20 == len(set(ids)) and got.shape == (20, 784)
@@ -69,17 +75,19 @@ def _exact_filtered(vecs: np.ndarray, q: np.ndarray, keep: np.ndarray, k: int) -
 
 def test_label_filter_uses_partitions_and_matches_exact_search(db: str) -> None:
     s = Store(db, create=True)
-    col = s.create("digits", record())
+    col = create(s, "digits")
     vecs = fill(col, n=200, dim=16)
     labels = np.arange(200) % 10
     split = np.array(["test" if i % 3 == 0 else "train" for i in range(200)])
     assert s.names() == ["digits"]  # the ten partitions are hidden
     assert sorted(s._client.list_collections(), key=lambda c: c.name)[1].name == "digits.p0"
-    reopened = s.open("digits")
-    assert reopened.partitioned
-    cases = [({"label": 3}, labels == 3), ({"label": {"$in": [2, 7]}}, np.isin(labels, [2, 7])),
-             ({"$and": [{"label": 4}, {"split": "train"}]}, (labels == 4) & (split == "train")),
-             ({"split": "test"}, split == "test")]  # fmt: skip
+    reopened = s.open("digits", partitioned=True)
+    cases = [
+        ({"label": 3}, labels == 3),
+        ({"label": {"$in": [2, 7]}}, np.isin(labels, [2, 7])),
+        ({"$and": [{"label": 4}, {"split": "train"}]}, (labels == 4) & (split == "train")),
+        ({"split": "test"}, split == "test"),
+    ]
     for where, keep in cases:
         got = reopened.query(vecs[:20], 4, where=where)
         for i, row in enumerate(got):
@@ -92,7 +100,7 @@ def test_label_filter_uses_partitions_and_matches_exact_search(db: str) -> None:
 
 def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "PROBE", 5)
-    col = Store(db, create=True).create("digits", {**record(), "label_names": [str(i) for i in range(200)]})
+    col = create(Store(db, create=True), "digits", n_labels=200)
     assert not col.partitioned  # too many labels for partitions
     vecs = fill(col, n=60, dim=8)
     labels = np.arange(60) % 10
@@ -103,7 +111,7 @@ def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch:
 
 
 def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    col = Store(db, create=True).create("digits", record())
+    col = create(Store(db, create=True), "digits")
     rng = np.random.default_rng(1)
     vecs = rng.random((20, 8), dtype=np.float32)
     ids = [f"mnist:train:{i}" for i in range(20)]
@@ -120,7 +128,7 @@ def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.
     assert col.existing_ids(ids) == set()  # not committed: a resumed ingest adds the batch again
     col.add(ids, vecs, metas)
     assert col.count() == 20
-    part = col._partition(1)
+    part = col.partition(1)
     assert part is not None and part.count() == 10
     (row,) = col.query(vecs[1:2], 3, where={"label": 1})
     assert [n.id for n in row] == [ids[i] for i in _exact_filtered(vecs, vecs[1], np.arange(20) % 2 == 1, 3)]
@@ -128,11 +136,31 @@ def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.
 
 def test_a_user_collection_named_like_a_partition_is_never_written_to(db: str) -> None:
     s = Store(db, create=True)
-    theirs = s.create("digits.p1", record())
-    col = s.create("digits", record())
+    theirs = s._client.create_collection("digits.p1", embedding_function=None)  # made outside lookalike
+    col = create(s, "digits")
     with pytest.raises(StoreError, match="not a label partition"):
         fill(col, n=20, dim=8)
     assert theirs.count() == 0 and col.count() == 0  # the partition of label 0 was written, the main one not
+    with pytest.raises(InputError, match="label partitions"):
+        create(s, "mine.p3")  # lookalike never makes such a name itself
+
+
+def test_partition_lookup_tells_absent_from_failed(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    fill(col, n=20, dim=8)  # labels 0-9 all present
+    s._client.delete_collection("digits.p3")
+    col = s.open("digits", partitioned=True)
+    assert col.partition(3) is None  # absent: nobody with label 3 (any more)
+    (row,) = col.query(np.zeros((1, 8), np.float32), 5, where={"label": 3})
+    assert row == []
+
+    def hiccup(*a: object, **k: object) -> None:
+        raise ConnectionResetError("server went away")
+
+    monkeypatch.setattr(s._client, "get_collection", hiccup)
+    with pytest.raises(DamagedError, match="server went away"):
+        col.partition(4)  # failed: an error, never "no items"
 
 
 def test_matches_and_label_filter() -> None:
@@ -147,54 +175,51 @@ def test_matches_and_label_filter() -> None:
     assert store_mod.label_filter({"label": {"$gt": 1}}) is None
 
 
-def test_default_collection_and_listing(db: str) -> None:
+def test_pick_and_drop(db: str) -> None:
     s = Store(db, create=True)
     with pytest.raises(NotFoundError, match="no collections"):
-        s.open()
-    s.create("first", record())
-    assert s.open().name == "first"
-    s.create("second", record())
+        s.pick(None)
+    create(s, "first")
+    assert s.pick(None) == "first"
+    create(s, "second")
     with pytest.raises(InputError, match="first, second"):
-        s.open()
+        s.pick(None)
     with pytest.raises(NotFoundError, match="collections: first, second"):
-        s.open("third")
-    infos = list_collections(db)
-    assert [(i.name, i.count, i.dataset) for i in infos] == [("first", 0, "mnist"), ("second", 0, "mnist")]
-    assert infos[0].embedder.startswith("pixels")
-    drop_collection("first", db)
-    assert Store(db).names() == ["second"]
+        s.pick("third")
+    s.drop("first")
+    assert s.names() == ["second"] and all(owner != "first" for _, owner in s.all_collections())
     with pytest.raises(NotFoundError):
-        drop_collection("first", db)
+        s.drop("first")
 
 
 def test_bad_names_and_paths(db: str, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="invalid collection name"):
-        Store(db, create=True).create("x", record())
+        create(Store(db, create=True), "x")
     with pytest.raises(NotFoundError, match="no store"):
         Store(str(tmp_path / "missing"))
     assert not (tmp_path / "missing").exists()  # reading never creates a store
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(StoreError, match="writable directory|is a file"):
+    with pytest.raises(StoreError, match=r"writable directory|is a file"):
         Store(str(blocker / "db"), create=True)
     with pytest.raises(StoreError, match="is a file"):
         Store(str(blocker), create=True)
+    with pytest.raises(InputError, match="bad port"):
+        Store("http://127.0.0.1:notaport")
 
 
-def test_compatibility_check() -> None:
-    have = record()
-    check_compatible(have, record(), "c")
-    other = dict(record(), embedder=make_spec("vgg16", weights="random").to_dict())
-    with pytest.raises(MismatchError, match="another --collection"):
-        check_compatible(have, other, "c")
-    with pytest.raises(MismatchError, match="limit"):
-        check_compatible(have, record(limit=5000), "c")
-    vgg = make_spec("vgg16", weights="random", precision="float32").to_dict()
-    old_record = dict(record(), embedder={k: v for k, v in vgg.items() if k != "precision"})  # written before bfloat16
-    check_compatible(old_record, dict(record(), embedder=vgg), "c")  # resumable with float32
-    bf16 = make_spec("vgg16", weights="random", precision="bfloat16").to_dict()
-    with pytest.raises(MismatchError, match="pass --precision float32"):
-        check_compatible(old_record, dict(record(), embedder=bf16), "c")
+def test_chroma_errors_become_one_line_store_errors(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chromadb.errors import InternalError
+
+    s = Store(db, create=True)
+    col = create(s, "digits")
+
+    def broken(*a: object, **k: object) -> None:
+        raise InternalError("Error executing plan: Internal error: Error getting embedding")
+
+    monkeypatch.setattr(col._c, "get", broken)
+    with pytest.raises(DamagedError, match=r"Error getting embedding\): it may be damaged; run `lookalike check --collection digits"):
+        col.get(["mnist:train:1"], vectors=True)
 
 
 def _free_port() -> int:
@@ -209,8 +234,9 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
     port = _free_port()
     path = tmp_path_factory.mktemp("server-db")
-    proc = subprocess.Popen([exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -229,14 +255,15 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: Path) -> None:
-    first = run_cli("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--db", chroma_server,
-                    "--collection", "shared")  # fmt: skip
+    first = run_cli("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--db", chroma_server, "--collection", "shared")
     assert first.returncode == 0, first.stderr
     found = run_cli("search", "--id", "mnist:test:0", "--k", "3", "--db", chroma_server, "--collection", "shared", "--json")
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert len(hits) == 3 and all(h["id"] != "mnist:test:0" for h in hits)
     assert Store(chroma_server).open("shared").count() == 250  # and this process sees the same data
+    both = [run_cli("search", "--id", f"mnist:test:{i}", "--db", chroma_server, "--collection", "shared") for i in range(2)]
+    assert all(r.returncode == 0 for r in both)  # no lock on a server: processes share it
 
 
 def test_unreachable_server_is_a_clear_error() -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.datasets import file_sha256
 from lookalike.embedder import KerasModelEmbedder, make_spec, read_model_description
 from lookalike.errors import EmbedderError, InputError
-from lookalike.store import Store
+from lookalike.gallery import Gallery
 from lookalike.train import _shifted, train
+from lookalike.util import file_sha256
 
 from .conftest import make_cluttered, one_line_error, run_cli
 
@@ -33,7 +33,8 @@ def trained(cluttered_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_training_improves_1nn_accuracy_over_the_untrained_network(trained: tuple[Path, object]) -> None:
     import keras
 
-    from lookalike.embedder import vgg16_inputs
+    from lookalike.backend import vgg16_preprocess
+    from lookalike.images import resize
     from lookalike.train import _build
 
     out, report = trained
@@ -43,7 +44,7 @@ def test_training_improves_1nn_accuracy_over_the_untrained_network(trained: tupl
     after = one_nn_accuracy(emb.embed(list(x_train)), y_train, emb.embed(list(x_test)), y_test)
     keras.utils.set_random_seed(3)  # the same starting point as the training run
     untrained, _ = _build(make_spec("vgg16", weights="random", layer="block2_pool", seed=3), 16, 4, "cosine")
-    before_vecs = [untrained.predict(vgg16_inputs(list(x), 32), verbose=0) for x in (x_train, x_test)]
+    before_vecs = [untrained.predict(vgg16_preprocess(np.stack([resize(im, 32, "RGB") for im in x])), verbose=0) for x in (x_train, x_test)]
     before = one_nn_accuracy(before_vecs[0], y_train, before_vecs[1], y_test)
     assert after >= before + 0.15, (before, after)
     assert report.n_train + report.n_validation == 320  # the 80 held-out images are never used
@@ -75,9 +76,28 @@ def test_saved_model_describes_itself_and_gives_the_same_vectors_in_a_new_proces
 
 def test_training_is_deterministic_given_the_seed(cluttered_npz: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     out, report = trained
-    again = run_cli("train", "mnist", "--source", str(cluttered_npz), "--out", str(tmp_path / "again.keras"), "--epochs", "4",
-                    "--seed", "3", "--weights", "random", "--layer", "block2_pool", "--dim", "16", "--batch-size", "32",
-                    "--learning-rate", "0.001")  # fmt: skip
+    again = run_cli(
+        "train",
+        "mnist",
+        "--source",
+        str(cluttered_npz),
+        "--out",
+        str(tmp_path / "again.keras"),
+        "--epochs",
+        "4",
+        "--seed",
+        "3",
+        "--weights",
+        "random",
+        "--layer",
+        "block2_pool",
+        "--dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--learning-rate",
+        "0.001",
+    )
     assert again.returncode == 0, again.stderr
     assert "epoch 1/4" in again.stderr and "best" in again.stdout
     x_test, _ = make_cluttered(80, seed=12)
@@ -88,8 +108,9 @@ def test_training_is_deterministic_given_the_seed(cluttered_npz: Path, trained: 
     assert again_losses == pytest.approx([h["loss"] for h in report.history], rel=1e-3)
 
 
-def test_ingest_with_the_model_records_it_and_searches_with_it(cluttered_npz: Path, trained: tuple[Path, object], db: str,
-                                                              tmp_path: Path) -> None:  # fmt: skip
+def test_ingest_with_the_model_records_it_and_searches_with_it(
+    cluttered_npz: Path, trained: tuple[Path, object], db: str, tmp_path: Path
+) -> None:
     from PIL import Image
 
     from lookalike.evaluate import evaluate
@@ -99,14 +120,15 @@ def test_ingest_with_the_model_records_it_and_searches_with_it(cluttered_npz: Pa
     out, _ = trained
     report = ingest("mnist", source=str(cluttered_npz), model=str(out), db=db, collection="clutter-trained")
     assert report.stored == {"train": 320, "test": 80} and report.embedder.startswith("trained model:clutter.keras")
-    rec = Store(db).open("clutter-trained").record["embedder"]
-    assert rec["model"] == "keras" and rec["weights"] == str(out.resolve()) and rec["weights_sha256"] == file_sha256(out)
-    assert rec["dim"] == 16
-    x_test, y_test = make_cluttered(80, seed=12)
-    Image.fromarray(x_test[5]).save(tmp_path / "q.png")
-    hits = search(image=tmp_path / "q.png", k=3, db=db)
-    assert hits[0].id == "mnist:test:5" and hits[0].distance < 1e-3
-    assert evaluate(db=db).recall_at_1 == 1.0
+    with Gallery.open("clutter-trained", db) as g:
+        rec = g.record.embedder
+        assert rec.model == "keras" and rec.weights == str(out.resolve()) and rec.weights_sha256 == file_sha256(out)
+        assert rec.dim == 16
+        x_test, _y_test = make_cluttered(80, seed=12)
+        Image.fromarray(x_test[5]).save(tmp_path / "q.png")
+        hits = search(g, image=tmp_path / "q.png", k=3)
+        assert hits[0].id == "mnist:test:5" and hits[0].distance < 1e-3
+        assert evaluate(g).recall_at_1 == 1.0
 
 
 def test_missing_changed_or_foreign_model_files_fail_cleanly(cluttered_npz: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
@@ -145,10 +167,14 @@ def test_missing_changed_or_foreign_model_files_fail_cleanly(cluttered_npz: Path
 
 def test_bad_training_options_fail_before_any_work(cluttered_npz: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     out, _ = trained
-    for kwargs, match in [({"out": tmp_path / "m.h5"}, "must end in .keras"), ({"out": out}, "exists: pass --overwrite"),
-                          ({"out": tmp_path / "no" / "m.keras"}, "does not exist"), ({"out": tmp_path / "m.keras", "loss": "x"}, "--loss"),
-                          ({"out": tmp_path / "m.keras", "validation": 0.7}, "--validation"),
-                          ({"out": tmp_path / "m.keras", "layer": "block9"}, "unknown VGG16 layer")]:  # fmt: skip
+    for kwargs, match in [
+        ({"out": tmp_path / "m.h5"}, "must end in .keras"),
+        ({"out": out}, "exists: pass --overwrite"),
+        ({"out": tmp_path / "no" / "m.keras"}, "does not exist"),
+        ({"out": tmp_path / "m.keras", "loss": "x"}, "--loss"),
+        ({"out": tmp_path / "m.keras", "validation": 0.7}, "--validation"),
+        ({"out": tmp_path / "m.keras", "layer": "block9"}, "unknown VGG16 layer"),
+    ]:
         with pytest.raises(InputError, match=match):
             train("mnist", source=str(cluttered_npz), **{**{"weights": "random"}, **kwargs})
     res = run_cli("train", "mnist", "--source", str(cluttered_npz), "--out", str(out), "--weights", "random")

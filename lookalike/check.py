@@ -1,0 +1,186 @@
+"""Check a collection: is everything that was stored still there and answering?
+
+:func:`check` verifies that the record parses, that every stored id reads back with a finite vector
+of the recorded dimension and valid metadata, that the index answers (a sample of stored vectors
+finds itself), that each label partition holds exactly the main collection's ids of its label, and
+counts the items per split. :func:`repair` mends what can be mended in place: it rebuilds the label
+partitions from the main collection's vectors. A main collection whose vectors or index no longer
+read cannot be mended in place (measured: deleting its unreadable items leaves Chroma unable to
+apply its own log, and every later read fails): drop it and ingest again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lookalike.datasets import SPLITS
+from lookalike.errors import StoreError
+from lookalike.gallery import Gallery
+from lookalike.store import Store, VectorCollection
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000  # ids per vector read-back
+SELF_QUERIES = 200  # stored vectors queried to see that the index finds them
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check` found. ``ok`` is False when anything is wrong; ``problems`` says what, ``fix`` how to mend it."""
+
+    collection: str
+    db: str
+    ok: bool
+    count: int
+    counts: dict[str, int]
+    problems: list[str] = field(default_factory=list)
+    fix: str = ""
+    unreadable_ids: list[str] = field(default_factory=list)  # the first 100
+    partitions: dict[str, int] = field(default_factory=dict)  # label name -> items in its partition
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(store: Store, name: str | None = None) -> CheckReport:
+    """Check collection ``name`` (``None``: the store's only one) of ``store``."""
+    name = store.pick(name)
+    try:
+        gallery = Gallery(store, name)
+    except StoreError as exc:
+        col = store.open(name)
+        return CheckReport(
+            name, store.db, False, col.count(), {}, [f"record: {exc}"], f"drop it (`lookalike drop {name}`) and ingest again"
+        )
+    return _check(gallery)
+
+
+def _check(g: Gallery) -> CheckReport:
+    try:
+        return _check_items(g)
+    except StoreError as exc:
+        return CheckReport(
+            g.name,
+            g.db,
+            False,
+            0,
+            {},
+            [f"the collection's items cannot be read: {exc}"],
+            f"drop it (`lookalike drop {g.name}`) and ingest again",
+        )
+
+
+def _check_items(g: Gallery) -> CheckReport:
+    col = g.collection()
+    problems: list[str] = []
+    ids, _, metas = col.scan(vectors=False)
+    counts = dict.fromkeys(SPLITS, 0)
+    by_label: dict[int, set[str]] = {}
+    bad_meta = 0
+    for id_, m in zip(ids, metas):
+        label, split = m.get("label"), m.get("split")
+        if not isinstance(label, int) or not 0 <= label < max(len(g.label_names), 1) or split not in SPLITS:
+            bad_meta += 1
+            continue
+        counts[split] += 1
+        by_label.setdefault(label, set()).add(id_)
+    if bad_meta:
+        problems.append(f"{bad_meta} items have metadata without a valid label or split")
+    if len(set(ids)) != len(ids):
+        problems.append(f"{len(ids) - len(set(ids))} ids are listed twice")
+
+    unreadable = _unreadable_vectors(col, ids, g.record.embedder.dim)
+    if unreadable:
+        problems.append(f"{len(unreadable)} of {len(ids)} items have no readable vector (e.g. {unreadable[0]!r})")
+    readable = [i for i in ids if i not in set(unreadable)]
+    lost = _self_query(col, readable)
+    if lost:
+        problems.append(lost)
+
+    partitions: dict[str, int] = {}
+    partition_trouble = False
+    if g.record.label_partitions:
+        for label in range(len(g.label_names)):
+            want = by_label.get(label, set())
+            part = col.partition(label)
+            have = set(part.scan(vectors=False, metadatas=False)[0]) if part is not None else set()
+            partitions[g.label_name(label)] = len(have)
+            missing, extra = len(want - have), len(have - want)
+            if missing or extra:
+                partition_trouble = True
+                problems.append(
+                    f"label partition {g.label_name(label)!r} lacks {missing} and has {extra} extra "
+                    f"of the main collection's {len(want)} ids"
+                )
+    fix = ""
+    if problems:
+        if partition_trouble and not (unreadable or lost or bad_meta):
+            fix = f"run `lookalike check --collection {g.name} --repair` (it rebuilds the label partitions from the stored vectors)"
+        else:
+            fix = f"drop it (`lookalike drop {g.name}`) and ingest again"
+    return CheckReport(g.name, g.db, not problems, len(ids), counts, problems, fix, unreadable[:100], partitions)
+
+
+def _unreadable_vectors(col: VectorCollection, ids: Sequence[str], dim: int) -> list[str]:
+    """Ids whose vector cannot be read back, or is not a finite vector of ``dim`` numbers."""
+    bad: list[str] = []
+
+    def probe(chunk: Sequence[str]) -> None:
+        try:
+            got_ids, vecs, _ = col.get(chunk, vectors=True)
+        except StoreError:
+            if len(chunk) == 1:
+                bad.append(chunk[0])
+                return
+            half = len(chunk) // 2
+            probe(chunk[:half])
+            probe(chunk[half:])
+            return
+        assert vecs is not None
+        bad.extend(sorted(set(chunk) - set(got_ids)))
+        if len(got_ids) and (vecs.ndim != 2 or vecs.shape[1] != dim):
+            bad.extend(got_ids)
+        elif len(got_ids):
+            bad.extend(i for i, ok in zip(got_ids, np.isfinite(vecs).all(axis=1)) if not ok)
+
+    for start in range(0, len(ids), CHUNK):
+        probe(list(ids[start : start + CHUNK]))
+    return bad
+
+
+def _self_query(col: VectorCollection, ids: Sequence[str]) -> str:
+    """A problem line when stored vectors do not find themselves (or a vector at distance 0) through the index; else ''."""
+    if not ids:
+        return ""
+    rng = np.random.default_rng(0)
+    sample = [ids[i] for i in sorted(rng.choice(len(ids), size=min(SELF_QUERIES, len(ids)), replace=False))]
+    try:
+        got_ids, vecs, _ = col.get(sample, vectors=True)
+        assert vecs is not None
+        rows = col.query(vecs, 1, metadata=False)
+    except StoreError as exc:
+        return f"the index fails to answer queries ({exc})"
+    missed = sum(1 for row in rows if not row or row[0].distance > 1e-3)
+    if missed:
+        return f"the index does not find {missed} of {len(got_ids)} stored vectors queried"
+    return ""
+
+
+def repair(store: Store, name: str | None = None) -> CheckReport:
+    """Rebuild the label partitions when only they are wrong; returns the check after the repair (or the check alone)."""
+    report = check(store, name)
+    if report.ok or "--repair" not in report.fix:
+        return report
+    gallery = Gallery(store, report.collection)
+    if gallery.record.label_partitions:
+        store.drop_partitions(gallery.name)
+        fresh = store.open(gallery.name, partitioned=True)
+        for page_ids, vecs, metas in fresh.pages(vectors=True):
+            assert vecs is not None
+            fresh.add_to_partitions(page_ids, vecs, metas)
+    return check(store, gallery.name)

@@ -1,0 +1,287 @@
+"""The Gallery: one opened collection, the object every command and front-end works through.
+
+A :class:`Gallery` owns the Chroma collection (through :mod:`lookalike.store`), its typed
+:class:`~lookalike.record.Record`, the embedder the record names (built lazily, once), the pixels of
+stored items (read from the source the record names, whatever the dataset kind), the label names,
+and one :meth:`Gallery.neighbours` that hides the label partitions, the probe and Chroma's ``where``.
+
+Open it once per command::
+
+    with Gallery.open("mnist", db="./lookalike-db") as g:
+        hits = lookalike.search(g, id="mnist:test:0", k=5, labels=["3"])
+
+A Gallery is safe to share between threads of one process: the embedder is built and called under
+a lock. Opening a local store takes its inter-process lock until :meth:`Gallery.close` (or the
+process's end).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lookalike.datasets import SPLITS, stored_pixels
+from lookalike.embedder import Embedder, build_embedder
+from lookalike.errors import InputError, NotFoundError
+from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
+from lookalike.record import Record
+from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
+from lookalike.util import label_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectionInfo:
+    """A collection's name, size and what built it."""
+
+    name: str
+    count: int
+    dataset: str
+    embedder: str
+    label_names: list[str] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "count": self.count,
+            "dataset": self.dataset,
+            "embedder": self.embedder,
+            "label_names": self.label_names,
+            "record": self.record,
+        }
+
+
+class Gallery:
+    """An opened collection: its record, its vectors, its embedder and its neighbours."""
+
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        owns_store: bool = False,
+        max_pixels: int | None = None,
+        _collection: VectorCollection | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        col = _collection or store.open(name)
+        self.record = Record.parse(col.raw_record, name)
+        col.partitioned = self.record.label_partitions
+        self._col = col
+        self._owns_store = owns_store
+        self.max_pixels = check_max_pixels(max_pixels)
+        self._embedder: Embedder | None = None
+        self._embed_lock = threading.Lock()
+
+    # -- opening and closing -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        collection: str | None = None,
+        db: str | None = None,
+        *,
+        wait: float | None = None,
+        store: Store | None = None,
+        max_pixels: int | None = None,
+    ) -> Gallery:
+        """The collection ``collection`` (``None``: the store's only one) of the store at ``db`` (or of ``store``)."""
+        owns = store is None
+        st = store if store is not None else Store(db, wait=wait)
+        try:
+            return cls(st, st.pick(collection), owns_store=owns, max_pixels=max_pixels)
+        except BaseException:
+            if owns:
+                st.close()
+            raise
+
+    @classmethod
+    def create(cls, store: Store, name: str, record: Record, *, max_pixels: int | None = None) -> Gallery:
+        """A new, empty collection ``name`` holding ``record`` (label partitions when it has 1-100 labels)."""
+        partitioned = 0 < len(record.label_names) <= MAX_PARTITIONS
+        record = Record(record.embedder, record.protocol, record.label_names, partitioned, record.schema, record.extra)
+        col = store.create(name, record.to_json(), partitioned)
+        return cls(store, name, max_pixels=max_pixels, _collection=col)
+
+    def close(self) -> None:
+        """Release the store (and its lock) when this Gallery opened it."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what it is ----------------------------------------------------------------------------------
+
+    @property
+    def db(self) -> str:
+        return self.store.db
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.record.label_names
+
+    def label_name(self, label: int) -> str:
+        return label_name(self.record.label_names, int(label))
+
+    def count(self) -> int:
+        return self._col.count()
+
+    def info(self) -> CollectionInfo:
+        rec = self.record
+        raw = self._col.raw_record
+        import json
+
+        return CollectionInfo(self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(raw or "{}"))
+
+    def resolve_labels(self, labels: Sequence[int | str]) -> list[int]:
+        """Label ints from ints or names (``3``, ``"3"``, ``"Sneaker"``); unknown ones raise InputError listing the choices."""
+        names = self.record.label_names
+        out: list[int] = []
+        for lab in labels:
+            text = str(lab).strip()
+            if text in names:
+                out.append(names.index(text))
+            elif text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+                out.append(int(text))
+            else:
+                shown = ", ".join(f"{i}={n}" if n != str(i) else n for i, n in enumerate(names))
+                raise InputError(f"label {text!r} is not in collection {self.name!r}: choose from {shown}")
+        return sorted(set(out))
+
+    def where(self, labels: Sequence[int | str] | None = None, split: str | None = None) -> dict[str, Any] | None:
+        """The metadata filter for ``labels`` and ``split`` (None when neither); bad values raise InputError."""
+        clauses: list[dict[str, Any]] = []
+        if labels:
+            ids = self.resolve_labels(labels)
+            clauses.append({"label": ids[0]} if len(ids) == 1 else {"label": {"$in": ids}})
+        if split is not None:
+            if split not in SPLITS:
+                raise InputError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+            clauses.append({"split": split})
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+    # -- the embedder --------------------------------------------------------------------------------
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder the record names, built on first use (TensorFlow loads then), once."""
+        with self._embed_lock:
+            if self._embedder is None:
+                self._embedder = build_embedder(self.record.embedder)
+            return self._embedder
+
+    def use_embedder(self, embedder: Embedder) -> None:
+        """Use an embedder already built (it must have the record's spec)."""
+        if embedder.spec != self.record.embedder:
+            raise InputError(f"embedder [{embedder.spec.describe()}] is not the one of {self.name!r} [{self.record.embedder.describe()}]")
+        self._embedder = embedder
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Vectors ``(n, dim)`` of uint8 images, with the collection's embedder (one call at a time)."""
+        model = self.embedder
+        checked = [as_image_array(im) for im in images]
+        with self._embed_lock:
+            return np.asarray(model.embed(checked), np.float32)
+
+    def read_query_image(self, image: Any) -> np.ndarray:
+        """A query image: a file path (read under this Gallery's pixel limit) or a uint8 array."""
+        if isinstance(image, np.ndarray):
+            h, w = image.shape[:2]
+            if h * w > self.max_pixels:
+                raise InputError(f"the image is too large ({w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,}): shrink it")
+            return as_image_array(image)
+        return open_image(image, self.max_pixels)
+
+    # -- stored items --------------------------------------------------------------------------------
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        return self._col.existing_ids(ids)
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
+        self._col.add(ids, vectors, metadatas)
+
+    def example_id(self) -> str:
+        return self._col.first_id() or "dataset:split:index"
+
+    def get(self, ids: Sequence[str], *, vectors: bool = False) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
+        """(ids, vectors or None, metadatas) of the stored ``ids`` among those asked (Chroma's order)."""
+        return self._col.get(ids, vectors=vectors)
+
+    def item(self, item_id: str, *, vector: bool = False) -> tuple[dict[str, Any], np.ndarray | None]:
+        """(metadata, vector ``(dim,)`` or None) of one stored item; NotFoundError with an example id otherwise."""
+        ids, vecs, metas = self._col.get([item_id], vectors=vector)
+        if not ids:
+            raise NotFoundError(f"no item {item_id!r} in collection {self.name!r}: ids look like '{self.example_id()}'")
+        return metas[0], (vecs[0] if vecs is not None else None)
+
+    def vector(self, item_id: str) -> np.ndarray:
+        """The stored vector ``(1, dim)`` of ``item_id``."""
+        _, vec = self.item(item_id, vector=True)
+        assert vec is not None
+        return vec[None, :]
+
+    def scan(self, split: str | None = None, *, vectors: bool = True) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+        """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas)."""
+        where = self.where(split=split)
+        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim)
+
+    def images(self, metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
+        """Pixels of stored items from the source the record names (None where a file no longer reads)."""
+        got = stored_pixels(self.record.protocol, metadatas, self.max_pixels)
+        return [None if isinstance(im, Unreadable) else im for im in got]
+
+    def neighbours(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        labels: Sequence[int | str] | None = None,
+        split: str | None = None,
+        exclude: Collection[str] = (),
+        metadata: bool = True,
+    ) -> list[list[Neighbor]]:
+        """The ``k`` nearest stored items to each row of ``vectors`` ``(n, dim)``, nearest first.
+
+        Only items with one of ``labels`` (ints or names) and of ``split``, never those in
+        ``exclude``. ``metadata=False`` returns ids and distances only (faster, for evaluation).
+        """
+        if k < 1:
+            raise InputError(f"--k must be at least 1, got {k}")
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.record.embedder.dim:
+            raise InputError(f"query vectors must be (n, {self.record.embedder.dim}) for {self.name!r}, got shape {vectors.shape}")
+        return self._col.query(vectors, k, self.where(labels, split), exclude=exclude, metadata=metadata)
+
+    # -- for lookalike check -------------------------------------------------------------------------
+
+    def collection(self) -> VectorCollection:
+        """The store-level collection (for :mod:`lookalike.check`)."""
+        return self._col
+
+
+def list_collections(store: Store) -> list[CollectionInfo]:
+    """Every collection of ``store`` with its count, dataset and embedder (an unreadable record shows as ``?``)."""
+    from lookalike.errors import StoreError
+
+    out = []
+    for name in store.names():
+        try:
+            out.append(Gallery(store, name).info())
+        except StoreError as exc:
+            log.warning("%s", exc)
+            out.append(CollectionInfo(name, store.open(name).count(), "?", "?"))
+    return out

@@ -1,0 +1,37 @@
+"""Small helpers shared by several modules: file hashing, pinned files, label names, short messages."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from lookalike.errors import EmbedderError
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (pins a source, weights or model file in a collection's record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_pinned_file(path: Path, sha256: str | None, what: str, fix: str) -> None:
+    """EmbedderError unless ``path`` exists with content ``sha256`` (when given); ``fix`` ends the missing-file message."""
+    if not path.is_file():
+        raise EmbedderError(f"{what} {path} is missing: restore it, or {fix}")
+    if sha256 and file_sha256(path) != sha256:
+        raise EmbedderError(f"{what} {path} changed since the collection was built: restore it or re-ingest into a new collection")
+
+
+def label_name(names: Sequence[str], label: int) -> str:
+    """The name of integer ``label`` (its number as text when unnamed)."""
+    return str(names[label]) if 0 <= label < len(names) else str(label)
+
+
+def first_line(exc: BaseException, width: int = 120) -> str:
+    """``TypeName: first line of the message``, cut to ``width`` characters (for one-line errors)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:width] if text else type(exc).__name__
