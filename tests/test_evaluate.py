@@ -37,9 +37,12 @@ def test_accuracy_matches_sklearn_on_noisy_data(tmp_path: Path, db: str, fake_em
         for k in (1, 5):
             r = evaluate(g, k=k)
             ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(flat[:300], y[:300])
-            assert r.exact_accuracy == pytest.approx(float((ref.predict(flat[300:]) == y[300:]).mean()), abs=0.021)
+            sk = float((ref.predict(flat[300:]) == y[300:]).mean())
+            if k == 1:  # no vote: exactly sklearn's answer
+                assert r.exact_accuracy == pytest.approx(sk)
+            else:  # sklearn breaks vote ties by the smaller label, lookalike by the nearer one
+                assert r.exact_accuracy == pytest.approx(sk, abs=0.021)
             assert r.recall_at_1 >= 0.99 and abs(r.accuracy - r.exact_accuracy) <= 0.02
-            assert 0.0 < r.accuracy < 0.4
             assert r.accuracy_1nn == evaluate(g, k=1).accuracy
             assert len(r.mistakes) == round((1 - r.accuracy) * r.n_queries)
 
