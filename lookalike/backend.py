@@ -1,4 +1,4 @@
-"""TensorFlow / Keras helpers: the only place that builds Keras models (imported lazily, on first use).
+"""TensorFlow / Keras helpers: VGG16 and model files for the embedders and training (imported lazily, on first use).
 
 ``quiet_native_stderr`` silences TensorFlow's C++ start-up chatter, ``dtype_policy`` switches Keras to
 ``mixed_bfloat16``, ``make_vgg16`` builds VGG16 cut at a layer with ImageNet, seeded random or file
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from lookalike.embedder import EmbedderSpec
 
 log = logging.getLogger(__name__)
+# Redirecting fd 2 and Keras's global dtype policy are process-wide: one thread at a time changes them
+_global_state = threading.RLock()
 
 
 @contextmanager
@@ -35,20 +38,21 @@ def quiet_native_stderr() -> Iterator[None]:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with _global_state:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
+            yield
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
 
 
 @contextmanager
@@ -57,14 +61,16 @@ def dtype_policy(precision: str) -> Iterator[None]:
     import keras
 
     if precision != "bfloat16":
-        yield
+        with _global_state:  # no other thread's bfloat16 policy while these layers are made
+            yield
         return
-    saved = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(saved)
+    with _global_state:
+        saved = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            yield
+        finally:
+            keras.mixed_precision.set_global_policy(saved)
 
 
 def make_vgg16(spec: EmbedderSpec) -> Any:

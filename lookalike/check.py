@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1000  # ids per vector read-back
 SELF_QUERIES = 200  # stored vectors queried to see that the index finds them
+PARTITION_SELF_QUERIES = 20  # and in each label partition
 
 
 @dataclass
@@ -97,7 +98,8 @@ def _check_items(g: Gallery) -> CheckReport:
     unreadable = _unreadable_vectors(col, ids, g.record.embedder.dim)
     if unreadable:
         problems.append(f"{len(unreadable)} of {len(ids)} items have no readable vector (e.g. {unreadable[0]!r})")
-    readable = [i for i in ids if i not in set(unreadable)]
+    bad = set(unreadable)
+    readable = [i for i in ids if i not in bad]
     lost = _self_query(col, readable)
     if lost:
         problems.append(lost)
@@ -111,6 +113,10 @@ def _check_items(g: Gallery) -> CheckReport:
             have = set(part.scan(vectors=False, metadatas=False)[0]) if part is not None else set()
             partitions[g.label_name(label)] = len(have)
             missing, extra = len(want - have), len(have - want)
+            lost_in_part = _self_query(part, sorted(have), PARTITION_SELF_QUERIES) if part is not None else ""
+            if lost_in_part:
+                partition_trouble = True
+                problems.append(f"label partition {g.label_name(label)!r}: {lost_in_part}")
             if missing or extra:
                 partition_trouble = True
                 problems.append(
@@ -153,12 +159,12 @@ def _unreadable_vectors(col: VectorCollection, ids: Sequence[str], dim: int) -> 
     return bad
 
 
-def _self_query(col: VectorCollection, ids: Sequence[str]) -> str:
+def _self_query(col: VectorCollection, ids: Sequence[str], n: int = SELF_QUERIES) -> str:
     """A problem line when stored vectors do not find themselves (or a vector at distance 0) through the index; else ''."""
     if not ids:
         return ""
     rng = np.random.default_rng(0)
-    sample = [ids[i] for i in sorted(rng.choice(len(ids), size=min(SELF_QUERIES, len(ids)), replace=False))]
+    sample = [ids[i] for i in sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))]
     try:
         got_ids, vecs, _ = col.get(sample, vectors=True)
         assert vecs is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -57,6 +58,21 @@ def _open(collection: str | None, db: str | None, wait: float | None, max_pixels
     from lookalike.gallery import Gallery
 
     return Gallery.open(collection, db, wait=wait, max_pixels=max_pixels)
+
+
+def _dumps(obj: Any) -> str:
+    """JSON for ``--json``: NaN and infinities (an undefined silhouette, an instant query) become null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -196,7 +212,7 @@ def ingest(
             progress=progress,
         )
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(_dumps(report.to_dict()))
         return
     added = ", ".join(f"{k} {v}" for k, v in report.added.items())
     stored = ", ".join(f"{k} {v}" for k, v in report.stored.items())
@@ -236,7 +252,7 @@ def search(
         if save:
             path = save_picture(gallery, hits, save, image=image, id=id)
     if as_json:
-        typer.echo(json.dumps([h.to_dict() for h in hits], indent=2))
+        typer.echo(_dumps([h.to_dict() for h in hits]))
     else:
         typer.echo(f"{'rank':>4}  {'id':<28} {'label':<12} {'distance':>9}")
         for h in hits:
@@ -273,7 +289,7 @@ def evaluate(
     for path in saved:
         typer.echo(f"saved {path}", err=as_json)
     if as_json:
-        typer.echo(json.dumps(r.to_dict(), indent=2))
+        typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(f"collection {r.collection!r}: {r.embedder}")
     rows = [
@@ -340,7 +356,7 @@ def clusters(
         if out:
             typer.echo(f"saved {save_disagreement_picture(gallery, r, out)}", err=as_json)
     if as_json:
-        typer.echo(json.dumps(r.to_dict(), indent=2))
+        typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(f"collection {r.collection!r}: k-means, k={r.k}, on the {r.on} of {r.n_items} items ({r.seconds:.1f} s)")
     typer.echo(f"  cluster accuracy  {r.cluster_accuracy:.4f}  (clusters matched to labels, Hungarian)")
@@ -396,7 +412,7 @@ def compare(
     if out:
         typer.echo(f"saved {save_compare_picture(r, out)}", err=as_json)
     if as_json:
-        typer.echo(json.dumps(r.to_dict(), indent=2))
+        typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(f"{r.dataset} ({r.protocol}), accuracy of held-out items through the store")
     typer.echo(f"{'embedder':<52} {'dim':>6} {'1-NN':>7} {f'{r.k}-NN':>7} {'silh.':>7} {'img/s':>8}")
@@ -416,7 +432,7 @@ def collections(db: DbOpt = None, wait: WaitOpt = None, as_json: JsonOpt = False
     with Store(db, wait=wait) as store:
         infos = list_collections(store)
     if as_json:
-        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        typer.echo(_dumps([i.to_dict() for i in infos]))
         return
     if not infos:
         typer.echo("no collections")
@@ -452,7 +468,7 @@ def check(
     with Store(db, wait=wait) as store:
         r = run_repair(store, collection) if repair else run_check(store, collection)
     if as_json:
-        typer.echo(json.dumps(r.to_dict(), indent=2))
+        typer.echo(_dumps(r.to_dict()))
     else:
         counts = ", ".join(f"{k} {v}" for k, v in r.counts.items())
         typer.echo(f"collection {r.collection!r} in {r.db}: {r.count} items ({counts})")
@@ -562,7 +578,7 @@ def train(
     except KeyboardInterrupt:
         raise _fail(f"interrupted: no model was written to {out}", 130) from None
     if as_json:
-        typer.echo(json.dumps(r.to_dict(), indent=2))
+        typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(
         f"model:    {r.out} ({r.dim}-d, {r.description['weights']} VGG16 {r.description['layer']} + {r.description['head']}, "

@@ -133,6 +133,12 @@ def compare(
         for text, spec in specs:
             model = build_embedder(spec)
             name = collection_name(ds.name, text, spec, ds.protocol)
+            if st.exists(name):
+                try:
+                    Gallery(st, name)
+                except StoreError as exc:  # not a lookalike collection, or its record is damaged
+                    fix = f"drop it with `lookalike drop {name}` and compare again"
+                    raise StoreError(f"collection {name!r}, compare's name for --embedder {text}, cannot be used ({exc}): {fix}") from None
             try:
                 ingest(
                     dataset,

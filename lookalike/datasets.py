@@ -15,6 +15,7 @@ import gzip
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,7 @@ def stored_pixels(
 
 
 _ARRAY_CACHE: dict[tuple[str, str | None], dict[str, np.ndarray]] = {}
+_CACHE_LOCK = threading.RLock()  # a Gallery's threads read stored pixels at once
 
 
 def _resolve_source(name: str, source: str | os.PathLike[str] | None) -> Path | None:
@@ -176,15 +178,16 @@ def _resolve_source(name: str, source: str | os.PathLike[str] | None) -> Path | 
 def _read_arrays(name: str, source_file: str | None) -> dict[str, np.ndarray]:
     """x_train, y_train, x_test, y_test of mnist/fashion-mnist, from a file or Keras's cache."""
     key = (name, source_file)
-    if key in _ARRAY_CACHE:
-        return _ARRAY_CACHE[key]
-    if source_file is not None:
-        arrays = _read_npz(Path(source_file), name)
-    else:
-        arrays = _keras_download(name)
-    _ARRAY_CACHE.clear()  # keep one dataset in memory at most
-    _ARRAY_CACHE[key] = arrays
-    return arrays
+    with _CACHE_LOCK:
+        if key in _ARRAY_CACHE:
+            return _ARRAY_CACHE[key]
+        if source_file is not None:
+            arrays = _read_npz(Path(source_file), name)
+        else:
+            arrays = _keras_download(name)
+        _ARRAY_CACHE.clear()  # keep one dataset in memory at most
+        _ARRAY_CACHE[key] = arrays
+        return arrays
 
 
 def _read_npz(path: Path, name: str) -> dict[str, np.ndarray]:
@@ -315,15 +318,16 @@ def mnist_sample_path() -> Path:
 def _sample_arrays() -> dict[str, np.ndarray]:
     path = mnist_sample_path()
     key = ("mnist-sample", str(path))
-    if key not in _ARRAY_CACHE:
-        with gzip.open(path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
-        _ARRAY_CACHE.clear()
-        _ARRAY_CACHE[key] = {
-            "x_train": table[:, :-1].reshape(-1, 28, 28).astype(np.uint8),
-            "y_train": table[:, -1].astype(int),
-        }
-    return _ARRAY_CACHE[key]
+    with _CACHE_LOCK:
+        if key not in _ARRAY_CACHE:
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+            _ARRAY_CACHE.clear()
+            _ARRAY_CACHE[key] = {
+                "x_train": table[:, :-1].reshape(-1, 28, 28).astype(np.uint8),
+                "y_train": table[:, -1].astype(int),
+            }
+        return _ARRAY_CACHE[key]
 
 
 def _mnist_sample(limit: int | None, test_size: float | None, seed: int) -> Dataset:

@@ -5,7 +5,7 @@ pooling, normalisation, input size, dimension, preprocessing). Collections recor
 :func:`build_embedder` rebuilds the identical embedder from it, so a later search by image needs no
 options repeated. TensorFlow is imported only when a VGG16 embedder is built.
 
-Defaults were chosen by measurement (README, "Choosing the embedder"): on the seed protocol with
+Defaults were chosen by measurement (docs/embedder.md): on the seed protocol with
 seeded random weights, ``block4_pool`` + global max pooling + L2 gives 512-d vectors with 1-NN 0.919,
 against 0.911 for ``block5_pool`` and 0.935 for the 2048-d flattened ``block4_pool`` (which is 4x
 slower to index and query in Chroma).
@@ -98,8 +98,8 @@ def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
     """``bfloat16`` where the CPU computes it natively (AVX512-BF16 or AMX), else ``float32``.
 
     On this project's 2-core AMD EPYC (Zen 4) bfloat16 VGG16 embeds 1.9x faster, and its vectors
-    agree with float32 ones to cosine >= 0.99998 (max abs difference 0.0013 on unit vectors); README
-    "Performance". Elsewhere bfloat16 is emulated and slower, so float32 stays the default there.
+    agree with float32 ones to cosine >= 0.99998 (max abs difference 0.0013 on unit vectors);
+    docs/performance.md. Elsewhere bfloat16 is emulated and slower, so float32 stays the default there.
     """
     try:
         with open(cpuinfo) as f:

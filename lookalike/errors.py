@@ -1,4 +1,4 @@
-"""One exception family for the library; the front-ends turn each into one line (or one JSON error)."""
+"""One exception family for the library; the CLI turns each into one line on stderr and an exit code."""
 
 from __future__ import annotations
 

@@ -74,16 +74,16 @@ def evaluate(gallery: Gallery, *, k: int = 1) -> EvalReport:
     answers = gallery.neighbours(test_vecs, k, exclude=set(test_ids), metadata=False)
     query_seconds = time.perf_counter() - t0
     row = {id_: i for i, id_ in enumerate(train_ids)}
+    if any(len(a) != k for a in answers):
+        raise StoreError(
+            f"collection {gallery.name!r} gave fewer than {k} neighbours for some items: run `lookalike check --collection {gallery.name}`"
+        )
     try:
         store_nn = np.array([[row[n.id] for n in a] for a in answers])
     except KeyError as exc:
         raise StoreError(
             f"collection {gallery.name!r} answered with {exc}, an id it does not list: run `lookalike check --collection {gallery.name}`"
         ) from None
-    if store_nn.shape != (len(test_ids), k):
-        raise StoreError(
-            f"collection {gallery.name!r} gave fewer than {k} neighbours for some items: run `lookalike check --collection {gallery.name}`"
-        )
     exact_nn, exact_d2 = exact_neighbours(test_vecs, train_vecs, k)
 
     pred = vote(y_train[store_nn])

@@ -188,7 +188,8 @@ class Gallery:
         """Use an embedder already built (it must have the record's spec)."""
         if embedder.spec != self.record.embedder:
             raise InputError(f"embedder [{embedder.spec.describe()}] is not the one of {self.name!r} [{self.record.embedder.describe()}]")
-        self._embedder = embedder
+        with self._embed_lock:
+            self._embedder = embedder
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Vectors ``(n, dim)`` of uint8 images, with the collection's embedder (one call at a time)."""

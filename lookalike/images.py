@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as Pillow ships it
 _pillow_lock = threading.Lock()
+_default: int | None = None  # Pillow's limit before any widening
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,15 @@ class Unreadable:
 
 
 def default_max_pixels() -> int:
-    """Pillow's pixel limit as it stands (``PIL.Image.MAX_IMAGE_PIXELS``), or Pillow's shipped default when unset."""
+    """Pillow's pixel limit as this process found it (``PIL.Image.MAX_IMAGE_PIXELS`` before lookalike widened it for a
+    larger ``--max-pixels``), or Pillow's shipped default when unset."""
+    global _default
     from PIL import Image
 
-    return int(Image.MAX_IMAGE_PIXELS or PILLOW_MAX_PIXELS)
+    with _pillow_lock:
+        if _default is None:
+            _default = int(Image.MAX_IMAGE_PIXELS or PILLOW_MAX_PIXELS)
+        return _default
 
 
 def check_max_pixels(max_pixels: int | None) -> int:
@@ -67,7 +73,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
     Grey stays grey (also a palette image whose colours are all grey); 16- and 32-bit images are
     rescaled to 0-255, not clipped; anything else becomes RGB.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     p = Path(path)
     limit = check_max_pixels(max_pixels)
@@ -85,7 +91,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(found.group(1)):,} pixels" if found else "a decompression bomb"
         return Unreadable(str(p), "too-large", f"{size}, over the limit of {limit:,}")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as exc:
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, IndexError... on damaged files
         log.info("unreadable image %s: %s", p, exc)
         return Unreadable(str(p), "unreadable", type(exc).__name__)
 
@@ -105,6 +111,7 @@ def _allow(limit: int) -> None:
     """
     from PIL import Image
 
+    default_max_pixels()  # remember Pillow's own limit before changing it
     with _pillow_lock:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # idempotent: no duplicate filter
         current = Image.MAX_IMAGE_PIXELS

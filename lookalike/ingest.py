@@ -119,13 +119,7 @@ def ingest(
         except NotFoundError:
             store = None  # no store yet: it is created only once there is something to write
     try:
-        gallery = Gallery(store, name) if store is not None and store.exists(name) else None
-        have: set[str] = set()
-        if gallery is not None:
-            gallery.record.check_compatible(record, name)
-            have = gallery.existing_ids([it.id for it in ds.items])
-        todo = [it for it in ds.items if it.id not in have]
-        log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), len(have), len(todo))
+        gallery, have, todo = _plan(ds, record, name, store)
         started = time.perf_counter()
         added = dict.fromkeys(SPLITS, 0)
         skipped: list[tuple[str, Unreadable]] = []
@@ -134,6 +128,7 @@ def ingest(
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
             if store is None:
                 store = Store(db, create=True, wait=wait)
+                gallery, have, todo = _plan(ds, record, name, store)  # another process may have made it meanwhile
             if gallery is None:
                 gallery = Gallery.create(store, name, record)
             _stream(ds, todo, model_obj, gallery, batch_size, added, skipped, progress)
@@ -146,6 +141,18 @@ def ingest(
     unreadable = [loc for loc, u in skipped if u.reason != "too-large"]
     too_large = [loc for loc, u in skipped if u.reason == "too-large"]
     return IngestReport(name, where, ds.name, spec.describe(), added, len(have), unreadable, stored, seconds, too_large)
+
+
+def _plan(ds: Dataset, record: Record, name: str, store: Store | None) -> tuple[Gallery | None, set[str], list]:
+    """(the collection if it exists, the ids it already holds, the items to embed); refuses an incompatible collection."""
+    gallery = Gallery(store, name) if store is not None and store.exists(name) else None
+    have: set[str] = set()
+    if gallery is not None:
+        gallery.record.check_compatible(record, name)
+        have = gallery.existing_ids([it.id for it in ds.items])
+    todo = [it for it in ds.items if it.id not in have]
+    log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), len(have), len(todo))
+    return gallery, have, todo
 
 
 def _stream(

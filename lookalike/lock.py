@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from lookalike.errors import LockedError, StoreError
+from lookalike.errors import InputError, LockedError, StoreError
 
 LOCK_FILE = "lookalike.lock"
 POLL = 0.2  # seconds between tries while waiting
@@ -58,18 +58,29 @@ class StoreLock:
     """
 
     def __init__(self, directory: Path, wait: float | None = None) -> None:
+        if wait is not None and wait < 0:
+            raise InputError(f"--wait must be 0 or more seconds, got {wait:g}")
         self.directory = directory.resolve()
         self._key = str(self.directory)
         self._closed = False
-        with _guard:
-            if self._key in _held:
-                fd, refs = _held[self._key]
-                _held[self._key] = (fd, refs + 1)
-                return
-            fd = self._acquire(wait)
-            _held[self._key] = (fd, 1)
+        deadline = time.monotonic() + (wait or 0)
+        while True:
+            with _guard:  # held only for one try: other threads are not kept waiting while this one polls
+                if self._key in _held:
+                    fd, refs = _held[self._key]
+                    _held[self._key] = (fd, refs + 1)
+                    return
+                fd = self._try()
+                if fd is not None:
+                    _held[self._key] = (fd, 1)
+                    self._note(fd)
+                    return
+            if time.monotonic() >= deadline:
+                raise LockedError(self._refusal(wait))
+            time.sleep(POLL)
 
-    def _acquire(self, wait: float | None) -> int:
+    def _try(self) -> int | None:
+        """The locked descriptor of the lock file, or None when another process holds it."""
         import fcntl
 
         path = self.directory / LOCK_FILE
@@ -77,20 +88,20 @@ class StoreLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot create the lock file {path} ({exc.strerror or exc}): pass --db a writable directory") from None
-        deadline = time.monotonic() + (wait or 0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise LockedError(self._refusal(wait)) from None
-                time.sleep(POLL)
-        info = {"pid": os.getpid(), "command": _command(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
         return fd
+
+    @staticmethod
+    def _note(fd: int) -> None:
+        """Write who holds the lock into it (best effort: a full disk must not leave a lock unrecorded)."""
+        info = {"pid": os.getpid(), "command": _command(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
 
     def _refusal(self, wait: float | None) -> str:
         info = holder(self.directory)

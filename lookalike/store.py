@@ -15,6 +15,7 @@ Chroma raises becomes a :class:`~lookalike.errors.StoreError` naming the fix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -76,6 +77,12 @@ def _chroma_error(exc: Exception, db: str, collection: str | None) -> StoreError
     text = first_line(exc)
     if isinstance(exc, ChromaNotFound):
         return NotFoundError(f"the store at {db} has no {text.split(': ', 1)[-1]}: list them with `lookalike collections`")
+    if "already exists" in text:
+        return StoreError(f"the store at {db} refused ({text}): another process made it just now; run the command again")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+        return StoreError(
+            f"the store at {db} cannot be written ({text}): free disk space or fix its permissions, then run the command again"
+        )
     if is_server(db) and (isinstance(exc, (ConnectionError, OSError)) or "connect" in text.lower() or "timed out" in text.lower()):
         return StoreError(f"cannot reach the Chroma server at {db} ({text}): is `chroma run` still running?")
     where = f" on collection {collection!r}" if collection else ""
@@ -370,19 +377,24 @@ class Store:
 
     def __init__(self, db: str | os.PathLike[str] | None = None, *, create: bool = False, wait: float | None = None) -> None:
         self._lock: StoreLock | None = None
+        self._client: Any = None
         self.db = str(db) if db is not None else default_db()
         if is_server(self.db):
             self._client = _http_client(self.db)
         else:
-            path = _local_dir(Path(self.db).expanduser(), create)
+            path = _local_dir(Path(self.db).expanduser(), create).resolve()
             self._lock = StoreLock(path, wait)
             try:
                 self._client = _persistent_client(path)
             except BaseException:
-                self._lock.close()
+                self.close()
                 raise
-        with _chroma(self.db):
-            self.max_batch = int(self._client.get_max_batch_size())
+        try:
+            with _chroma(self.db):
+                self.max_batch = int(self._client.get_max_batch_size())
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> Store:
         return self
@@ -395,14 +407,17 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Release the client and, for a local directory, this process's lock on it."""
-        if self._lock is not None:
-            close = getattr(self._client, "close", None)
+        """Release the client and, for a local directory, this process's lock on it (the lock even if closing fails)."""
+        client, self._client = self._client, None
+        lock, self._lock = self._lock, None
+        try:
+            close = getattr(client, "close", None)
             if close is not None:
-                with _chroma(self.db):
+                with contextlib.suppress(Exception):  # a client that fails to close must not keep the lock
                     close()
-            self._lock.close()
-            self._lock = None
+        finally:
+            if lock is not None:
+                lock.close()
 
     def names(self) -> list[str]:
         """The collections' names (label partitions are hidden)."""
@@ -441,13 +456,26 @@ class Store:
         return VectorCollection(col, self, partitioned)
 
     def create(self, name: str, record_json: str, partitioned: bool) -> VectorCollection:
-        """A new collection holding ``record_json`` in its metadata; leftovers of partitions of the same name are removed first."""
+        """A new collection holding ``record_json`` in its metadata.
+
+        Refused when ``name`` exists (nothing is touched then). Partitions left by an earlier
+        collection of the same name (a crash between dropping them and it) are removed only once
+        the new collection exists.
+        """
         check_name(name)
-        self.drop_partitions(name)
-        with _chroma(self.db, name):
+        if any(existing == name for existing, _ in self.all_collections()):
+            raise StoreError(
+                f"collection {name!r} already exists in {self.db}: run the command again to add to it, or choose another --collection"
+            )
+        try:
             col = self._client.create_collection(
                 name, configuration={"hnsw": dict(HNSW)}, metadata={RECORD_KEY: record_json}, embedding_function=None
             )
+        except Exception as exc:
+            if "already exists" in str(exc):  # another client of a server made it just now
+                raise StoreError(f"collection {name!r} was just created by another process: run the command again to add to it") from None
+            raise _chroma_error(exc, self.db, name) from None
+        self.drop_partitions(name)
         return VectorCollection(col, self, partitioned)
 
     def drop(self, name: str) -> None:

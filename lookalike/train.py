@@ -7,7 +7,7 @@ so each class is pulled together on the unit sphere where Chroma's distances are
 (``loss="softmax"``: a plain classifier on the same head). Only the dataset's ``train`` items are
 used (the held-out items are never seen); a stratified ``validation`` slice of them drives early
 stopping, and the weights of the best validation epoch are kept. Batches are shifted by up to
-``shift`` pixels (seeded augmentation). Defaults were chosen by measurement (README, "Fine-tuning").
+``shift`` pixels (seeded augmentation). Defaults were chosen by measurement (docs/fine-tuning.md).
 
 The saved file is a plain Keras ``.keras`` model (input ``(N, S, S, 3)`` VGG16-preprocessed, output
 ``(N, dim)`` unit vectors) with a ``lookalike.json`` entry describing how it was made; it is written

@@ -166,18 +166,19 @@ def write_rows(ids: list[str], vectors: np.ndarray, metas: list[dict[str, Any]],
     from lookalike.record import Record
     from lookalike.store import Store
 
-    store = Store(str(root / "writes"), create=True)
-    names = sorted({str(m["label_name"]) for m in metas}, key=lambda n: int(n) if n.isdigit() else n)
-    record = Record(EmbedderSpec(dim=vectors.shape[1]), {"dataset": "mnist"}, names)
-    col = Gallery.create(store, "ours", record)  # with label partitions, as ingest
-    ours = _timed(lambda: col.add(ids, vectors, metas))
-    plain = store._client.create_collection("plain", embedding_function=None, metadata={"hnsw:space": "l2"})
+    with Store(str(root / "writes"), create=True) as store:
+        names = sorted({str(m["label_name"]) for m in metas}, key=lambda n: int(n) if n.isdigit() else n)
+        record = Record(EmbedderSpec(dim=vectors.shape[1]), {"dataset": "mnist"}, names)
+        col = Gallery.create(store, "ours", record)  # with label partitions, as ingest
+        ours = _timed(lambda: col.add(ids, vectors, metas))
+        plain = store._client.create_collection("plain", embedding_function=None, metadata={"hnsw:space": "l2"})
 
-    def loop() -> None:
-        for i in range(0, len(ids), 256):
-            plain.add(ids=ids[i : i + 256], embeddings=vectors[i : i + 256], metadatas=metas[i : i + 256])
+        def loop() -> None:
+            for i in range(0, len(ids), 256):
+                plain.add(ids=ids[i : i + 256], embeddings=vectors[i : i + 256], metadatas=metas[i : i + 256])
 
-    base = _timed(loop)
+        base = _timed(loop)
+
     return {"vectors": len(ids), "ours_vectors_per_s": len(ids) / ours, "plain_loop_vectors_per_s": len(ids) / base, "ratio": base / ours}
 
 

@@ -4,7 +4,7 @@
 
 The seed protocol: the first 5,000 MNIST training digits, the first 1,000 held out, 1-NN (exact,
 Euclidean) against the other 4,000. This is the evidence behind lookalike's default embedder
-(README, "Choosing the embedder"). Weights: ``random`` (seeded, as ``--weights random``),
+(docs/embedder.md). Weights: ``random`` (seeded, as ``--weights random``),
 ``imagenet`` (needs internet once) or a weights file.
 """
 

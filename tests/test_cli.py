@@ -282,3 +282,45 @@ def test_explore_bad_input(runner: CliRunner, tiny_npz: Path, db: str, tmp_path:
     r = runner.invoke(app, argv)
     assert r.exit_code != 0 and message in one_line_error(r)
     assert Store(db).names() == ["mnist"] and Store(db).open("mnist").count() == 250
+
+
+def test_every_command_opens_the_store_once(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path, monkeypatch) -> None:
+    opened: list[str] = []
+    real_init = Store.__init__
+
+    def counting(self: Store, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # a store that does not exist yet is not opened: count what opens
+        opened.append(self.db)
+
+    monkeypatch.setattr(Store, "__init__", counting)
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "q.png")
+    png = str(tmp_path / "out.png")
+    commands = [
+        ["ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels"],
+        ["search", "--id", "mnist:test:0", "--save", png],
+        ["search", "--image", str(tmp_path / "q.png"), "--save", png],
+        ["evaluate", "--plot", png, "--errors", png],
+        ["map", "--method", "pca", "--out", png],
+        ["clusters", "--out", png],
+        ["check"],
+        ["collections"],
+        ["compare", "mnist", "--source", str(tiny_npz), "--limit", "60", "--test-size", "20", "--embedder", "pixels",
+         "--embedder", "pixels:normalize=l2"],
+        ["quickstart", "--offline", "--limit", "60", "--test-size", "20", "--out", png],
+        ["drop", "mnist"],
+    ]  # fmt: skip
+    for args in commands:
+        opened.clear()
+        r = runner.invoke(app, [*args, "--db", db])
+        assert r.exit_code == 0, (args, r.output)
+        assert opened == [db], (args, opened)
+
+
+def test_json_output_has_no_nan() -> None:
+    from lookalike.cli import _dumps
+
+    assert json.loads(_dumps({"silhouette": float("nan"), "rate": float("inf"), "rows": [1.5, float("-inf")]})) == {
+        "silhouette": None,
+        "rate": None,
+        "rows": [1.5, None],
+    }

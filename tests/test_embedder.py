@@ -80,7 +80,7 @@ def test_bfloat16_vectors_agree_with_float32_ones(vgg_random: Embedder) -> None:
     x, _ = make_digits(8, seed=5)
     fast, exact = build_embedder(spec).embed(list(x)), vgg_random.embed(list(x))
     assert fast.dtype == np.float32 and np.allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
-    assert (fast * exact).sum(1).min() > 0.9999  # documented tolerance (README "Performance")
+    assert (fast * exact).sum(1).min() > 0.9999  # documented tolerance (docs/performance.md)
     assert np.abs(fast - exact).max() > 0  # it really computed in bfloat16
 
 

@@ -75,3 +75,16 @@ def test_bad_evaluations(tiny_npz: Path, db: str, fake_embedder) -> None:
         only_train.add(["a:train:1"], np.zeros((1, 64), np.float32), [{"label": 1, "label_name": "1", "split": "train"}])
         with pytest.raises(StoreError, match="no held-out"):
             evaluate(only_train)
+
+
+def test_a_short_answer_from_the_store_names_check(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = gallery.neighbours
+
+    def short(vectors, k, **kwargs):
+        rows = real(vectors, k, **kwargs)
+        rows[0] = rows[0][:-1]  # a store that lost items answers short
+        return rows
+
+    monkeypatch.setattr(gallery, "neighbours", short)
+    with pytest.raises(StoreError, match="lookalike check --collection mnist"):
+        evaluate(gallery, k=3)

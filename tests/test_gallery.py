@@ -60,23 +60,36 @@ def test_a_short_probe_is_widened_until_k_are_found(gallery: Gallery) -> None:
     assert len(row) == 5 and {n.id for n in row} <= set(ids[240:])
 
 
-def test_the_embedder_is_built_once_and_shared_between_threads(gallery: Gallery, tiny_npz: Path) -> None:
+def test_the_embedder_is_built_once_and_shared_between_threads(gallery: Gallery, tiny_npz: Path, monkeypatch) -> None:
+    import time
+
+    import lookalike.gallery as gallery_mod
+
     with np.load(tiny_npz) as f:
         images = list(f["x_test"][:8])
     expected = gallery.embed(images)
-    first = gallery.embedder
+    fresh = Gallery.open(store=gallery.store)  # no embedder built yet
+    builds: list[int] = []
+    real_build = gallery_mod.build_embedder
+
+    def slow_build(spec):  # a slow build (like VGG16's) widens the window for a second one
+        builds.append(1)
+        time.sleep(0.2)
+        return real_build(spec)
+
+    monkeypatch.setattr(gallery_mod, "build_embedder", slow_build)
     results: list[np.ndarray] = []
 
     def work() -> None:
         for im in images:
-            results.append(gallery.embed([im])[0])
+            results.append(fresh.embed([im])[0])
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert gallery.embedder is first and len(results) == 32
+    assert len(builds) == 1 and len(results) == 32
     assert all(any(np.array_equal(r, e) for e in expected) for r in results)
 
 

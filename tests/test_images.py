@@ -58,3 +58,22 @@ def test_resize_handles_grey_colour_and_any_size() -> None:
         resize(np.zeros((5, 5), np.float32), 8, "L")
     with pytest.raises(InputError, match="shape"):
         resize(np.zeros((5, 5, 4), np.uint8), 8, "L")
+
+
+def test_a_larger_limit_does_not_change_the_default(tmp_path: Path) -> None:
+    Image.new("L", (10, 10)).save(tmp_path / "s.png")
+    read_image(tmp_path / "s.png", max_pixels=400_000_000)  # widens Pillow's own guard for this call's sake
+    assert default_max_pixels() == PILLOW_MAX_PIXELS
+
+
+def test_any_pillow_failure_is_an_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+
+    Image.new("L", (10, 10)).save(tmp_path / "s.png")
+
+    def damaged(*a: object, **k: object) -> None:
+        raise struct.error("unpack requires a buffer of 4 bytes")  # what some damaged PNGs and TIFFs raise
+
+    monkeypatch.setattr(Image, "open", damaged)
+    got = read_image(tmp_path / "s.png")
+    assert isinstance(got, Unreadable) and got.reason == "unreadable" and got.detail == "error"

@@ -117,3 +117,23 @@ def test_ingest_into_a_given_store_leaves_it_open(tiny_npz: Path, db: str, fake_
         ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="one", store=store)
         ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="two", store=store)
         assert store.names() == ["one", "two"]  # still usable: ingest did not close what it was given
+
+
+def test_a_collection_made_meanwhile_is_resumed_not_replaced(tiny_npz: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first ingests into a store that does not exist yet: the later one finds the earlier one's work."""
+    import importlib
+
+    ingest_mod = importlib.import_module("lookalike.ingest")  # the package attribute is the function
+
+    real_build = ingest_mod.build_embedder
+
+    def build_while_another_ingests(spec):  # the slow model build of the second process, while the first writes
+        monkeypatch.setattr(ingest_mod, "build_embedder", real_build)
+        ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
+        return real_build(spec)
+
+    monkeypatch.setattr(ingest_mod, "build_embedder", build_while_another_ingests)
+    report = ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)
+    assert report.added == {"train": 0, "test": 0} and report.already_stored == 250
+    with Gallery.open(db=db) as g:
+        assert g.count() == 250 and len(g.neighbours(g.vector("mnist:test:0"), 5, labels=[3])[0]) == 5

@@ -128,3 +128,10 @@ def test_closing_a_gallery_releases_the_store_for_others(tiny_npz: Path, db: str
     with Store(db):
         pass
     assert not is_locked_here(Path(db))
+
+
+def test_a_negative_wait_is_a_bad_option(tmp_path: Path) -> None:
+    from lookalike.errors import InputError
+
+    with pytest.raises(InputError, match="--wait must be 0 or more"):
+        StoreLock(tmp_path, wait=-1)

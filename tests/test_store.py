@@ -104,10 +104,20 @@ def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch:
     assert not col.partitioned  # too many labels for partitions
     vecs = fill(col, n=60, dim=8)
     labels = np.arange(60) % 10
+    calls: list[tuple[int, object]] = []
+    real = col._query
+
+    def spy(vectors: np.ndarray, k: int, where: object, metadata: bool) -> list:
+        calls.append((k, where))
+        return real(vectors, k, where, metadata)
+
+    monkeypatch.setattr(col, "_query", spy)
     for i in range(10):  # the probe (32 of 60) often holds fewer than 4 of a label: then Chroma's where answers
         want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
         (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
         assert [int(n.id.rsplit(":", 1)[1]) for n in row] == want
+    assert calls[0] == (32, None)  # the unfiltered probe of max(4k + 16, PROBE)
+    assert any(where is not None for _, where in calls)  # and the where fallback answered some
 
 
 def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,3 +279,27 @@ def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: P
 def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="chroma run"):
         Store(f"http://127.0.0.1:{_free_port()}")
+
+
+def test_creating_an_existing_collection_touches_nothing(db: str) -> None:
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    fill(col, n=20, dim=8)
+    with pytest.raises(StoreError, match="already exists"):
+        create(s, "digits")
+    assert s.open("digits", partitioned=True).partition(0) is not None  # its label partitions are still there
+    (row,) = s.open("digits", partitioned=True).query(np.zeros((1, 8), np.float32), 2, where={"label": 0})
+    assert len(row) == 2
+
+
+def test_a_failing_client_close_still_releases_the_lock(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lookalike.lock import is_locked_here
+
+    s = Store(db, create=True)
+
+    def broken() -> None:
+        raise RuntimeError("close failed")
+
+    monkeypatch.setattr(s._client, "close", broken)
+    s.close()
+    assert not is_locked_here(Path(db))
