@@ -180,6 +180,8 @@ def ingest(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
     max_pixels: MaxPixelsOpt = None,
+    follow_links: Annotated[bool, typer.Option("--follow-links", help="Follow symbolic links that lead out of a folder")] = False,
+    decode_workers: Annotated[Optional[int], typer.Option(help="Threads decoding image files [default: the cores, at most 4]")] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
     wait: WaitOpt = None,
@@ -206,6 +208,8 @@ def ingest(
             model=model,
             batch_size=batch_size,
             max_pixels=max_pixels,
+            follow_links=follow_links,
+            decode_workers=decode_workers,
             collection=collection,
             db=db,
             wait=wait,
@@ -219,8 +223,18 @@ def ingest(
     typer.echo(f"collection {report.collection!r} in {report.db}: {report.dataset} with {report.embedder}")
     typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
-    typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s")
-    for what, files in (("unreadable files", report.skipped), ("images over the pixel limit (--max-pixels)", report.too_large)):
+    typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s (start-up excluded)")
+    if sum(report.added.values()):
+        typer.echo(
+            f"  stages  decode {report.decode_images_per_s:.0f} images/s ({report.decode_seconds:.1f} s, ahead on threads), "
+            f"embed {report.embed_images_per_s:.0f} images/s ({report.embed_seconds:.1f} s), write {report.write_seconds:.1f} s"
+        )
+    skips = (
+        ("unreadable files", report.skipped),
+        ("images over the pixel limit (--max-pixels)", report.too_large),
+        ("symbolic links out of the folder (--follow-links)", report.skipped_links),
+    )
+    for what, files in skips:
         if files:
             shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
             typer.echo(f"  skipped {len(files)} {what}: {shown}")

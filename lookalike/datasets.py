@@ -83,6 +83,8 @@ class Dataset:
     items: list[Item]
     protocol: dict[str, Any]  # recorded in the collection: what defines this set of items
     loader: Callable[[Sequence[Item]], list[np.ndarray | Unreadable]] = field(repr=False)
+    read_one: Callable[[Item], np.ndarray | Unreadable] | None = field(default=None, repr=False)  # files: one at a time
+    skipped_links: list[str] = field(default_factory=list)  # symbolic links out of a folder, not followed
 
     def load(self, items: Sequence[Item]) -> list[np.ndarray | Unreadable]:
         """Pixels of ``items`` in order; :class:`~lookalike.images.Unreadable` for a file that gives none."""
@@ -108,6 +110,8 @@ def load_dataset(
     test_size: float | None = None,
     seed: int = 0,
     max_pixels: int | None = None,
+    decode_size: int | None = None,
+    follow_links: bool = False,
 ) -> Dataset:
     """Open a dataset by name and apply the hold-out protocol.
 
@@ -116,7 +120,9 @@ def load_dataset(
     (the seed notebook's protocol). ``mnist-sample`` and ``folder`` have no official split: a
     seeded, stratified sample of ``limit`` items and a seeded, stratified hold-out (``test_size``
     items, or that fraction when below 1; 20% by default). Folder images over ``max_pixels`` (default:
-    Pillow's limit) load as :class:`~lookalike.images.Unreadable` ``too-large``.
+    Pillow's limit) load as :class:`~lookalike.images.Unreadable` ``too-large``; ``decode_size`` (the
+    embedder's input side) lets large files decode straight to about that size. Symbolic links in a
+    folder that point outside it are not followed (listed in ``skipped_links``) unless ``follow_links``.
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
@@ -134,7 +140,7 @@ def load_dataset(
         return _mnist_sample(limit, test_size, seed)
     if path is None:
         raise InputError("dataset 'folder' needs a PATH: lookalike ingest folder PATH (one subfolder per label)")
-    return _folder(Path(path), limit, test_size, seed, max_pixels)
+    return _folder(Path(path), limit, test_size, seed, max_pixels, decode_size, follow_links)
 
 
 def stored_pixels(
@@ -345,23 +351,32 @@ def _mnist_sample(limit: int | None, test_size: float | None, seed: int) -> Data
     )
 
 
-def _folder(root: Path, limit: int | None, test_size: float | None, seed: int, max_pixels: int | None) -> Dataset:
+def _folder(
+    root: Path,
+    limit: int | None,
+    test_size: float | None,
+    seed: int,
+    max_pixels: int | None,
+    decode_size: int | None = None,
+    follow_links: bool = False,
+) -> Dataset:
     root = root.expanduser()
     if not root.is_dir():
         raise DatasetError(f"folder {root} does not exist: give a directory with one subfolder per label")
     root = root.resolve()
-    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files: list[tuple[str, int]] = []
     label_names: list[str] = []
-    for d in label_dirs:
-        found = sorted(
-            p.relative_to(root).as_posix()
-            for p in d.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
+    links: list[str] = []
+    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        if not follow_links and not d.resolve().is_relative_to(root):
+            links.append(d.name)
+            continue
+        found = _images_below(root, d, follow_links, links)
         if found:
             files += [(f, len(label_names)) for f in found]
             label_names.append(d.name)
+    if links:
+        log.warning("not following %d symbolic links out of %s (pass --follow-links to follow them)", len(links), root)
     if not files:
         raise DatasetError(f"no images found in {root}: put them in one subfolder per label (e.g. {root}/cat/1.png)")
     if len(label_names) < 2:
@@ -374,4 +389,29 @@ def _folder(root: Path, limit: int | None, test_size: float | None, seed: int, m
         split = "test" if t else "train"
         items.append(Item(f"folder:{split}:{rel}", lab, split, rel))
     protocol = {"dataset": "folder", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed, "root": str(root)}
-    return Dataset("folder", label_names, items, protocol, lambda batch: [read_image(root / it.locator, max_pixels) for it in batch])
+
+    def read_one(it: Item) -> np.ndarray | Unreadable:
+        return read_image(root / it.locator, max_pixels, decode_size)
+
+    return Dataset("folder", label_names, items, protocol, lambda batch: [read_one(it) for it in batch], read_one, links)
+
+
+def _images_below(root: Path, label_dir: Path, follow_links: bool, links: list[str]) -> list[str]:
+    """Image files below ``label_dir`` as paths relative to ``root``, sorted; links out of ``root`` go to ``links``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(label_dir, followlinks=follow_links):
+        here = Path(dirpath)
+        if not follow_links:  # os.walk does not descend into linked folders: note the ones that leave the root
+            outside = [here / n for n in dirnames if (here / n).is_symlink() and not (here / n).resolve().is_relative_to(root)]
+            links += [p.relative_to(root).as_posix() for p in outside]
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        for name in filenames:
+            p = here / name
+            if name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if not follow_links and p.is_symlink() and not p.resolve().is_relative_to(root):
+                links.append(p.relative_to(root).as_posix())
+                continue
+            if p.is_file():
+                found.append(p.relative_to(root).as_posix())
+    return sorted(found)

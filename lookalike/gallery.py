@@ -205,7 +205,7 @@ class Gallery:
             if h * w > self.max_pixels:
                 raise InputError(f"the image is too large ({w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,}): shrink it")
             return as_image_array(image)
-        return open_image(image, self.max_pixels)
+        return open_image(image, self.max_pixels, self.record.embedder.input_size)  # read as ingest reads it
 
     # -- stored items --------------------------------------------------------------------------------
 

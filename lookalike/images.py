@@ -25,6 +25,7 @@ from lookalike.errors import InputError
 log = logging.getLogger(__name__)
 
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as Pillow ships it
+BACKGROUND = (255, 255, 255)  # transparent pixels are read as if on white paper
 _pillow_lock = threading.Lock()
 _default: int | None = None  # Pillow's limit before any widening
 
@@ -67,11 +68,17 @@ def check_max_pixels(max_pixels: int | None) -> int:
     return int(max_pixels)
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray | Unreadable:
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, size: int | None = None) -> np.ndarray | Unreadable:
     """One image file as ``uint8`` (H, W) grey or (H, W, 3) RGB, or :class:`Unreadable` (never raises on a bad file).
 
-    Grey stays grey (also a palette image whose colours are all grey); 16- and 32-bit images are
-    rescaled to 0-255, not clipped; anything else becomes RGB.
+    ``size``: the side the embedder resizes to. The file is then decoded straight to about twice that
+    size: JPEG by Pillow's draft mode (a reduced-scale DCT decode, up to 8x smaller on each side),
+    other formats by an integer box reduction right after decoding, never below ``size`` on either
+    side; no full-resolution array leaves this function. Read right whatever the form: the EXIF
+    orientation is applied (a phone photo taken sideways comes out upright), CMYK and YCCK JPEGs
+    become RGB, 16-bit images are scaled to 0-255 (not clipped), transparency is composited on
+    white (``BACKGROUND``), animated GIF/WebP and multi-page TIFF give their first frame. Grey stays
+    grey (also a palette image whose colours are all grey); anything else becomes RGB.
     """
     from PIL import Image
 
@@ -85,20 +92,23 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
             w, h = im.size
             if w * h > limit:
                 return Unreadable(str(p), "too-large", f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,}")
+            orientation = _orientation(im)
+            if size and im.format == "JPEG":
+                im.draft(None, (2 * size, 2 * size))  # decode at 1/2, 1/4 or 1/8 scale, still >= 2 x size on both sides
             im.load()
-            return _to_array(im)
+            return _to_array(_reduced(_normal_mode(im), size), orientation)
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before the size is known
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)):,} pixels" if found else "a decompression bomb"
-        return Unreadable(str(p), "too-large", f"{size}, over the limit of {limit:,}")
+        pixels = f"{int(found.group(1)):,} pixels" if found else "a decompression bomb"
+        return Unreadable(str(p), "too-large", f"{pixels}, over the limit of {limit:,}")
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error, IndexError... on damaged files
         log.info("unreadable image %s: %s", p, exc)
         return Unreadable(str(p), "unreadable", type(exc).__name__)
 
 
-def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def open_image(path: str | os.PathLike[str], max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
     """:func:`read_image`, raising InputError (one line naming the fix) when the file gives no image."""
-    image = read_image(path, max_pixels)
+    image = read_image(path, max_pixels, size)
     if isinstance(image, Unreadable):
         raise InputError(image.message())
     return image
@@ -119,26 +129,62 @@ def _allow(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
 
 
-def _to_array(im: Any) -> np.ndarray:
-    if im.mode in ("1", "L", "LA", "I", "I;16", "F", "P") and not _palette_has_colour(im):
-        grey = _to_uint8(im) if im.mode in ("I", "I;16", "F") else im.convert("L")  # 16/32-bit: rescale, not clip
-        return np.asarray(grey, dtype=np.uint8)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+# EXIF orientation -> the transposition that makes the picture upright (as ImageOps.exif_transpose)
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _orientation(im: Any) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a damaged EXIF block: read the picture as stored
+        return 1
+
+
+def _normal_mode(im: Any) -> Any:
+    """``L``, ``LA``, ``RGB`` or ``RGBA``: 16/32-bit scaled to 8 bits, CMYK/YCCK and colour palettes to RGB(A)."""
+    from PIL import Image
+
+    mode = im.mode
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 / 65535.0 if a.size and a.max() > 255 else 1.0  # 16-bit range to 8 bits, not clipped
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
+    grey = mode in ("1", "L", "LA", "La") or (mode in ("P", "PA") and not _palette_has_colour(im))
+    if grey:
+        return im.convert("LA" if has_alpha else "L")
+    return im.convert("RGBA" if has_alpha else "RGB")
+
+
+def _reduced(im: Any, size: int | None) -> Any:
+    """``im`` shrunk by the largest whole factor that keeps both sides >= 2 x ``size`` (box filter).
+
+    Twice the embedder's side leaves its bilinear resize something to average; an image already
+    below that (a 28 px digit) is untouched, so a file of a stored array reads back as that array.
+    """
+    if not size:
+        return im
+    factor = min(im.width // (2 * size), im.height // (2 * size))
+    return im.reduce(factor) if factor >= 2 else im
+
+
+def _to_array(im: Any, orientation: int) -> np.ndarray:
+    from PIL import Image
+
+    if orientation in _UPRIGHT:
+        im = im.transpose(getattr(Image.Transpose, _UPRIGHT[orientation]))
+    if im.mode in ("LA", "RGBA"):  # transparency composited on the stated background
+        rgba = im.convert("RGBA")
+        flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+        im = flat.convert("L") if im.mode == "LA" else flat
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _palette_has_colour(im: Any) -> bool:
-    if im.mode != "P":
+    if im.mode not in ("P", "PA"):
         return False
     rgb = np.asarray(im.convert("RGB"))
     return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
-
-
-def _to_uint8(im: Any) -> Any:
-    from PIL import Image
-
-    a = np.asarray(im, dtype=np.float64)
-    hi = a.max() if a.size and a.max() > 255 else 255.0
-    return Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8))
 
 
 def as_image_array(image: Any) -> np.ndarray:

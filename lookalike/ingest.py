@@ -22,6 +22,7 @@ from lookalike.embedder import Embedder, build_embedder, make_spec
 from lookalike.errors import InputError, NotFoundError
 from lookalike.gallery import Gallery
 from lookalike.images import Unreadable, check_max_pixels
+from lookalike.reader import read_batches
 from lookalike.record import Record
 from lookalike.store import Store, check_name, default_db
 
@@ -43,16 +44,36 @@ class IngestReport:
     already_stored: int
     skipped: list[str] = field(default_factory=list)
     stored: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the first batch to the last (the model's and the store's start-up excluded)
     too_large: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)
+    decode_seconds: float = 0.0  # wall time of each stage, summed over batches; decoding overlaps the others
+    embed_seconds: float = 0.0
+    write_seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
+        return self._rate(self.seconds)
+
+    @property
+    def decode_images_per_s(self) -> float:
+        return self._rate(self.decode_seconds)
+
+    @property
+    def embed_images_per_s(self) -> float:
+        return self._rate(self.embed_seconds)
+
+    def _rate(self, seconds: float) -> float:
         n = sum(self.added.values())
-        return n / self.seconds if self.seconds > 0 else 0.0
+        return n / seconds if seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": self.images_per_s}
+        rates = {
+            "images_per_s": self.images_per_s,
+            "decode_images_per_s": self.decode_images_per_s,
+            "embed_images_per_s": self.embed_images_per_s,
+        }
+        return {**asdict(self), **rates}
 
 
 def ingest(
@@ -73,6 +94,8 @@ def ingest(
     model: str | None = None,
     batch_size: int = 256,
     max_pixels: int | None = None,
+    follow_links: bool = False,
+    decode_workers: int | None = None,
     collection: str | None = None,
     db: str | None = None,
     store: Store | None = None,
@@ -84,14 +107,17 @@ def ingest(
     ``embedder`` is ``"vgg16"``, ``"pixels"`` or any :class:`~lookalike.embedder.Embedder` object
     (its ``spec`` is recorded); ``model`` is a file written by ``lookalike train`` (it replaces
     ``embedder`` and the VGG16 options; the collection records its path and SHA-256). Folder images
-    over ``max_pixels`` (default: Pillow's limit) are skipped and counted. ``wait``: seconds to wait
+    over ``max_pixels`` (default: Pillow's limit) are skipped and counted; files are decoded on
+    ``decode_workers`` threads (default: the cores, at most 4) ahead of the embedder, straight to
+    about its input size; links out of a folder are followed only with ``follow_links``. ``wait``: seconds to wait
     for another process's lock on a local store. ``progress(done, total)`` is called after each
     written batch.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     check_max_pixels(max_pixels)
-    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, max_pixels=max_pixels)
+    if decode_workers is not None and decode_workers < 1:
+        raise InputError(f"--decode-workers must be at least 1, got {decode_workers}")
     if model is not None:
         spec = make_spec("keras", weights=model)
         model_obj: Embedder | None = None
@@ -109,6 +135,17 @@ def ingest(
         model_obj = None
     else:
         spec, model_obj = embedder.spec, embedder
+    ds = load_dataset(
+        dataset,
+        path,
+        source=source,
+        limit=limit,
+        test_size=test_size,
+        seed=seed,
+        max_pixels=max_pixels,
+        decode_size=spec.input_size,
+        follow_links=follow_links,
+    )
     name = collection or ds.name
     check_name(name)
     record = Record(spec, ds.protocol, ds.label_names)
@@ -120,9 +157,10 @@ def ingest(
             store = None  # no store yet: it is created only once there is something to write
     try:
         gallery, have, todo = _plan(ds, record, name, store)
-        started = time.perf_counter()
         added = dict.fromkeys(SPLITS, 0)
         skipped: list[tuple[str, Unreadable]] = []
+        stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
+        started = time.perf_counter()
         if todo:
             if model_obj is None:
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
@@ -131,7 +169,8 @@ def ingest(
                 gallery, have, todo = _plan(ds, record, name, store)  # another process may have made it meanwhile
             if gallery is None:
                 gallery = Gallery.create(store, name, record)
-            _stream(ds, todo, model_obj, gallery, batch_size, added, skipped, progress)
+            started = time.perf_counter()  # the model's and the store's start-up are not ingest time
+            _stream(ds, todo, model_obj, gallery, batch_size, decode_workers, added, skipped, stages, progress)
         seconds = time.perf_counter() - started
         where = store.db if store is not None else str(db or default_db())
     finally:
@@ -140,7 +179,22 @@ def ingest(
     stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
     unreadable = [loc for loc, u in skipped if u.reason != "too-large"]
     too_large = [loc for loc, u in skipped if u.reason == "too-large"]
-    return IngestReport(name, where, ds.name, spec.describe(), added, len(have), unreadable, stored, seconds, too_large)
+    return IngestReport(
+        name,
+        where,
+        ds.name,
+        spec.describe(),
+        added,
+        len(have),
+        unreadable,
+        stored,
+        seconds,
+        too_large,
+        list(ds.skipped_links),
+        stages["decode"],
+        stages["embed"],
+        stages["write"],
+    )
 
 
 def _plan(ds: Dataset, record: Record, name: str, store: Store | None) -> tuple[Gallery | None, set[str], list]:
@@ -161,20 +215,28 @@ def _stream(
     model: Embedder,
     gallery: Gallery,
     batch_size: int,
+    workers: int | None,
     added: dict[str, int],
     skipped: list[tuple[str, Unreadable]],
+    stages: dict[str, float],
     progress: Progress | None,
 ) -> None:
+    """Decode (ahead, on threads), embed and write ``todo`` batch by batch; ``stages`` sums each stage's wall time."""
     done = 0
-    for items, images in ds.batches(todo, batch_size):
-        ok = [(it, im) for it, im in zip(items, images) if not isinstance(im, Unreadable)]
-        skipped += [(it.locator, im) for it, im in zip(items, images) if isinstance(im, Unreadable)]
+    for batch in read_batches(ds, todo, batch_size, workers):
+        stages["decode"] += batch.decode_seconds
+        ok = [(it, im) for it, im in zip(batch.items, batch.images) if not isinstance(im, Unreadable)]
+        skipped += [(it.locator, im) for it, im in zip(batch.items, batch.images) if isinstance(im, Unreadable)]
         if ok:
+            t = time.perf_counter()
             vectors = np.asarray(model.embed([im for _, im in ok]), np.float32)
+            stages["embed"] += time.perf_counter() - t
+            t = time.perf_counter()
             gallery.add([it.id for it, _ in ok], vectors, [it.metadata(ds.name, ds.label_names) for it, _ in ok])
+            stages["write"] += time.perf_counter() - t
             for it, _ in ok:
                 added[it.split] += 1
-        done += len(items)
+        done += len(batch.items)
         log.info("stored %d/%d", done, len(todo))
         if progress is not None:
             progress(done, len(todo))

@@ -304,11 +304,10 @@ def test_every_command_opens_the_store_once(runner: CliRunner, tiny_npz: Path, d
         ["clusters", "--out", png],
         ["check"],
         ["collections"],
-        ["compare", "mnist", "--source", str(tiny_npz), "--limit", "60", "--test-size", "20", "--embedder", "pixels",
-         "--embedder", "pixels:normalize=l2"],
+        ["compare", "mnist", "--source", str(tiny_npz), "--limit", "60", "--test-size", "20", "--embedder", "pixels"],
         ["quickstart", "--offline", "--limit", "60", "--test-size", "20", "--out", png],
         ["drop", "mnist"],
-    ]  # fmt: skip
+    ]
     for args in commands:
         opened.clear()
         r = runner.invoke(app, [*args, "--db", db])
@@ -324,3 +323,25 @@ def test_json_output_has_no_nan() -> None:
         "rate": None,
         "rows": [1.5, None],
     }
+
+
+def test_a_folder_of_photos_through_the_cli(runner: CliRunner, tmp_path: Path, db: str) -> None:
+    rng = np.random.default_rng(2)
+    root = tmp_path / "photos"
+    for label, base in (("day", 190), ("night", 50)):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            img = np.clip(rng.normal(base, 30, (1200, 1600, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / label / f"{i}.jpg", quality=85)
+    (root / "day" / "away.png").symlink_to(tmp_path / "photos" / ".." / "elsewhere.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "elsewhere.png")
+    r = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "2", "--db", db])
+    assert r.exit_code == 0, r.output
+    assert "stages  decode" in r.stdout and "embed" in r.stdout
+    assert "skipped 1 symbolic links out of the folder (--follow-links): day/away.png" in r.stdout
+    j = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "2", "--db", db, "--json"])
+    assert json.loads(j.stdout)["already_stored"] == 8
+    s = runner.invoke(app, ["search", "--image", str(root / "night" / "3.jpg"), "--k", "1", "--db", db, "--json"])
+    assert s.exit_code == 0, s.output
+    (hit,) = json.loads(s.stdout)
+    assert hit["id"].endswith("night/3.jpg") and hit["distance"] < 1e-3

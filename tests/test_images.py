@@ -21,7 +21,7 @@ def test_grey_colour_palette_and_16_bit(tmp_path: Path) -> None:
     deep = (grey.astype(np.uint16) * 256).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "d.png")
     got = read_image(tmp_path / "d.png")
-    assert got.dtype == np.uint8 and got.max() == 255 and got[0, 1] > 0  # rescaled, not clipped
+    assert got.dtype == np.uint8 and np.abs(got.astype(int) - grey).max() <= 1  # the 16-bit range scaled, not clipped
 
 
 def test_bad_files_say_why(tmp_path: Path) -> None:
@@ -77,3 +77,79 @@ def test_any_pillow_failure_is_an_unreadable_file(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(Image, "open", damaged)
     got = read_image(tmp_path / "s.png")
     assert isinstance(got, Unreadable) and got.reason == "unreadable" and got.detail == "error"
+
+
+def digit() -> np.ndarray:
+    """A 60x40 grey picture with a bright bar near the top: its orientation is easy to see."""
+    img = np.full((60, 40), 30, np.uint8)
+    img[5:15, 10:30] = 250
+    return img
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    upright = Image.fromarray(digit())
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # what the sensor stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view": what phones write for a sideways shot
+    sideways.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    got = read_image(tmp_path / "phone.jpg")
+    assert got.shape == (60, 40) and got[5:15, 10:30].mean() > 200 and got[45:55, 10:30].mean() < 60
+
+
+def test_cmyk_and_ycck_jpegs_become_rgb(tmp_path: Path) -> None:
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)  # red in print colours
+    assert read_image(tmp_path / "cmyk.jpg")[8, 8].tolist() == pytest.approx([255, 0, 0], abs=3)
+    r, g, b = 200.0, 30.0, 60.0  # YCCK: the YCbCr of the colour and black, in an Adobe JPEG with transform 2
+    ycc = (0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b, 128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
+    buf = tmp_path / "ycck.jpg"
+    Image.new("CMYK", (16, 16), (*(round(c) for c in ycc), 0)).save(buf, quality=100)
+    data = bytearray(buf.read_bytes())
+    data[data.find(b"Adobe") + 11] = 2
+    buf.write_bytes(bytes(data))
+    with Image.open(buf) as im:
+        assert im.info.get("adobe_transform") == 2
+    assert read_image(buf)[8, 8].tolist() == pytest.approx([200, 30, 60], abs=4)
+
+
+def test_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:5, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    got = read_image(tmp_path / "a.png")
+    assert got[2, 2].tolist() == [255, 0, 0] and got[8, 8].tolist() == [255, 255, 255]
+    la = Image.fromarray(np.dstack([np.zeros((10, 10), np.uint8), rgba[..., 3]]), "LA")
+    la.save(tmp_path / "la.png")
+    grey = read_image(tmp_path / "la.png")
+    assert grey.shape == (10, 10) and grey[2, 2] == 0 and grey[8, 8] == 255
+    pal = Image.fromarray(digit()).convert("P")
+    pal.info["transparency"] = int(np.asarray(pal)[0, 0])  # the background colour's index is transparent
+    pal.save(tmp_path / "p.png", transparency=pal.info["transparency"])
+    assert read_image(tmp_path / "p.png")[30, 5] == 255 and read_image(tmp_path / "p.png")[8, 20] == 250
+
+
+def test_first_frame_of_animations_and_pages(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((12, 12, 3), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[0].save(tmp_path / "a.webp", save_all=True, append_images=frames[1:], duration=100, lossless=True)
+    frames[0].save(tmp_path / "a.tiff", save_all=True, append_images=frames[1:])
+    for name in ("a.gif", "a.webp", "a.tiff"):
+        with Image.open(tmp_path / name) as im:
+            assert getattr(im, "n_frames", 1) == 2, name
+        assert int(read_image(tmp_path / name).mean()) == pytest.approx(40, abs=2), name
+
+
+def test_large_files_are_decoded_near_the_embedder_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(128, 40, (1200, 1800, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "p.jpg", quality=90)
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    for name, most in (("p.jpg", 1800 // 8), ("p.png", 1800 // 18 + 1)):
+        got = read_image(tmp_path / name, size=32)
+        assert got.shape[0] >= 64 and got.shape[1] >= 64 and got.shape[1] <= most, (name, got.shape)
+    small = np.zeros((28, 28), np.uint8)
+    Image.fromarray(small).save(tmp_path / "digit.png")
+    assert read_image(tmp_path / "digit.png", size=8).shape == (28, 28)  # below 2 x size: as stored
+    full = read_image(tmp_path / "p.jpg")
+    assert full.shape == (1200, 1800, 3)
+    assert read_image(tmp_path / "p.jpg", size=32).shape == read_image(tmp_path / "p.jpg", size=32).shape  # deterministic

@@ -137,3 +137,34 @@ def test_a_collection_made_meanwhile_is_resumed_not_replaced(tiny_npz: Path, db:
     assert report.added == {"train": 0, "test": 0} and report.already_stored == 250
     with Gallery.open(db=db) as g:
         assert g.count() == 250 and len(g.neighbours(g.vector("mnist:test:0"), 5, labels=[3])[0]) == 5
+
+
+def test_photos_are_found_by_their_own_file_and_phone_shots_read_upright(tmp_path: Path, db: str, fake_embedder) -> None:
+    from PIL import Image
+
+    from lookalike.search import search
+
+    rng = np.random.default_rng(4)
+    root = tmp_path / "photos"
+    for label in range(3):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(6):
+            img = np.full((900, 600), 40, np.uint8)  # tall photos of a bright block whose place is the label
+            img[100 + 250 * label : 300 + 250 * label, 100:500] = 220
+            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"c{label}" / f"{i}.jpg", quality=92)
+    report = ingest("folder", str(root), embedder=fake_embedder, test_size=3, db=db)
+    assert sum(report.added.values()) == 18 and report.decode_seconds > 0 and report.embed_seconds > 0
+    assert report.decode_images_per_s > 0 and report.to_dict()["embed_images_per_s"] == report.embed_images_per_s
+    with Gallery.open(db=db) as g:
+        (hit,) = search(g, image=root / "c1" / "4.jpg", k=1)
+        assert hit.id.endswith("c1/4.jpg") and hit.distance < 1e-5  # the same file reads the same way at search
+        with Image.open(root / "c2" / "0.jpg") as upright:
+            sideways = upright.transpose(Image.Transpose.ROTATE_90)  # the sensor's view of a phone held sideways
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        sideways.save(tmp_path / "phone.jpg", exif=exif, quality=92)
+        (hit,) = search(g, image=tmp_path / "phone.jpg", k=1)
+        assert hit.id.endswith("c2/0.jpg") and hit.distance < 0.05
+        sideways.save(tmp_path / "no-exif.jpg", quality=92)  # without the tag it is another picture
+        assert search(g, image=tmp_path / "no-exif.jpg", k=1)[0].distance > 10 * hit.distance
