@@ -123,7 +123,9 @@ def compare(
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
     specs = [(text, make_spec(**parse_spec(text, weights, seed))) for text in embedders]  # validate all first
-    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
+    ds = load_dataset(
+        dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, decode_size=min(s.input_size for _, s in specs)
+    )
     sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if isinstance(im, np.ndarray)]
     proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"
     report = CompareReport(ds.name, proto, k)

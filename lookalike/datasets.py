@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion-mnist", "mnist-sample", "folder")
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".mpo", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".heic", ".heif"}
 MNIST_ENV = {"mnist": "LOOKALIKE_MNIST", "fashion-mnist": "LOOKALIKE_FASHION_MNIST"}
 FASHION_NAMES = [
     "T-shirt/top",
@@ -367,11 +367,13 @@ def _folder(
     files: list[tuple[str, int]] = []
     label_names: list[str] = []
     links: list[str] = []
-    for d in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        if not follow_links and not d.resolve().is_relative_to(root):
+    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    seen = {_key(p) for p in [root, *label_dirs]}  # each real folder is walked once, under its own label
+    for d in label_dirs:
+        if not follow_links and not _inside(d, root):
             links.append(d.name)
             continue
-        found = _images_below(root, d, follow_links, links)
+        found = _images_below(root, d, follow_links, links, seen)
         if found:
             files += [(f, len(label_names)) for f in found]
             label_names.append(d.name)
@@ -396,20 +398,49 @@ def _folder(
     return Dataset("folder", label_names, items, protocol, lambda batch: [read_one(it) for it in batch], read_one, links)
 
 
-def _images_below(root: Path, label_dir: Path, follow_links: bool, links: list[str]) -> list[str]:
-    """Image files below ``label_dir`` as paths relative to ``root``, sorted; links out of ``root`` go to ``links``."""
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``'s real location is below ``root`` (a link loop or a dangling link counts as outside)."""
+    try:
+        return path.resolve(strict=True).is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python 3.11)
+        return False
+
+
+def _key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _images_below(root: Path, label_dir: Path, follow_links: bool, links: list[str], seen: set[tuple[int, int]]) -> list[str]:
+    """Image files below ``label_dir`` as paths relative to ``root``, sorted.
+
+    Linked folders and files are followed when they stay inside ``root`` (or always, with
+    ``follow_links``); links that lead out go to ``links``. Each real folder is walked once, so a
+    link back up (``up -> ..``) or into another label's folder adds nothing twice and cannot loop.
+    """
     found = []
-    for dirpath, dirnames, filenames in os.walk(label_dir, followlinks=follow_links):
+    for dirpath, dirnames, filenames in os.walk(label_dir, followlinks=True):
         here = Path(dirpath)
-        if not follow_links:  # os.walk does not descend into linked folders: note the ones that leave the root
-            outside = [here / n for n in dirnames if (here / n).is_symlink() and not (here / n).resolve().is_relative_to(root)]
-            links += [p.relative_to(root).as_posix() for p in outside]
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        key = _key(here)
+        if here != label_dir and key in seen:
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        keep = []
+        for n in sorted(dirnames):
+            d = here / n
+            if n.startswith("."):
+                continue
+            if d.is_symlink() and not follow_links and not _inside(d, root):
+                links.append(d.relative_to(root).as_posix())
+                continue
+            keep.append(n)
+        dirnames[:] = keep
         for name in filenames:
             p = here / name
             if name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if not follow_links and p.is_symlink() and not p.resolve().is_relative_to(root):
+            if p.is_symlink() and not follow_links and not _inside(p, root):
                 links.append(p.relative_to(root).as_posix())
                 continue
             if p.is_file():

@@ -93,10 +93,10 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, size
             if w * h > limit:
                 return Unreadable(str(p), "too-large", f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,}")
             orientation = _orientation(im)
-            if size and im.format == "JPEG":
+            if size and im.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG many phones write
                 im.draft(None, (2 * size, 2 * size))  # decode at 1/2, 1/4 or 1/8 scale, still >= 2 x size on both sides
             im.load()
-            return _to_array(_reduced(_normal_mode(im), size), orientation)
+            return _to_array(_normal_mode(im, size), orientation)
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before the size is known
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = f"{int(found.group(1)):,} pixels" if found else "a decompression bomb"
@@ -140,20 +140,34 @@ def _orientation(im: Any) -> int:
         return 1
 
 
-def _normal_mode(im: Any) -> Any:
-    """``L``, ``LA``, ``RGB`` or ``RGBA``: 16/32-bit scaled to 8 bits, CMYK/YCCK and colour palettes to RGB(A)."""
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")  # modes Image.reduce accepts
+
+
+def _normal_mode(im: Any, size: int | None) -> Any:
+    """``im`` shrunk (see :func:`_reduced`) and in ``L``, ``LA``, ``RGB`` or ``RGBA``: 16-bit scaled to 8 bits
+    by its mode's range, CMYK/YCCK and colour palettes to RGB(A). Shrinking comes first where Pillow can
+    (so no full-size copy is made), after the conversion where it cannot (1-bit, palettes)."""
     from PIL import Image
 
-    mode = im.mode
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        scale = 255.0 / 65535.0 if a.size and a.max() > 255 else 1.0  # 16-bit range to 8 bits, not clipped
-        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
-    grey = mode in ("1", "L", "LA", "La") or (mode in ("P", "PA") and not _palette_has_colour(im))
-    if grey:
-        return im.convert("LA" if has_alpha else "L")
-    return im.convert("RGBA" if has_alpha else "RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    sixteen = im.mode.startswith("I;16")
+    if sixteen:
+        im = im.convert("I")  # 32-bit ints, the same values
+    if im.mode in _REDUCIBLE:
+        im = _reduced(im, size)
+    if im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float32)
+        peak = float(a.max()) if a.size else 0.0
+        if sixteen:
+            top = 65535.0  # a 16-bit file: its range, whatever the content
+        else:  # 32-bit ints or floats: 8-bit values as they are, wider ones by the image's own range (never clipped)
+            top = 255.0 if peak <= 255 else max(65535.0, peak) if peak <= 65535 else peak
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    grey = im.mode in ("1", "L", "LA", "La") or (im.mode in ("P", "PA") and not _palette_has_colour(im))
+    want = ("LA" if has_alpha else "L") if grey else ("RGBA" if has_alpha else "RGB")
+    if im.mode != want:
+        im = im.convert(want)
+    return _reduced(im, size)
 
 
 def _reduced(im: Any, size: int | None) -> Any:
@@ -181,10 +195,17 @@ def _to_array(im: Any, orientation: int) -> np.ndarray:
 
 
 def _palette_has_colour(im: Any) -> bool:
+    """Whether a palette image uses a colour that is not grey (from the palette entries it uses, no full copy)."""
     if im.mode not in ("P", "PA"):
         return False
-    rgb = np.asarray(im.convert("RGB"))
-    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+    used = im.getcolors(256) or [(0, i) for i in range(256)]
+    palette = im.getpalette() or []
+    for _, index in used:
+        idx = index[0] if isinstance(index, tuple) else index
+        r, g, b = palette[3 * idx : 3 * idx + 3] or (0, 0, 0)
+        if not r == g == b:
+            return True
+    return False
 
 
 def as_image_array(image: Any) -> np.ndarray:

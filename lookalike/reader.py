@@ -60,6 +60,9 @@ def read_batches(
     done: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
+    def guarded(it: Item) -> np.ndarray | Unreadable:
+        return Unreadable(it.locator, "unreadable", "not read: the ingest stopped") if stop.is_set() else read_one(it)
+
     def produce() -> None:
         try:
             with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="lookalike-decode") as pool:
@@ -67,7 +70,9 @@ def read_batches(
                     if stop.is_set():
                         return
                     started = time.perf_counter()
-                    images = list(pool.map(read_one, chunk))
+                    images = list(pool.map(guarded, chunk))
+                    if stop.is_set():  # the consumer left mid-batch: the rest was not decoded
+                        return
                     _put(Batch(chunk, images, time.perf_counter() - started))
             _put(None)
         except BaseException as exc:  # handed to the consumer, raised there

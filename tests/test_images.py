@@ -153,3 +153,19 @@ def test_large_files_are_decoded_near_the_embedder_size(tmp_path: Path) -> None:
     full = read_image(tmp_path / "p.jpg")
     assert full.shape == (1200, 1800, 3)
     assert read_image(tmp_path / "p.jpg", size=32).shape == read_image(tmp_path / "p.jpg", size=32).shape  # deterministic
+
+
+def test_mpo_phone_jpegs_are_drafted_too(tmp_path: Path) -> None:
+    big = Image.fromarray(np.full((1200, 1600, 3), 120, np.uint8))
+    big.save(tmp_path / "a.mpo", format="MPO", save_all=True, append_images=[big])
+    with Image.open(tmp_path / "a.mpo") as im:
+        assert im.format == "MPO"
+    got = read_image(tmp_path / "a.mpo", size=32)
+    assert 64 <= got.shape[0] <= 1200 // 4 and int(got.mean()) == pytest.approx(120, abs=2)
+
+
+def test_16_bit_values_follow_the_files_range_not_its_content(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dim.png")  # a dark 16-bit picture
+    assert read_image(tmp_path / "dim.png").max() <= 1
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "white.png")
+    assert read_image(tmp_path / "white.png").min() == 255

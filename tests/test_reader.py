@@ -90,6 +90,30 @@ def test_links_out_of_the_folder_are_not_followed(photos: Path, tmp_path: Path) 
     assert sorted(ds.skipped_links) == ["dark/more", "dark/secret.png", "linked"]
     assert ds.label_names == ["dark", "light"] and len(ds.items) == 25
     followed = load_dataset("folder", photos, follow_links=True)
-    assert followed.skipped_links == [] and followed.label_names == ["dark", "light", "linked"] and len(followed.items) == 29
+    assert (
+        followed.skipped_links == [] and followed.label_names == ["dark", "light", "linked"] and len(followed.items) == 28
+    )  # elsewhere/more once
     assert isinstance(followed.read_one(next(it for it in followed.items if it.locator == "dark/secret.png")), np.ndarray)
     assert not isinstance(ds.load(ds.items[:1])[0], Unreadable)
+
+
+def test_link_loops_and_links_back_up_are_walked_once(tmp_path: Path) -> None:
+    root = tmp_path / "pics"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (20, 20), 40 * i).save(root / label / f"{i}.png")
+    (root / "a" / "x.png").symlink_to(root / "a" / "y.png")  # a loop of links
+    (root / "a" / "y.png").symlink_to(root / "a" / "x.png")
+    (root / "b" / "up").symlink_to(root, target_is_directory=True)  # a folder linked back up: a cycle
+    (root / "a" / "other").symlink_to(root / "b", target_is_directory=True)  # another label's folder: not twice
+    (root / ".shared").mkdir()
+    Image.new("L", (20, 20)).save(root / ".shared" / "s.png")
+    (root / "a" / "shared").symlink_to(root / ".shared", target_is_directory=True)  # a folder linked inside: read
+    ds = load_dataset("folder", root)
+    assert sorted(ds.skipped_links) == ["a/x.png", "a/y.png"]
+    assert sorted(it.locator for it in ds.items) == sorted(
+        [f"a/{i}.png" for i in range(3)] + ["a/shared/s.png"] + [f"b/{i}.png" for i in range(3)]
+    )
+    followed = load_dataset("folder", root, follow_links=True)
+    assert len(followed.items) == 7  # each real folder once, however many ways lead to it
