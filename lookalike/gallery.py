@@ -17,6 +17,7 @@ process's end).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Collection, Sequence
@@ -140,10 +141,7 @@ class Gallery:
 
     def info(self) -> CollectionInfo:
         rec = self.record
-        raw = self._col.raw_record
-        import json
-
-        return CollectionInfo(self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(raw or "{}"))
+        return CollectionInfo(self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(rec.to_json()))
 
     def resolve_labels(self, labels: Sequence[int | str]) -> list[int]:
         """Label ints from ints or names (``3``, ``"3"``, ``"Sneaker"``); unknown ones raise InputError listing the choices."""
