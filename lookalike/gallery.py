@@ -21,14 +21,14 @@ import json
 import logging
 import threading
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from lookalike.datasets import SPLITS, stored_pixels
 from lookalike.embedder import Embedder, build_embedder
-from lookalike.errors import InputError, NotFoundError
+from lookalike.errors import InputError, NotFoundError, StoreError
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
@@ -108,7 +108,7 @@ class Gallery:
     def create(cls, store: Store, name: str, record: Record, *, max_pixels: int | None = None) -> Gallery:
         """A new, empty collection ``name`` holding ``record`` (label partitions when it has 1-100 labels)."""
         partitioned = 0 < len(record.label_names) <= MAX_PARTITIONS
-        record = Record(record.embedder, record.protocol, record.label_names, partitioned, record.schema, record.extra)
+        record = replace(record, label_partitions=partitioned)
         col = store.create(name, record.to_json(), partitioned)
         return cls(store, name, max_pixels=max_pixels, _collection=col)
 
@@ -274,8 +274,6 @@ class Gallery:
 
 def list_collections(store: Store) -> list[CollectionInfo]:
     """Every collection of ``store`` with its count, dataset and embedder (an unreadable record shows as ``?``)."""
-    from lookalike.errors import StoreError
-
     out = []
     for name in store.names():
         try:

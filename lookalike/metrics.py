@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lookalike.util import label_name
+
 TIE_RTOL = 1e-5  # relative tolerance on squared distance for a tie in the recall audit
 
 
@@ -63,8 +65,6 @@ def confusion(true: np.ndarray, predicted: np.ndarray, n_labels: int) -> np.ndar
 
 def per_class_accuracy(matrix: np.ndarray, label_names: Sequence[str]) -> dict[str, float]:
     """Share of each true label predicted right, keyed by label name (labels with no item left out)."""
-    from lookalike.util import label_name
-
     out = {}
     for lab in range(len(matrix)):
         total = matrix[lab].sum()
