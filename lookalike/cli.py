@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ import click
 import typer
 
 from lookalike.errors import LookalikeError
-from lookalike.util import first_line
+from lookalike.util import first_line, json_safe
 
 if TYPE_CHECKING:
     from lookalike.gallery import Gallery
@@ -62,17 +61,7 @@ def _open(collection: str | None, db: str | None, wait: float | None, max_pixels
 
 def _dumps(obj: Any) -> str:
     """JSON for ``--json``: NaN and infinities (an undefined silhouette, an instant query) become null."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)
+    return json.dumps(json_safe(obj), indent=2, allow_nan=False)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -253,18 +242,40 @@ def search(
     max_pixels: MaxPixelsOpt = None,
     as_json: JsonOpt = False,
     save: Annotated[Optional[str], typer.Option(help="Write a PNG of the query beside its neighbours")] = None,
+    server: Annotated[
+        Optional[str], typer.Option("--server", help="Ask a running `lookalike serve` at http://HOST:PORT (no TensorFlow here)")
+    ] = None,
+    api_key_file: Annotated[
+        Optional[str], typer.Option("--api-key-file", help="The service's API key, for --server [default: $LOOKALIKE_API_KEY]")
+    ] = None,
 ) -> None:
     """Find the nearest stored items to an image file or a stored id."""
     from lookalike.errors import InputError
-    from lookalike.search import save_picture
-    from lookalike.search import search as run_search
 
     if (image is None) == (id is None):
         raise InputError("give exactly one query: --image FILE or --id ID")
-    with _open(collection, db, wait, max_pixels) as gallery:
-        hits = run_search(gallery, image=image, id=id, k=k, labels=label, split=split)
+    if server is not None:
+        if db is not None or wait is not None or max_pixels is not None:
+            raise InputError("--db, --wait and --max-pixels belong to the service: leave them out with --server")
+        from lookalike.client import Client
+        from lookalike.client import save_picture as save_remote
+        from lookalike.server import read_api_key
+
+        client = Client(server, api_key=read_api_key(api_key_file))
+        name = client.pick(collection)
+        hits = client.search(name, image=image, id=id, k=k, labels=label, split=split)
         if save:
-            path = save_picture(gallery, hits, save, image=image, id=id)
+            path = save_remote(client, name, hits, save, image=image, id=id)
+    else:
+        if api_key_file is not None:
+            raise InputError("--api-key-file goes with --server URL")
+        from lookalike.search import save_picture
+        from lookalike.search import search as run_search
+
+        with _open(collection, db, wait, max_pixels) as gallery:
+            hits = run_search(gallery, image=image, id=id, k=k, labels=label, split=split)
+            if save:
+                path = save_picture(gallery, hits, save, image=image, id=id)
     if as_json:
         typer.echo(_dumps([h.to_dict() for h in hits]))
     else:
@@ -288,13 +299,18 @@ def evaluate(
     errors: Annotated[
         Optional[str], typer.Option(help="Write a PNG gallery of misclassified held-out items beside their nearest neighbour")
     ] = None,
+    keep: Annotated[
+        bool, typer.Option("--save/--no-save", help="Keep the report with the collection (the service's /evaluation answers it)")
+    ] = True,
 ) -> None:
     """Held-out k-NN accuracy through the store, with an exact-search audit."""
     from lookalike.evaluate import evaluate as run_evaluate
-    from lookalike.evaluate import save_confusion_picture, save_errors_picture
+    from lookalike.evaluate import save_confusion_picture, save_errors_picture, save_report
 
     with _open(collection, db, wait) as gallery:
         r = run_evaluate(gallery, k=k)
+        if keep:
+            save_report(gallery, r)
         saved = []
         if plot:
             saved.append(save_confusion_picture(r, plot))
@@ -321,6 +337,54 @@ def evaluate(
     typer.echo("  " + " " * width + "".join(f"{n[:6]:>7}" for n in names))
     for n, row in zip(names, r.confusion):
         typer.echo(f"  {n:>{width}}" + "".join(f"{v:>7}" for v in row))
+
+
+@command()
+def serve(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (any but loopback needs an API key or --insecure)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one)")] = 8000,
+    api_key_file: Annotated[
+        Optional[str], typer.Option("--api-key-file", help="File holding the API key clients must send [default: $LOOKALIKE_API_KEY]")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve a non-loopback --host without any key (anyone may query)")] = False,
+    wait: WaitOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB (larger: 413)")] = 10.0,
+    batch_window_ms: Annotated[
+        Optional[float],
+        typer.Option(help="How long a batch of image queries waits for more after its first, in ms [default: 0, take those waiting]"),
+    ] = None,
+    max_batch: Annotated[
+        Optional[int], typer.Option(help="Most image queries embedded as one batch (1: no batching) [default: 32]")
+    ] = None,
+    preload: Annotated[bool, typer.Option("--preload", help="Build every collection's embedder before serving")] = False,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request")] = False,
+) -> None:
+    """Serve the store's collections over HTTP (JSON; docs at /docs) with warm embedders: pip install 'lookalike[serve]'."""
+    from lookalike.errors import InputError
+    from lookalike.server import bind, check_exposure, read_api_key, require_extra
+    from lookalike.server import serve as run_server
+    from lookalike.service import DEFAULT_MAX_BATCH, DEFAULT_WINDOW, Service
+
+    require_extra()
+    key = read_api_key(api_key_file)
+    check_exposure(host, key, insecure)
+    if not max_upload_mb > 0:
+        raise InputError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    window = DEFAULT_WINDOW if batch_window_ms is None else batch_window_ms / 1000
+    with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=max_batch or DEFAULT_MAX_BATCH) as service:
+        sock = bind(host, port)
+        names = service.warm() if preload else service.store.names()
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{sock.getsockname()[1]}"
+        typer.echo(
+            f"serving {len(names)} collection(s) of {service.store.db} at {url} (docs: {url}/docs); "
+            f"API key {'required' if key else 'not required'}; Ctrl-C stops",
+            err=True,
+        )
+        run_server(service, sock, api_key=key, max_upload=int(max_upload_mb * 1024 * 1024), access_log=access_log)
+    typer.echo("stopped", err=True)
 
 
 @command("map")

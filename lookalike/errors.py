@@ -18,6 +18,10 @@ class InputError(LookalikeError):
     exit_code = 2
 
 
+class TooLargeError(InputError):
+    """An image (or an upload) over the size limit."""
+
+
 class DatasetError(LookalikeError):
     """A dataset cannot be read: unknown name, missing or corrupt source, empty folder."""
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,11 @@ import numpy as np
 from lookalike.errors import InputError, StoreError
 from lookalike.gallery import Gallery
 from lookalike.metrics import confusion, exact_neighbours, per_class_accuracy, recall_hits, vote
+from lookalike.util import json_safe
 
 log = logging.getLogger(__name__)
+
+SAVED_MISTAKES = 1000  # mistakes kept with a saved report (all are counted)
 
 
 @dataclass
@@ -111,6 +115,26 @@ def evaluate(gallery: Gallery, *, k: int = 1) -> EvalReport:
             for i in np.flatnonzero(pred != y_test)
         ],
     )
+
+
+def save_report(gallery: Gallery, report: EvalReport) -> dict[str, Any]:
+    """Keep ``report`` with its collection (what ``GET /collections/NAME/evaluation`` answers), replacing the last one.
+
+    The first ``SAVED_MISTAKES`` mistakes are kept, all are counted (``n_mistakes``); ``saved_at`` is UTC.
+    Returns what was saved.
+    """
+    saved = report.to_dict()
+    saved["n_mistakes"] = len(report.mistakes)
+    saved["mistakes"] = saved["mistakes"][:SAVED_MISTAKES]
+    saved["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    saved = json_safe(saved)
+    gallery.save_evaluation(saved)
+    return saved
+
+
+def saved_report(gallery: Gallery) -> dict[str, Any] | None:
+    """The last report :func:`save_report` kept with ``gallery``'s collection, or None."""
+    return gallery.evaluation()
 
 
 def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> Path:

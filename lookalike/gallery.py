@@ -28,13 +28,15 @@ import numpy as np
 
 from lookalike.datasets import SPLITS, stored_pixels
 from lookalike.embedder import Embedder, build_embedder
-from lookalike.errors import InputError, NotFoundError, StoreError
+from lookalike.errors import InputError, NotFoundError, StoreError, TooLargeError
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
 from lookalike.util import label_name
 
 log = logging.getLogger(__name__)
+
+EVALUATION_NOTE = "lookalike_evaluation"  # the collection metadata key of the last evaluate report
 
 
 @dataclass
@@ -196,14 +198,17 @@ class Gallery:
         with self._embed_lock:
             return np.asarray(model.embed(checked), np.float32)
 
-    def read_query_image(self, image: Any) -> np.ndarray:
-        """A query image: a file path (read under this Gallery's pixel limit) or a uint8 array."""
+    def read_query_image(self, image: Any, *, name: str = "the upload") -> np.ndarray:
+        """A query image: a file path or the bytes of a file (called ``name`` in messages), read under this
+        Gallery's pixel limit as ingest reads files, or a uint8 array. InputError (TooLargeError over the limit)."""
         if isinstance(image, np.ndarray):
             h, w = image.shape[:2]
             if h * w > self.max_pixels:
-                raise InputError(f"the image is too large ({w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,}): shrink it")
+                raise TooLargeError(
+                    f"the image is too large ({w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,}): shrink it"
+                )
             return as_image_array(image)
-        return open_image(image, self.max_pixels, self.record.embedder.input_size)  # read as ingest reads it
+        return open_image(image, self.max_pixels, self.record.embedder.input_size, name=name)  # read as ingest reads it
 
     # -- stored items --------------------------------------------------------------------------------
 
@@ -264,6 +269,23 @@ class Gallery:
         if vectors.ndim != 2 or vectors.shape[1] != self.record.embedder.dim:
             raise InputError(f"query vectors must be (n, {self.record.embedder.dim}) for {self.name!r}, got shape {vectors.shape}")
         return self._col.query(vectors, k, self.where(labels, split), exclude=exclude, metadata=metadata)
+
+    # -- notes kept with the collection -------------------------------------------------------------
+
+    def save_evaluation(self, report: dict[str, Any]) -> None:
+        """Keep ``report`` (JSON-able) with the collection, replacing the previous one."""
+        self._col.set_note(EVALUATION_NOTE, json.dumps(report, allow_nan=False))
+
+    def evaluation(self) -> dict[str, Any] | None:
+        """The last report kept by :meth:`save_evaluation` (read from the store now), or None."""
+        text = self._col.note(EVALUATION_NOTE)
+        if not text:
+            return None
+        try:
+            return dict(json.loads(text))
+        except ValueError:
+            log.warning("the saved evaluation of %r is not JSON; ignored", self.name)
+            return None
 
     # -- for lookalike check -------------------------------------------------------------------------
 

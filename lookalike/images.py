@@ -9,6 +9,7 @@ Pillow's own (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 pixels); ``max_pixels``
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.errors import InputError
+from lookalike.errors import InputError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ def check_max_pixels(max_pixels: int | None) -> int:
     return int(max_pixels)
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, size: int | None = None) -> np.ndarray | Unreadable:
-    """One image file as ``uint8`` (H, W) grey or (H, W, 3) RGB, or :class:`Unreadable` (never raises on a bad file).
+def read_image(
+    path: str | os.PathLike[str] | bytes, max_pixels: int | None = None, size: int | None = None, *, name: str = "the upload"
+) -> np.ndarray | Unreadable:
+    """One image file (or the bytes of one, called ``name`` in messages) as ``uint8`` (H, W) grey or (H, W, 3) RGB,
+    or :class:`Unreadable` (never raises on a bad file).
 
     ``size``: the side the embedder resizes to. The file is then decoded straight to about twice that
     size: JPEG by Pillow's draft mode (a reduced-scale DCT decode, up to 8x smaller on each side),
@@ -82,13 +86,16 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, size
     """
     from PIL import Image
 
-    p = Path(path)
     limit = check_max_pixels(max_pixels)
-    if not p.is_file():
-        return Unreadable(str(p), "missing")
+    if isinstance(path, bytes):  # an upload: read from memory exactly as a file is read
+        p, source = name, io.BytesIO(path)
+    else:
+        p = source = Path(path)
+        if not p.is_file():
+            return Unreadable(str(p), "missing")
     try:
         _allow(limit)
-        with Image.open(p) as im:
+        with Image.open(source) as im:
             w, h = im.size
             if w * h > limit:
                 return Unreadable(str(p), "too-large", f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,}")
@@ -106,11 +113,14 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, size
         return Unreadable(str(p), "unreadable", type(exc).__name__)
 
 
-def open_image(path: str | os.PathLike[str], max_pixels: int | None = None, size: int | None = None) -> np.ndarray:
-    """:func:`read_image`, raising InputError (one line naming the fix) when the file gives no image."""
-    image = read_image(path, max_pixels, size)
+def open_image(
+    path: str | os.PathLike[str] | bytes, max_pixels: int | None = None, size: int | None = None, *, name: str = "the upload"
+) -> np.ndarray:
+    """:func:`read_image`, raising InputError (TooLargeError over the pixel limit; one line naming the fix) when the
+    file gives no image."""
+    image = read_image(path, max_pixels, size, name=name)
     if isinstance(image, Unreadable):
-        raise InputError(image.message())
+        raise (TooLargeError if image.reason == "too-large" else InputError)(image.message())
     return image
 
 

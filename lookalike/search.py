@@ -11,12 +11,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lookalike.errors import InputError
-from lookalike.gallery import Gallery
+
+if TYPE_CHECKING:
+    from lookalike.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ def search(
         query = gallery.vector(id)
     elif vector is not None:
         query = np.asarray(vector, np.float32).reshape(1, -1)
+        if not np.isfinite(query).all():
+            raise InputError("a query vector must hold finite numbers (no NaN or infinity)")
     else:
         query = gallery.embed([gallery.read_query_image(image)])
     (neighbours,) = gallery.neighbours(query, k, labels=labels, split=split, exclude={id} if id is not None else ())
@@ -95,8 +99,6 @@ def save_picture(
     id: str | None = None,
 ) -> Path:
     """Write a PNG of the query beside its neighbours, each titled with its label and distance."""
-    from lookalike.plots import neighbours_figure, save_figure
-
     if id is not None:
         meta, _ = gallery.item(id)
         query_img = gallery.images([meta])[0]
@@ -104,6 +106,14 @@ def save_picture(
     else:
         query_img = gallery.read_query_image(image)
         query_title = "query"
-    images = gallery.images([h.metadata for h in hits])
+    return picture(query_img, query_title, gallery.images([h.metadata for h in hits]), hits, out)
+
+
+def picture(
+    query_img: np.ndarray | None, query_title: str, images: Sequence[np.ndarray | None], hits: Sequence[Hit], out: str | os.PathLike[str]
+) -> Path:
+    """Write a PNG of ``query_img`` beside the ``images`` of its ``hits``, each titled with its label and distance."""
+    from lookalike.plots import neighbours_figure, save_figure
+
     titles = [f"{h.label_name}  d={h.distance:.3f}" for h in hits]
     return save_figure(neighbours_figure(query_img, query_title, images, titles), out)

@@ -124,6 +124,25 @@ class VectorCollection:
         raw = (self._c.metadata or {}).get(RECORD_KEY)
         return str(raw) if raw else None
 
+    def note(self, key: str) -> str | None:
+        """The text kept under ``key`` in the collection's metadata, read from the store now (another process may
+        have written it since this collection was opened)."""
+        with self._guard():
+            fresh = self._store._client.get_collection(self.name, embedding_function=None)
+        value = (fresh.metadata or {}).get(key)
+        return str(value) if value is not None else None
+
+    def set_note(self, key: str, text: str) -> None:
+        """Keep ``text`` under ``key`` in the collection's metadata (the record and other notes are kept)."""
+        if key == RECORD_KEY:
+            raise InputError(f"{key!r} is the collection's record, not a note")
+        with self._guard():
+            fresh = self._store._client.get_collection(self.name, embedding_function=None)
+            meta = dict(fresh.metadata or {})
+            meta[key] = text
+            fresh.modify(metadata=meta)  # Chroma replaces the whole metadata: the record goes back with it
+            self._c = self._store._client.get_collection(self.name, embedding_function=None)
+
     def _guard(self) -> Any:
         return _chroma(self._store.db, self.name)
 

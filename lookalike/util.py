@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lookalike.errors import EmbedderError
 
@@ -35,3 +38,24 @@ def first_line(exc: BaseException, width: int = 120) -> str:
     """``TypeName: first line of the message``, cut to ``width`` characters (for one-line errors)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:width] if text else type(exc).__name__
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities (an undefined silhouette, an instant query) turned into None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(x) for x in value]
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

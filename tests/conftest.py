@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
 import os
+import queue
+import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +171,111 @@ def make_cluttered(n: int, seed: int, classes: int = 4) -> tuple[np.ndarray, np.
 def cluttered_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An .npz in Keras's MNIST layout: 320 training and 80 test cluttered images (4 classes)."""
     return write_npz(tmp_path_factory.mktemp("cluttered") / "cluttered.npz", make_cluttered(320, seed=11), make_cluttered(80, seed=12))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def chroma_run(path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real `chroma run` server on loopback over ``path``: (its process, its URL), stopped at the end."""
+    from lookalike.errors import StoreError
+    from lookalike.store import Store
+
+    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                Store(url).close()
+                break
+            except StoreError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        yield proc, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+class ServiceProcess:
+    """A real `lookalike serve` process on loopback (``--port 0``: the port it prints), its stderr collected."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> None:
+        cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "serve", "--port", "0", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        found: queue.Queue[str | None] = queue.Queue()
+
+        def drain() -> None:  # read stderr to the end, so that the server never blocks on a full pipe
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r" at (http://\S+) ", line)
+                if m:
+                    found.put(m.group(1))
+            found.put(None)
+
+        threading.Thread(target=drain, daemon=True).start()
+        try:
+            url = found.get(timeout=timeout)
+        except queue.Empty:
+            url = None
+        if url is None:
+            self.stop()
+            raise RuntimeError("lookalike serve did not start:\n" + "".join(self.lines))
+        self.url: str = url
+        self.port = int(url.rsplit(":", 1)[1])
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        ctype: str | None = None,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request: (status, headers, body)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        hdrs = dict(headers or {})
+        if ctype:
+            hdrs["Content-Type"] = ctype
+        if key:
+            hdrs["Authorization"] = f"Bearer {key}"
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def multipart(fields: list[tuple[str, str]], image: bytes | None = None, filename: str = "q.png") -> tuple[bytes, str]:
+    """A multipart/form-data body of text ``fields`` and an ``image`` file field."""
+    b = "testboundary7f3a"
+    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields]
+    if image is not None:
+        head = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+        parts.append(head.encode() + image + b"\r\n")
+    parts.append(f"--{b}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={b}"

@@ -107,6 +107,21 @@ def test_search_table_evaluate_table_collections_drop(runner: CliRunner, tiny_np
     assert "no collections" in runner.invoke(app, ["collections", "--db", db]).stdout
 
 
+def test_evaluate_keeps_its_report_with_the_collection_unless_told_not_to(runner: CliRunner, tiny_npz: Path, db: str) -> None:
+    ingest_pixels(runner, tiny_npz, db)
+    assert runner.invoke(app, ["evaluate", "--db", db, "--no-save"]).exit_code == 0
+    with Gallery.open(db=db) as g:
+        assert g.evaluation() is None
+    e = runner.invoke(app, ["evaluate", "--db", db, "--k", "3", "--json"])
+    assert e.exit_code == 0
+    with Gallery.open(db=db) as g:
+        saved = g.evaluation()
+        assert saved is not None and g.count() == 250
+    printed = json.loads(e.stdout)
+    assert saved["k"] == 3 and saved["accuracy"] == printed["accuracy"] and saved["confusion"] == printed["confusion"]
+    assert saved["n_mistakes"] == len(printed["mistakes"]) and saved["saved_at"].endswith("+00:00")
+
+
 def test_several_collections_need_a_name(runner: CliRunner, tiny_npz: Path, db: str) -> None:
     ingest_pixels(runner, tiny_npz, db)
     ingest_pixels(runner, tiny_npz, db, "--collection", "second", "--normalize", "l2")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.errors import InputError
+from lookalike.errors import InputError, TooLargeError
 from lookalike.images import PILLOW_MAX_PIXELS, Unreadable, default_max_pixels, open_image, read_image, resize
 
 
@@ -169,3 +169,15 @@ def test_16_bit_values_follow_the_files_range_not_its_content(tmp_path: Path) ->
     assert read_image(tmp_path / "dim.png").max() <= 1
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "white.png")
     assert read_image(tmp_path / "white.png").min() == 255
+
+
+def test_bytes_read_as_the_file_reads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "a.jpg", quality=90)
+    data = (tmp_path / "a.jpg").read_bytes()
+    assert np.array_equal(read_image(data, size=32), read_image(tmp_path / "a.jpg", size=32))
+    bad = read_image(b"GIF89a nonsense", name="the upload x.gif")
+    assert isinstance(bad, Unreadable) and bad.reason == "unreadable" and "cannot read the upload x.gif" in bad.message()
+    Image.new("1", (12_000, 12_000)).save(tmp_path / "bomb.png")
+    with pytest.raises(TooLargeError, match="too large"):
+        open_image((tmp_path / "bomb.png").read_bytes())

@@ -1,11 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +13,7 @@ from lookalike.errors import DamagedError, InputError, NotFoundError, StoreError
 from lookalike.record import Record
 from lookalike.store import Store
 
-from .conftest import run_cli
+from .conftest import chroma_run, free_port, run_cli
 
 
 def record(n_labels: int = 10, **protocol: object) -> Record:
@@ -232,36 +227,11 @@ def test_chroma_errors_become_one_line_store_errors(db: str, monkeypatch: pytest
         col.get(["mnist:train:1"], vectors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `chroma run` server on loopback."""
-    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
-    port = _free_port()
-    path = tmp_path_factory.mktemp("server-db")
-    proc = subprocess.Popen(
-        [exe, "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                Store(url)
-                break
-            except StoreError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.5)
+    with chroma_run(tmp_path_factory.mktemp("server-db")) as (_, url):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: Path) -> None:
@@ -278,7 +248,7 @@ def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: P
 
 def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(StoreError, match="chroma run"):
-        Store(f"http://127.0.0.1:{_free_port()}")
+        Store(f"http://127.0.0.1:{free_port()}")
 
 
 def test_creating_an_existing_collection_touches_nothing(db: str) -> None:

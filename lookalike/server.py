@@ -1,0 +1,429 @@
+"""``lookalike serve``: the HTTP front-end of :class:`~lookalike.service.Service` (FastAPI under uvicorn).
+
+Each endpoint parses its request, calls the service, and presents the answer as JSON; every error is
+one JSON object ``{"error": "...", "status": N}``, never a traceback or a server path (details are
+logged here). Needs the ``serve`` extra: ``pip install 'lookalike[serve]'``.
+
+Security: the service binds 127.0.0.1 unless told otherwise, and any other address needs an API key
+(``--api-key-file`` or ``$LOOKALIKE_API_KEY``) or an explicit ``--insecure``. With a key every endpoint
+but ``/health`` (and the API's own description, ``/docs`` and ``/openapi.json``, which hold no data)
+needs ``Authorization: Bearer KEY``, compared in constant time; a missing or wrong key gets 401 and
+nothing else.
+"""
+
+import hmac
+import logging
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from lookalike import __version__
+from lookalike.errors import (
+    DamagedError,
+    DatasetError,
+    EmbedderError,
+    InputError,
+    LockedError,
+    LookalikeError,
+    NotFoundError,
+    StoreError,
+    TooLargeError,
+)
+from lookalike.service import MAX_K, Service
+from lookalike.util import is_loopback
+
+log = logging.getLogger(__name__)
+
+EXTRA = "the service needs its extra: pip install 'lookalike[serve]'"
+KEY_ENV = "LOOKALIKE_API_KEY"
+MIN_KEY_LENGTH = 16
+MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one request body
+DRAIN_CAP = 64 * 1024 * 1024  # bytes of a refused body read (and dropped) before the answer, so that the client hears it
+SEARCH_FIELDS = ("id", "vector", "k", "labels", "label", "split")
+KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))' > lookalike.key"
+
+
+def require_extra() -> None:
+    """InputError naming the extra to install when FastAPI, uvicorn or python-multipart is missing."""
+    import importlib.util
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise InputError(EXTRA) from None
+    if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:  # forms need it
+        raise InputError(EXTRA)
+
+
+def status_of(exc: LookalikeError) -> int:
+    """The HTTP status of a library error."""
+    if isinstance(exc, TooLargeError):
+        return 413
+    if isinstance(exc, InputError):
+        return 422
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, (LockedError, StoreError, EmbedderError, DatasetError)) and not isinstance(exc, DamagedError):
+        return 503
+    return 500
+
+
+# -- exposure and keys ---------------------------------------------------------------------------------
+
+
+def read_api_key(path: str | os.PathLike[str] | None) -> str | None:
+    """The API key from ``path`` (its first line), else ``$LOOKALIKE_API_KEY``, else None; InputError on a bad key."""
+    if path is not None:
+        p = Path(path).expanduser()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read --api-key-file {p} ({type(exc).__name__}): {KEY_HINT}") from None
+        key, source = (text.splitlines() or [""])[0].strip(), f"--api-key-file {p}"
+        try:
+            if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                log.warning("%s is readable by other users: chmod 600 %s", p, p)
+        except OSError:
+            pass
+    elif os.environ.get(KEY_ENV):  # set and not empty
+        key, source = os.environ[KEY_ENV].strip(), f"${KEY_ENV}"
+    else:
+        return None
+    if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+        raise InputError(f"the API key in {source} must be at least {MIN_KEY_LENGTH} characters without spaces: {KEY_HINT}")
+    return key
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """InputError when binding ``host`` would expose the store to the network without a key (and no ``--insecure``)."""
+    if is_loopback(host) or api_key is not None or insecure:
+        return
+    raise InputError(
+        f"--host {host} lets other machines reach the store: give --api-key-file FILE (or ${KEY_ENV}), or --insecure to serve without a key"
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port`` (port 0: any free one); InputError naming the fix when it cannot bind."""
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InputError(f"--host {host!r} is not an address of this machine: use 127.0.0.1, 0.0.0.0 or an interface's address") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise InputError(f"port {port} on {host} is in use: choose another with --port") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --host or --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+
+def _search_docs() -> dict[str, Any]:
+    """The request bodies of the search endpoint, for /docs (the endpoint reads the body itself)."""
+    fields = {
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
+        "labels": {"type": "array", "items": {"type": "string"}, "description": "keep only these labels (ints or names)"},
+        "split": {"type": "string", "enum": ["train", "test"]},
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "binary"}, **fields},
+                    },
+                    "encoding": {"labels": {"style": "form", "explode": True}},
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "string", "description": "a stored item's id (never returned itself)"},
+                            "vector": {"type": "array", "items": {"type": "number"}},
+                            **fields,
+                        },
+                    },
+                    "example": {"id": "mnist:test:0", "k": 5},
+                },
+            },
+        }
+    }
+
+
+def create_app(service: Service, *, api_key: str | None = None, max_upload: int = MAX_UPLOAD) -> Any:
+    """The FastAPI app serving ``service`` (``api_key``: required on every endpoint but /health)."""
+    try:
+        from fastapi import APIRouter, Depends, FastAPI, Request
+        from fastapi.concurrency import run_in_threadpool
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, Response
+        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+        from starlette.exceptions import HTTPException
+    except ImportError:
+        raise InputError(EXTRA) from None
+
+    app = FastAPI(
+        title="lookalike",
+        version=__version__,
+        description="Image similarity search over lookalike collections: upload an image or name a stored id, "
+        "filter by label and split, get the nearest stored items.",
+    )
+    app.state.service = service
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+    @app.exception_handler(LookalikeError)
+    async def library_error(request: Request, exc: LookalikeError) -> Any:
+        status = status_of(exc)
+        (log.error if status >= 500 else log.info)("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+        if status < 500:  # the request's own fault: the message names the fix (and no server path)
+            return error(status, str(exc))
+        if isinstance(exc, DamagedError):
+            return error(500, "the store answered with an internal error (run `lookalike check` on it): the server's log says more")
+        if isinstance(exc, StoreError):
+            return error(503, "the store is unavailable: the server's log says more")
+        return error(503, "the collection's embedder or dataset is unavailable: the server's log says more")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Any:
+        if exc.status_code == 404:
+            return error(404, f"no endpoint {request.method} {request.url.path}: see /docs")
+        if exc.status_code == 405:
+            return error(405, f"{request.method} is not allowed on {request.url.path}: see /docs")
+        if exc.status_code == 401:
+            return error(401, "unauthorized", {"WWW-Authenticate": "Bearer"})
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Any:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error(500, "internal error: the server's log says more")
+
+    bearer = HTTPBearer(auto_error=False, description="the key given to `lookalike serve --api-key-file`")
+    expected = api_key.encode() if api_key else None
+
+    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(401)
+
+    @app.get("/health", tags=["service"])
+    def health() -> Any:
+        """Whether the service and its store answer (no key needed)."""
+        try:
+            return service.health()
+        except StoreError as exc:
+            log.error("health: %s", exc)
+            return error(503, "the store is unavailable")
+
+    api = APIRouter(dependencies=[Depends(require_key)])
+
+    @api.get("/collections", tags=["collections"])
+    def collections() -> Any:
+        """Every collection: name, count, dataset, embedder, label names."""
+        return service.collections()
+
+    @api.get("/stats", tags=["service"])
+    def stats() -> Any:
+        """How image queries have been batched so far."""
+        return service.stats()
+
+    @api.post("/collections/{name}/search", tags=["search"], openapi_extra=_search_docs())
+    async def search(name: str, request: Request) -> Any:
+        """The nearest stored items to an uploaded image (multipart, field `image`), a stored `id` or a `vector` (JSON),
+        optionally only of some `labels` and of one `split`."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            kwargs = await _form_query(request)
+        elif ctype == "application/json" or ctype.endswith("+json"):
+            kwargs = await _json_query(request)
+        else:
+            return error(415, 'send multipart/form-data with an "image" file field, or application/json with "id" or "vector"')
+        answer = await run_in_threadpool(lambda: service.search(name, **kwargs))
+        return answer.to_dict()
+
+    @api.get("/collections/{name}/items/{item_id:path}/image", tags=["items"], response_class=Response)
+    def item_image(name: str, item_id: str) -> Any:
+        """A PNG of a stored item, read from the source its collection records."""
+        return Response(service.item_png(name, item_id), media_type="image/png")
+
+    @api.get("/collections/{name}/items/{item_id:path}", tags=["items"])
+    def item(name: str, item_id: str) -> Any:
+        """A stored item's label, split and metadata."""
+        return service.item(name, item_id).to_dict()
+
+    @api.get("/collections/{name}/evaluation", tags=["collections"])
+    def evaluation(name: str) -> Any:
+        """The last `lookalike evaluate` report saved with the collection (404 when none was)."""
+        return service.evaluation(name)
+
+    app.include_router(api)
+    app.add_middleware(_BodyLimit, max_bytes=max_upload)
+    return app
+
+
+async def _form_query(request: Any) -> dict[str, Any]:
+    """Search arguments from a multipart form: the ``image`` file, ``k``, ``labels`` (or ``label``, repeatable), ``split``."""
+    try:
+        form = await request.form(max_files=1, max_fields=len(SEARCH_FIELDS) + 64)
+    except TooLargeError:
+        raise
+    except Exception as exc:  # starlette's MultiPartException and friends: a malformed body
+        raise InputError(f"the form could not be read ({exc}): send multipart/form-data with an 'image' file field") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise InputError("send the image as a file field named 'image'")
+    data = await upload.read()
+    await upload.close()
+    unknown = sorted(set(form.keys()) - {"image", *SEARCH_FIELDS} - {"id", "vector"})
+    if unknown:
+        raise InputError(f"unknown form field {unknown[0]!r}: the fields are image, k, labels, split")
+    labels = [str(v) for v in [*form.getlist("labels"), *form.getlist("label")]]
+    split = form.get("split")
+    return {
+        "image": data,
+        "image_name": f"the upload {getattr(upload, 'filename', None) or ''}".strip(),
+        "k": form.get("k", 5),
+        "labels": labels or None,
+        "split": str(split) if split not in (None, "") else None,
+    }
+
+
+async def _json_query(request: Any) -> dict[str, Any]:
+    """Search arguments from a JSON object: ``id`` or ``vector``, ``k``, ``labels``, ``split``."""
+    try:
+        body = await request.json()
+    except TooLargeError:
+        raise
+    except Exception:
+        raise InputError('the body is not JSON: send {"id": "...", "k": 5} or {"vector": [...]}') from None
+    if not isinstance(body, dict):
+        raise InputError('the body must be a JSON object such as {"id": "...", "k": 5}')
+    unknown = sorted(set(body) - set(SEARCH_FIELDS))
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r}: the fields are {', '.join(f for f in SEARCH_FIELDS if f != 'label')}")
+    labels = body.get("labels", body.get("label"))
+    if labels is not None and not isinstance(labels, list):
+        labels = [labels]
+    if labels is not None and not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in labels):
+        raise InputError("labels must be a list of label ints or names")
+    split = body.get("split")
+    if split is not None and not isinstance(split, str):
+        raise InputError("split must be 'train' or 'test'")
+    if body.get("id") is None and body.get("vector") is None:
+        raise InputError('give "id" (a stored item) or "vector" in the JSON body, or upload an image as multipart/form-data')
+    return {"id": body.get("id"), "vector": body.get("vector"), "k": body.get("k", 5), "labels": labels or None, "split": split}
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 (from Content-Length before reading, or while read)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        message = f"the request body is over the limit of {limit:,} bytes: send a smaller image"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _drain(receive)  # (read, not kept: a client still sending would otherwise see a broken pipe)
+                await _send_json(send, 413, {"error": message, "status": 413})
+                return
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            msg = await receive()
+            if msg.get("type") == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    if msg.get("more_body"):
+                        await _drain(receive)
+                    raise TooLargeError(message)
+            return msg
+
+        started = False
+
+        async def watched(msg: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or msg.get("type") == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited, watched)
+        except TooLargeError:  # raised while the body was read outside an endpoint
+            if not started:
+                await _send_json(send, 413, {"error": message, "status": 413})
+
+
+async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], cap: int = DRAIN_CAP) -> None:
+    """Read and drop the rest of a refused request's body (at most ``cap`` bytes; past that the connection just closes)."""
+    dropped = 0
+    while dropped <= cap:
+        msg = await receive()
+        if msg.get("type") != "http.request":
+            return
+        dropped += len(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+# -- running it ----------------------------------------------------------------------------------------
+
+
+def serve(
+    service: Service,
+    sock: socket.socket,
+    *,
+    api_key: str | None = None,
+    max_upload: int = MAX_UPLOAD,
+    access_log: bool = False,
+) -> None:
+    """Serve ``service`` on the bound ``sock`` until interrupted (Ctrl-C or SIGTERM end it cleanly)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise InputError(EXTRA) from None
+    app = create_app(service, api_key=api_key, max_upload=max_upload)
+    config = uvicorn.Config(app, log_level="warning", access_log=access_log, server_header=False, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

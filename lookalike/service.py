@@ -1,0 +1,270 @@
+"""The search service's library side: one store, its collections opened once, warm embedders, batched image queries.
+
+:class:`Service` is what ``lookalike serve`` runs behind HTTP (:mod:`lookalike.server` parses requests
+and presents answers; everything else happens here, with the library's own functions). It opens the
+store once (a local directory's lock is held for the service's life), opens each collection's
+:class:`~lookalike.gallery.Gallery` on first use and keeps it, and builds each embedder once, on the
+first image query. Image queries from concurrent requests go through a
+:class:`~lookalike.batching.DynamicBatcher`: the embeddings of requests that arrive together are
+computed as one batch. Every answer is what :func:`lookalike.search.search` gives for the same query.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from lookalike import __version__
+from lookalike.batching import DynamicBatcher
+from lookalike.errors import InputError, NotFoundError
+from lookalike.gallery import Gallery, list_collections
+from lookalike.search import Hit, search
+from lookalike.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+# Measured with scripts/loadtest.py (docs/service.md): no extra wait is best here. While one batch is embedded
+# (7-18 ms) the next requests queue, and the next batch takes them all (mean 7 images under 16 clients,
+# 313 image searches/s against 117 without batching); waiting 2, 5 or 10 ms more after a batch's first
+# request gathered barely more (7.2-8.8) and cost throughput, p99 and every lone client's latency.
+DEFAULT_WINDOW = 0.0
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass
+class SearchAnswer:
+    """One search's hits and what was asked (``query``: ``{"kind": "image"|"id"|"vector", ...}``)."""
+
+    collection: str
+    query: dict[str, Any]
+    k: int
+    labels: list[int] | None
+    split: str | None
+    hits: list[Hit]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "query": self.query,
+            "k": self.k,
+            "labels": self.labels,
+            "split": self.split,
+            "hits": [h.to_dict() for h in self.hits],
+            "took_ms": round(self.seconds * 1000, 3),
+        }
+
+
+@dataclass
+class ItemInfo:
+    """A stored item's id, label and split, and its metadata as stored."""
+
+    id: str
+    label: int
+    label_name: str
+    split: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label, "label_name": self.label_name, "split": self.split, "metadata": self.metadata}
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int between 1 and ``MAX_K``; InputError otherwise."""
+    if isinstance(k, bool) or not isinstance(k, (int, str)):
+        raise InputError(f"k must be a whole number between 1 and {MAX_K}")
+    try:
+        value = int(k)
+    except ValueError:
+        raise InputError(f"k must be a whole number between 1 and {MAX_K}, got {k!r}") from None
+    if not 1 <= value <= MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K}, got {value}")
+    return value
+
+
+class Service:
+    """A store opened for serving: galleries kept open, embedders warm, image queries batched.
+
+    ``window`` and ``max_batch`` set the dynamic batching of image embeddings (``max_batch=1``: none).
+    Thread-safe: the HTTP front-end calls it from many threads.
+    """
+
+    def __init__(
+        self,
+        db: str | None = None,
+        *,
+        wait: float | None = None,
+        max_pixels: int | None = None,
+        window: float = DEFAULT_WINDOW,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        if window < 0:
+            raise InputError(f"--batch-window-ms must not be negative, got {window * 1000:g}")
+        if max_batch < 1:
+            raise InputError(f"--max-batch must be at least 1, got {max_batch}")
+        self.store = Store(db, wait=wait)
+        self.max_pixels = max_pixels
+        self.window = window
+        self.max_batch = max_batch
+        self.started = time.time()
+        self._galleries: dict[str, Gallery] = {}
+        self._batchers: dict[str, DynamicBatcher[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Stop the batchers and release the store (and its lock)."""
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+            self._galleries = {}
+        for b in batchers:
+            b.close()
+        self.store.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- collections -----------------------------------------------------------------------------------
+
+    def gallery(self, name: str) -> Gallery:
+        """The open Gallery of collection ``name`` (opened on first use); NotFoundError listing the collections."""
+        with self._lock:
+            g = self._galleries.get(name)
+            if g is None:
+                names = self.store.names()
+                if name not in names:  # (the store's own message names its directory: not for a client)
+                    raise NotFoundError(f"no collection {name!r} here: the collections are {', '.join(names) or 'none'}")
+                g = Gallery(self.store, name, max_pixels=self.max_pixels)
+                self._galleries[name] = g
+            return g
+
+    def batcher(self, name: str) -> DynamicBatcher[np.ndarray, np.ndarray]:
+        """The batcher of collection ``name``'s image embeddings (its embedder is built on the first batch)."""
+        g = self.gallery(name)
+        with self._lock:
+            b = self._batchers.get(name)
+            if b is None:
+                b = DynamicBatcher(lambda images: list(g.embed(images)), max_batch=self.max_batch, window=self.window, name=f"embed-{name}")
+                self._batchers[name] = b
+            return b
+
+    def warm(self, names: Sequence[str] | None = None) -> list[str]:
+        """Build the embedders of ``names`` (default: every collection) now rather than on their first image query."""
+        chosen = list(names) if names is not None else self.store.names()
+        for name in chosen:
+            _ = self.gallery(name).embedder
+            log.info("embedder of %r ready", name)
+        return chosen
+
+    def collections(self) -> list[dict[str, Any]]:
+        """Each collection's name, count, dataset, embedder and label names (no server paths)."""
+        return [
+            {"name": c.name, "count": c.count, "dataset": c.dataset, "embedder": c.embedder, "label_names": c.label_names}
+            for c in list_collections(self.store)
+        ]
+
+    def health(self) -> dict[str, Any]:
+        """``status`` ``ok`` when the store answers (StoreError otherwise), with the version and uptime."""
+        n = len(self.store.names())
+        return {"status": "ok", "version": __version__, "collections": n, "uptime_s": round(time.time() - self.started, 1)}
+
+    def stats(self) -> dict[str, Any]:
+        """The batching of each collection's image queries so far."""
+        with self._lock:
+            batchers = dict(self._batchers)
+        return {
+            "batch_window_ms": self.window * 1000,
+            "max_batch": self.max_batch,
+            "collections": {name: b.stats.to_dict() for name, b in batchers.items()},
+        }
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        collection: str,
+        *,
+        image: bytes | None = None,
+        image_name: str = "the upload",
+        id: str | None = None,
+        vector: Sequence[float] | np.ndarray | None = None,
+        k: Any = 5,
+        labels: Sequence[int | str] | None = None,
+        split: str | None = None,
+    ) -> SearchAnswer:
+        """:func:`lookalike.search.search` on ``collection``, an uploaded ``image`` embedded in a shared batch."""
+        started = time.perf_counter()
+        k = check_k(k)
+        if sum(q is not None for q in (image, id, vector)) != 1:
+            raise InputError('give exactly one query: an image file, or JSON {"id": ...} or {"vector": [...]}')
+        g = self.gallery(collection)
+        resolved = g.resolve_labels(labels) if labels else None
+        g.where(labels, split)  # a bad split fails before any work
+        if image is not None:
+            query: dict[str, Any] = {"kind": "image", "bytes": len(image)}
+            pixels = g.read_query_image(image, name=image_name)
+            vec = self.batcher(collection)(pixels)
+            hits = search(g, vector=vec, k=k, labels=labels, split=split)
+        elif id is not None:
+            if not isinstance(id, str) or not id:
+                raise InputError("id must be a non-empty string")
+            query = {"kind": "id", "id": id}
+            hits = search(g, id=id, k=k, labels=labels, split=split)
+        else:
+            query = {"kind": "vector"}
+            hits = search(g, vector=_as_vector(vector, g.record.embedder.dim), k=k, labels=labels, split=split)
+        return SearchAnswer(collection, query, k, resolved, split, hits, time.perf_counter() - started)
+
+    def item(self, collection: str, item_id: str) -> ItemInfo:
+        """A stored item's label, split and metadata; NotFoundError with an example id."""
+        g = self.gallery(collection)
+        meta, _ = g.item(item_id)
+        label = int(meta["label"])
+        return ItemInfo(item_id, label, g.label_name(label), str(meta["split"]), meta)
+
+    def item_png(self, collection: str, item_id: str) -> bytes:
+        """A PNG of a stored item, read from the source its collection records (nothing a request names)."""
+        from PIL import Image
+
+        g = self.gallery(collection)
+        meta, _ = g.item(item_id)
+        rel = meta.get("path")
+        if rel is not None and (PurePosixPath(str(rel)).is_absolute() or ".." in PurePosixPath(str(rel)).parts):
+            raise NotFoundError(f"item {item_id!r} names a file outside its folder: its image is not served")
+        (pixels,) = g.images([meta])
+        if pixels is None:
+            raise NotFoundError(f"the image of item {item_id!r} can no longer be read from its source (moved or deleted)")
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        return out.getvalue()
+
+    def evaluation(self, collection: str) -> dict[str, Any]:
+        """The last evaluate report saved with ``collection``; NotFoundError naming the command that makes one."""
+        report = self.gallery(collection).evaluation()
+        if report is None:
+            raise NotFoundError(f"collection {collection!r} has no saved evaluation: run `lookalike evaluate --collection {collection}`")
+        return report
+
+
+def _as_vector(vector: Any, dim: int) -> np.ndarray:
+    """A query vector of ``dim`` finite numbers; InputError otherwise."""
+    try:
+        v = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"vector must be a list of {dim} numbers") from None
+    if v.ndim != 1 or v.shape[0] != dim:
+        raise InputError(f"vector must be a list of {dim} numbers, got shape {list(v.shape)}")
+    if not np.isfinite(v).all():
+        raise InputError("vector must hold finite numbers (no NaN or infinity)")
+    return v
