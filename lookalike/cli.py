@@ -387,6 +387,40 @@ def serve(
     typer.echo("stopped", err=True)
 
 
+@command("app")
+def app_(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (Streamlit has no login: keep it on loopback)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8501,
+) -> None:
+    """Explore the store's collections in the browser (Streamlit): pip install 'lookalike[app]'."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    from lookalike.errors import InputError
+    from lookalike.server import bind
+    from lookalike.store import default_db
+    from lookalike.util import is_loopback
+
+    if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
+        raise InputError("the app needs its extra: pip install 'lookalike[app]'")
+    bind(host, port).close()  # a port in use or a bad host: one line now, not Streamlit's own
+    location = db or default_db()
+    if not location.startswith(("http://", "https://")):
+        location = str(Path(location).expanduser().resolve())
+    script = Path(__file__).with_name("app.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script)]
+    cmd += ["--server.address", host, "--server.port", str(port), "--server.headless", "true"]
+    cmd += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+    cmd += ["--server.maxUploadSize", "10", "--client.toolbarMode", "viewer", "--", "--db", location]
+    shown = f"[{host}]" if ":" in host else host
+    typer.echo(f"lookalike app: http://{shown}:{port} (store {location}); Ctrl-C stops", err=True)
+    if not is_loopback(host):
+        typer.echo("warning: Streamlit has no login: anyone who reaches this address can browse the store", err=True)
+    raise typer.Exit(subprocess.call(cmd))
+
+
 @command("map")
 def map_(
     out: Annotated[str, typer.Option(help="PNG file for the map")],

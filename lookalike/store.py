@@ -222,10 +222,21 @@ class VectorCollection:
     def get(self, ids: Sequence[str], *, vectors: bool = False) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
         """(ids, vectors or None, metadatas) of stored ``ids`` (each once), in the order Chroma returns them."""
         include = ["metadatas", "embeddings"] if vectors else ["metadatas"]
+        unique = list(dict.fromkeys(ids))  # Chroma refuses repeated ids
+        out_ids: list[str] = []
+        out_metas: list[dict[str, Any]] = []
+        out_vecs: list[np.ndarray] = []
         with self._guard():
-            got = self._c.get(ids=list(dict.fromkeys(ids)), include=include)  # Chroma refuses repeated ids
-        embs = np.asarray(got["embeddings"], np.float32) if vectors else None
-        return list(got["ids"]), embs, list(got["metadatas"])
+            for start in range(0, len(unique), PAGE):  # paged: one get() fails past 32,766 records
+                got = self._c.get(ids=unique[start : start + PAGE], include=include)
+                out_ids += list(got["ids"])
+                out_metas += list(got["metadatas"])
+                if vectors and len(got["ids"]):
+                    out_vecs.append(np.asarray(got["embeddings"], np.float32))
+        if not vectors:
+            return out_ids, None, out_metas
+        embs = np.concatenate(out_vecs) if out_vecs else np.zeros((0, 0), np.float32)
+        return out_ids, embs, out_metas
 
     def scan(
         self, where: dict[str, Any] | None = None, *, vectors: bool = True, dim: int = 0, metadatas: bool = True

@@ -1,0 +1,394 @@
+"""``lookalike app``: the interactive explorer (Streamlit + Plotly), run by ``streamlit run``.
+
+A thin front-end: every number comes from the library (``search``, ``cached_map``, ``cluster``,
+``evaluate`` and its saved report) over one :class:`~lookalike.gallery.Gallery` per collection,
+opened once for the app's life (a local store's lock is held meanwhile). Nothing stored is ever
+re-embedded: thumbnails are read from the items' recorded sources, at most a page of them at once.
+
+Pages: Search (upload an image or name an id; labels, split, k; click a neighbour to search from
+it), Map (t-SNE/UMAP/PCA of a seeded sample; click a point for its neighbours, lasso or box a
+region for its items), Evaluation (the saved report; a confusion cell's mistakes), Clusters
+(k-means against the labels). The URL's query parameters (``?page=Search&collection=mnist&id=...
+&labels=3&k=8``) open a page in a given state.
+
+Needs the ``app`` extra: ``pip install 'lookalike[app]'``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from lookalike.errors import LookalikeError
+from lookalike.evaluate import evaluate, save_report
+from lookalike.explore import METHODS, cached_map, cluster
+from lookalike.gallery import Gallery
+from lookalike.search import Hit, search
+from lookalike.store import Store, default_db
+
+PAGES = ("Search", "Map", "Evaluation", "Clusters")
+THUMB = 112  # pixels of a thumbnail's side
+SMALL = 80  # pixels of a small thumbnail's side (selections, mistakes, clusters)
+PAGE_OF_THUMBS = 48  # the most images a page draws at once
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "mpo"]
+
+
+# -- resources kept for the app's life -----------------------------------------------------------------
+
+
+def db_location() -> str:
+    """``--db`` after ``--`` on the ``streamlit run`` line, else ``$LOOKALIKE_DB`` or ``./lookalike-db``."""
+    args = sys.argv[1:]
+    if "--db" in args and args.index("--db") + 1 < len(args):
+        return args[args.index("--db") + 1]
+    return default_db()
+
+
+@st.cache_resource(show_spinner=False)
+def open_store(db: str) -> Store:
+    return Store(db)
+
+
+@st.cache_resource(show_spinner=False)
+def open_gallery(db: str, name: str) -> Gallery:
+    g = Gallery(open_store(db), name)
+    # build the embedder now, in the background: an upload is then answered in milliseconds, not after TensorFlow's start
+    threading.Thread(target=lambda: g.embedder, name=f"warm-{name}", daemon=True).start()
+    return g
+
+
+def thumb(image: np.ndarray | None, side: int = THUMB) -> np.ndarray:
+    """``image`` scaled to ``side`` pixels on its longer side (nearest neighbour: digits stay crisp); grey if missing."""
+    from PIL import Image
+
+    if image is None:
+        return np.full((side, side), 200, np.uint8)
+    pil = Image.fromarray(image)
+    scale = side / max(pil.size)
+    if scale > 1:
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.NEAREST)
+    else:
+        pil.thumbnail((side, side))
+    return np.asarray(pil)
+
+
+def images_of(gallery: Gallery, metadatas: list[dict[str, Any]]) -> list[np.ndarray]:
+    return [thumb(im) for im in gallery.images(metadatas)]
+
+
+def param(name: str, default: str | None = None) -> str | None:
+    value = st.query_params.get(name)
+    return value if value not in (None, "") else default
+
+
+# -- pages ---------------------------------------------------------------------------------------------
+
+
+def hit_grid(gallery: Gallery, hits: list[Hit], *, key: str, columns: int = 8) -> None:
+    """Thumbnails of ``hits`` with label and distance; the button under each makes it the query."""
+    if not hits:
+        st.info("No stored item matches these filters.")
+        return
+    images = images_of(gallery, [h.metadata for h in hits])
+    for start in range(0, len(hits), columns):
+        cols = st.columns(columns)
+        for col, h, im in zip(cols, hits[start : start + columns], images[start : start + columns]):
+            with col:
+                st.image(im, caption=f"#{h.rank} {h.label_name} · d={h.distance:.3f}", width=THUMB)
+                st.caption(h.id)
+                st.button("search from it", key=f"{key}-{h.id}", help=f"make {h.id} the query", on_click=use_as_query, args=(h.id,))
+
+
+def use_as_query(item_id: str) -> None:
+    """(A button's callback, run before the page is drawn again.) Search from ``item_id``."""
+    st.session_state["query_id"] = item_id
+    st.session_state["query_source"] = "id"
+    st.session_state["page"] = "Search"
+
+
+def filters(gallery: Gallery, key: str) -> tuple[list[str], str | None, int]:
+    """The label multiselect (names), the split and k."""
+    names = gallery.label_names or []
+    preset = [x for x in (param("labels", "") or "").split(",") if x in names]
+    c1, c2, c3 = st.columns([3, 1, 2])
+    labels = c1.multiselect("labels", names, default=preset, key=f"{key}-labels", help="keep only items of these labels")
+    splits = ["any", "train", "test"]
+    split = c2.selectbox("split", splits, index=splits.index(param("split", "any") or "any"), key=f"{key}-split")
+    k = c3.slider("k (neighbours)", 1, 50, int(param("k", "8") or 8), key=f"{key}-k")
+    return labels, (None if split == "any" else split), k
+
+
+def on_upload() -> None:
+    st.session_state["query_source"] = "image"
+
+
+def on_id() -> None:
+    st.session_state["query_source"] = "id"
+
+
+def search_page(gallery: Gallery) -> None:
+    st.header("Search")
+    left, right = st.columns([2, 3])
+    upload = left.file_uploader("Query image (any size or mode)", type=UPLOAD_TYPES, key="upload", on_change=on_upload)
+    if "query_id" not in st.session_state:
+        st.session_state["query_id"] = param("id", "") or ""
+    right.text_input("…or a stored id", key="query_id", on_change=on_id, placeholder=gallery.example_id())
+    labels, split, k = filters(gallery, "search")
+    source = st.session_state.get("query_source") or ("image" if upload is not None else "id")
+    query_id = st.session_state.get("query_id", "").strip()
+    if source == "image" and upload is not None:
+        data = upload.getvalue()
+        pixels = gallery.read_query_image(data, name=f"the upload {upload.name}")
+        hits = search(gallery, image=pixels, k=k, labels=labels, split=split)
+        query_img, caption = thumb(pixels, 2 * THUMB), f"uploaded {upload.name}"
+    elif query_id:
+        hits = search(gallery, id=query_id, k=k, labels=labels, split=split)
+        meta, _ = gallery.item(query_id)
+        query_img, caption = images_of(gallery, [meta])[0], f"{query_id} ({gallery.label_name(int(meta['label']))})"
+    else:
+        st.info(f"Upload an image, or type a stored id such as `{gallery.example_id()}`, to see its nearest stored items.")
+        return
+    q, grid = st.columns([1, 5])
+    q.image(query_img, caption=f"query: {caption}", width="stretch")
+    with grid:
+        shown = f" with labels {', '.join(labels)}" if labels else ""
+        st.subheader(f"{len(hits)} nearest{shown}{' in ' + split if split else ''}")
+        hit_grid(gallery, hits, key="hit", columns=6)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def map_for(db: str, name: str, method: str, sample: int, split: str | None, seed: int, count: int) -> tuple[Any, bool]:
+    return cached_map(open_gallery(db, name), method=method, sample=sample, split=split, seed=seed)
+
+
+def map_page(gallery: Gallery, db: str) -> None:
+    import plotly.express as px
+
+    st.header("Map")
+    n = gallery.count()
+    c1, c2, c3, c4 = st.columns(4)
+    methods = [m for m in METHODS if m != "umap" or _has_umap()]
+    method = c1.selectbox("method", methods, key="map-method", format_func=lambda m: {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[m])
+    sample = c2.slider("sample size", min(3, n), max(3, min(n, 20000)), min(n, 2000), step=1, key="map-sample")
+    split_choice = c3.selectbox("split", ["any", "train", "test"], key="map-split")
+    seed = int(c4.number_input("seed", 0, 10**6, 0, key="map-seed"))
+    split = None if split_choice == "any" else split_choice
+    with st.spinner(f"computing the {method} map of {sample:,} items (once: it is kept for next time)…"):
+        result, cached = map_for(db, gallery.name, method, sample, split, seed, n)
+    pts = result.points
+    names = [gallery.label_name(int(lab)) for lab in pts.labels]
+    fig = px.scatter(
+        x=result.coords[:, 0],
+        y=result.coords[:, 1],
+        color=names,
+        category_orders={"color": sorted(set(names), key=lambda x: (len(x), x))},
+        custom_data=[np.arange(len(pts.ids)), pts.ids],
+        labels={"color": "label", "x": "", "y": ""},
+        height=620,
+    )
+    fig.update_traces(marker={"size": 5, "opacity": 0.8}, hovertemplate="%{customdata[1]}<extra>%{fullData.name}</extra>")
+    fig.update_layout(dragmode="pan", legend={"itemsizing": "constant"}, margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    st.caption(
+        f"{len(pts.ids):,} of {n:,} items, {'read back from the cache' if cached else f'computed in {result.seconds:.1f} s'}. "
+        "Click a point for its neighbours; pick the lasso or box from the plot's toolbar to select a region."
+    )
+    event = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "box", "lasso"), key="map-plot")
+    rows = sorted({int(p["customdata"][0]) for p in (event.selection.points if event else [])})
+    if len(rows) == 1:
+        i = rows[0]
+        st.subheader(f"{pts.ids[i]} ({names[i]}) and its nearest stored items")
+        a, b = st.columns([1, 5])
+        a.image(images_of(gallery, [pts.metadatas[i]])[0], caption=pts.ids[i], width="stretch")
+        with b:
+            hit_grid(gallery, search(gallery, id=pts.ids[i], k=6), key="maphit", columns=6)
+    elif rows:
+        counts = Counter(names[i] for i in rows)
+        st.subheader(f"{len(rows):,} selected items")
+        st.dataframe(
+            {"label": list(counts), "items": list(counts.values())}, hide_index=True, width=300, height=min(38 + 35 * len(counts), 400)
+        )
+        shown = rows[:PAGE_OF_THUMBS]
+        images = images_of(gallery, [pts.metadatas[i] for i in shown])
+        for start in range(0, len(shown), 12):
+            cols = st.columns(12)
+            for col, i, im in zip(cols, shown[start : start + 12], images[start : start + 12]):
+                col.image(im, caption=names[i], width=SMALL)
+        if len(rows) > len(shown):
+            st.caption(f"the first {len(shown)} of {len(rows):,} shown")
+
+
+def _has_umap() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
+
+
+def evaluation_page(gallery: Gallery) -> None:
+    import plotly.graph_objects as go
+
+    st.header("Evaluation")
+    report = gallery.evaluation()
+    if report is None:
+        st.info(f"No evaluation is saved with {gallery.name!r}. Run one now (it is saved for next time), or `lookalike evaluate`.")
+        k = st.number_input("k (neighbours in the vote)", 1, 50, 1, key="eval-k")
+        if st.button("Run evaluate", type="primary"):
+            with st.spinner("querying the store with every held-out item…"):
+                save_report(gallery, evaluate(gallery, k=int(k)))
+            st.rerun()
+        return
+    cols = st.columns(6)
+    cols[0].metric(f"{report['k']}-NN accuracy", f"{report['accuracy']:.4f}")
+    cols[1].metric("exact accuracy", f"{report['exact_accuracy']:.4f}", help="the same vote over exact (brute-force) neighbours")
+    cols[2].metric("recall@1", f"{report['recall_at_1']:.4f}", help="how often the store's first answer is an exact nearest neighbour")
+    cols[3].metric("held-out queries", f"{report['n_queries']:,}")
+    cols[4].metric("indexed items", f"{report['n_indexed']:,}")
+    cols[5].metric("mistakes", f"{report.get('n_mistakes', len(report['mistakes'])):,}")
+    st.caption(f"{report['embedder']} · saved {report.get('saved_at', '')}")
+    names = report["label_names"] or [str(i) for i in range(len(report["confusion"]))]
+    matrix = np.array(report["confusion"])
+    left, right = st.columns([3, 2])
+    with left:
+        fig = go.Figure(
+            go.Heatmap(
+                z=matrix,
+                x=names,
+                y=names,
+                colorscale="Blues",
+                text=matrix,
+                texttemplate="%{text}",
+                hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=520, margin={"l": 10, "r": 10, "t": 10, "b": 10}
+        )
+        fig.update_xaxes(type="category")  # every label named, even "0".."9"
+        fig.update_yaxes(type="category")
+        st.plotly_chart(fig, key="confusion")
+    with right:
+        st.dataframe(
+            {"label": list(report["per_class"]), "accuracy": [round(v, 4) for v in report["per_class"].values()]},
+            hide_index=True,
+            height=min(38 + 35 * len(names), 520),
+        )
+    off = [(matrix[t, p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p and matrix[t, p]]
+    if not off:
+        st.success("No held-out item is misclassified.")
+        return
+    _, t0, p0 = max(off)
+    st.subheader("Mistakes of one cell")
+    c1, c2 = st.columns(2)
+    true = c1.selectbox("true label", range(len(names)), index=t0, format_func=lambda i: names[i], key="cell-true")
+    pred = c2.selectbox("predicted as", range(len(names)), index=p0, format_func=lambda i: names[i], key="cell-pred")
+    cell = [m for m in report["mistakes"] if m["true"] == true and m["predicted"] == pred]
+    st.caption(
+        f"{int(matrix[true, pred])} held-out items of label {names[true]} predicted {names[pred]}"
+        + (f"; {len(cell)} of them kept with the report" if len(cell) < matrix[true, pred] else "")
+        + ". Each: the held-out item, then its nearest indexed item."
+    )
+    shown = cell[: PAGE_OF_THUMBS // 2]
+    if not shown:
+        return
+    got_ids, _, metas = gallery.get([m["id"] for m in shown] + [m["nearest_id"] for m in shown])
+    by_id = dict(zip(got_ids, metas))
+    images = dict(zip(got_ids, images_of(gallery, [by_id[i] for i in got_ids])))
+    for start in range(0, len(shown), 6):
+        cols = st.columns(12)
+        for j, m in enumerate(shown[start : start + 6]):
+            cols[2 * j].image(images.get(m["id"], thumb(None)), caption=m["id"], width=SMALL)
+            cols[2 * j + 1].image(images.get(m["nearest_id"], thumb(None)), caption=f"→ {m['nearest_id']}", width=SMALL)
+
+
+def clusters_page(gallery: Gallery) -> None:
+    st.header("Clusters")
+    n = gallery.count()
+    with st.form("clusters"):
+        c1, c2, c3, c4 = st.columns(4)
+        k = c1.number_input("k (clusters)", 2, 100, max(2, len(gallery.label_names) or 10), key="cl-k")
+        on = c2.selectbox("on", ["embedding", "map"], key="cl-on", help="k-means on the vectors, or on a 2-D t-SNE map of them")
+        sample = c3.number_input("sample size", min(3, n), n, min(n, 2000), key="cl-sample")
+        seed = c4.number_input("seed", 0, 10**6, 0, key="cl-seed")
+        submitted = st.form_submit_button("Compute clusters", type="primary")
+    params = (gallery.name, int(k), on, int(sample), int(seed), n)
+    if submitted:
+        with st.spinner("k-means…"):
+            st.session_state["cluster-result"] = (params, cluster(gallery, k=int(k), on=on, sample=int(sample), seed=int(seed)))
+    saved = st.session_state.get("cluster-result")
+    if not saved or saved[0] != params:
+        st.info("Choose the clustering and press **Compute clusters**.")
+        return
+    report = saved[1]
+    cols = st.columns(4)
+    cols[0].metric("cluster accuracy", f"{report.cluster_accuracy:.4f}", help="clusters matched to labels one to one (Hungarian)")
+    cols[1].metric("ARI", f"{report.adjusted_rand:.4f}", help="adjusted Rand index")
+    cols[2].metric("NMI", f"{report.normalized_mutual_info:.4f}", help="normalised mutual information")
+    sil = "n/a" if report.silhouette != report.silhouette else f"{report.silhouette:.4f}"
+    cols[3].metric("silhouette", sil, help=f"on {report.silhouette_sample:,} items")
+    pts = report.points
+    sizes = Counter(int(c) for c in report.clusters)
+    st.dataframe(
+        {
+            "cluster": sorted(sizes),
+            "items": [sizes[c] for c in sorted(sizes)],
+            "matched label": [gallery.label_name(report.mapping.get(c, -1)) for c in sorted(sizes)],
+        },
+        hide_index=True,
+        height=min(38 + 35 * len(sizes), 400),
+    )
+    idx = report.disagreeing()
+    st.subheader(f"{len(idx):,} items whose cluster disagrees with their label (label → cluster's label)")
+    shown = list(idx[:PAGE_OF_THUMBS])
+    images = images_of(gallery, [pts.metadatas[i] for i in shown])
+    for start in range(0, len(shown), 12):
+        cols = st.columns(12)
+        for col, i, im in zip(cols, shown[start : start + 12], images[start : start + 12]):
+            cluster_label = gallery.label_name(report.mapping.get(int(report.clusters[i]), -1))
+            col.image(im, caption=f"{gallery.label_name(int(pts.labels[i]))} → {cluster_label}", width=SMALL)
+
+
+# -- the app -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    st.set_page_config(page_title="lookalike", layout="wide")
+    db = db_location()
+    try:
+        store = open_store(db)
+        names = store.names()
+    except LookalikeError as exc:
+        st.error(str(exc))
+        return
+    if not names:
+        st.warning(f"The store at {db} has no collections yet: run `lookalike ingest` (or `lookalike quickstart`) first.")
+        return
+    with st.sidebar:
+        st.title("lookalike")
+        wanted = param("collection")
+        name = st.selectbox("collection", names, index=names.index(wanted) if wanted in names else 0, key="collection")
+        if "page" not in st.session_state:
+            st.session_state["page"] = param("page", "Search") if param("page") in PAGES else "Search"
+        page = st.radio("page", PAGES, key="page")
+    try:
+        gallery = open_gallery(db, name)
+        with st.sidebar:
+            info = gallery.info()
+            st.caption(f"{info.count:,} items · {info.dataset} · {info.embedder}")
+        if page == "Search":
+            search_page(gallery)
+        elif page == "Map":
+            map_page(gallery, db)
+        elif page == "Evaluation":
+            evaluation_page(gallery)
+        else:
+            clusters_page(gallery)
+    except LookalikeError as exc:
+        st.error(str(exc))
+
+
+if __name__ == "__main__":
+    main()
