@@ -62,6 +62,14 @@ def open_gallery(db: str, name: str) -> Gallery:
     return g
 
 
+@st.cache_data(ttl=30, show_spinner=False)
+def summary(db: str, name: str) -> dict[str, Any]:
+    """A collection's count, dataset, embedder and an example id (read at most every 30 s: every click redraws the page)."""
+    g = open_gallery(db, name)
+    info = g.info()
+    return {"count": info.count, "dataset": info.dataset, "embedder": info.embedder, "example_id": g.example_id()}
+
+
 def thumb(image: np.ndarray | None, side: int = THUMB) -> np.ndarray:
     """``image`` scaled to ``side`` pixels on its longer side (nearest neighbour: digits stay crisp); grey if missing."""
     from PIL import Image
@@ -84,6 +92,15 @@ def images_of(gallery: Gallery, metadatas: list[dict[str, Any]]) -> list[np.ndar
 def param(name: str, default: str | None = None) -> str | None:
     value = st.query_params.get(name)
     return value if value not in (None, "") else default
+
+
+def int_param(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query parameter, clamped to [low, high] (``default`` when absent or not a number)."""
+    try:
+        value = int(param(name, str(default)) or default)
+    except ValueError:
+        value = default
+    return min(max(value, low), high)
 
 
 # -- pages ---------------------------------------------------------------------------------------------
@@ -118,8 +135,9 @@ def filters(gallery: Gallery, key: str) -> tuple[list[str], str | None, int]:
     c1, c2, c3 = st.columns([3, 1, 2])
     labels = c1.multiselect("labels", names, default=preset, key=f"{key}-labels", help="keep only items of these labels")
     splits = ["any", "train", "test"]
-    split = c2.selectbox("split", splits, index=splits.index(param("split", "any") or "any"), key=f"{key}-split")
-    k = c3.slider("k (neighbours)", 1, 50, int(param("k", "8") or 8), key=f"{key}-k")
+    wanted = param("split", "any")
+    split = c2.selectbox("split", splits, index=splits.index(wanted) if wanted in splits else 0, key=f"{key}-split")
+    k = c3.slider("k (neighbours)", 1, 50, int_param("k", 8, 1, 50), key=f"{key}-k")
     return labels, (None if split == "any" else split), k
 
 
@@ -131,13 +149,14 @@ def on_id() -> None:
     st.session_state["query_source"] = "id"
 
 
-def search_page(gallery: Gallery) -> None:
+def search_page(gallery: Gallery, db: str) -> None:
     st.header("Search")
+    example = summary(db, gallery.name)["example_id"]
     left, right = st.columns([2, 3])
     upload = left.file_uploader("Query image (any size or mode)", type=UPLOAD_TYPES, key="upload", on_change=on_upload)
     if "query_id" not in st.session_state:
         st.session_state["query_id"] = param("id", "") or ""
-    right.text_input("…or a stored id", key="query_id", on_change=on_id, placeholder=gallery.example_id())
+    right.text_input("…or a stored id", key="query_id", on_change=on_id, placeholder=example)
     labels, split, k = filters(gallery, "search")
     source = st.session_state.get("query_source") or ("image" if upload is not None else "id")
     query_id = st.session_state.get("query_id", "").strip()
@@ -151,7 +170,7 @@ def search_page(gallery: Gallery) -> None:
         meta, _ = gallery.item(query_id)
         query_img, caption = images_of(gallery, [meta])[0], f"{query_id} ({gallery.label_name(int(meta['label']))})"
     else:
-        st.info(f"Upload an image, or type a stored id such as `{gallery.example_id()}`, to see its nearest stored items.")
+        st.info(f"Upload an image, or type a stored id such as `{example}`, to see its nearest stored items.")
         return
     q, grid = st.columns([1, 5])
     q.image(query_img, caption=f"query: {caption}", width="stretch")
@@ -170,11 +189,15 @@ def map_page(gallery: Gallery, db: str) -> None:
     import plotly.express as px
 
     st.header("Map")
-    n = gallery.count()
+    n = summary(db, gallery.name)["count"]
     c1, c2, c3, c4 = st.columns(4)
     methods = [m for m in METHODS if m != "umap" or _has_umap()]
     method = c1.selectbox("method", methods, key="map-method", format_func=lambda m: {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[m])
-    sample = c2.slider("sample size", min(3, n), max(3, min(n, 20000)), min(n, 2000), step=1, key="map-sample")
+    if n > 3:
+        sample = c2.slider("sample size", 3, min(n, 20000), min(n, 2000), step=1, key="map-sample")
+    else:
+        sample = n
+        c2.caption(f"all {n} items")
     split_choice = c3.selectbox("split", ["any", "train", "test"], key="map-split")
     seed = int(c4.number_input("seed", 0, 10**6, 0, key="map-seed"))
     split = None if split_choice == "any" else split_choice
@@ -304,14 +327,14 @@ def evaluation_page(gallery: Gallery) -> None:
             cols[2 * j + 1].image(images.get(m["nearest_id"], thumb(None)), caption=f"→ {m['nearest_id']}", width=SMALL)
 
 
-def clusters_page(gallery: Gallery) -> None:
+def clusters_page(gallery: Gallery, db: str) -> None:
     st.header("Clusters")
-    n = gallery.count()
+    n = summary(db, gallery.name)["count"]
     with st.form("clusters"):
         c1, c2, c3, c4 = st.columns(4)
-        k = c1.number_input("k (clusters)", 2, 100, max(2, len(gallery.label_names) or 10), key="cl-k")
+        k = c1.number_input("k (clusters)", 2, 100, min(100, max(2, len(gallery.label_names) or 10)), key="cl-k")
         on = c2.selectbox("on", ["embedding", "map"], key="cl-on", help="k-means on the vectors, or on a 2-D t-SNE map of them")
-        sample = c3.number_input("sample size", min(3, n), n, min(n, 2000), key="cl-sample")
+        sample = c3.number_input("sample size", min(3, n), max(3, n), min(n, 2000), key="cl-sample")
         seed = c4.number_input("seed", 0, 10**6, 0, key="cl-seed")
         submitted = st.form_submit_button("Compute clusters", type="primary")
     params = (gallery.name, int(k), on, int(sample), int(seed), n)
@@ -376,16 +399,16 @@ def main() -> None:
     try:
         gallery = open_gallery(db, name)
         with st.sidebar:
-            info = gallery.info()
-            st.caption(f"{info.count:,} items · {info.dataset} · {info.embedder}")
+            info = summary(db, name)
+            st.caption(f"{info['count']:,} items · {info['dataset']} · {info['embedder']}")
         if page == "Search":
-            search_page(gallery)
+            search_page(gallery, db)
         elif page == "Map":
             map_page(gallery, db)
         elif page == "Evaluation":
             evaluation_page(gallery)
         else:
-            clusters_page(gallery)
+            clusters_page(gallery, db)
     except LookalikeError as exc:
         st.error(str(exc))
 

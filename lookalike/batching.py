@@ -61,8 +61,8 @@ class DynamicBatcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 32, window: float = 0.0, name: str = "batcher") -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        if window < 0:
-            raise ValueError(f"window must not be negative, got {window}")
+        if not 0 <= window < 3600:
+            raise ValueError(f"window must be between 0 and 3600 seconds, got {window}")
         self.fn = fn
         self.max_batch = max_batch
         self.window = window
@@ -121,7 +121,12 @@ class DynamicBatcher(Generic[T, R]):
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch, stop = self._gather(first)
+            try:
+                batch, stop = self._gather(first)
+            except Exception as exc:  # never leave a caller waiting on a worker that died
+                log.exception("%s: gathering a batch failed", self.name)
+                first[1].set_exception(exc)
+                continue
             live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
             if not live:
                 continue

@@ -370,10 +370,11 @@ def serve(
     require_extra()
     key = read_api_key(api_key_file)
     check_exposure(host, key, insecure)
-    if not max_upload_mb > 0:
-        raise InputError(f"--max-upload-mb must be positive, got {max_upload_mb}")
+    if not 0.001 <= max_upload_mb <= 1024:  # (also refuses NaN and infinity)
+        raise InputError(f"--max-upload-mb must be between 0.001 and 1024, got {max_upload_mb}")
     window = DEFAULT_WINDOW if batch_window_ms is None else batch_window_ms / 1000
-    with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=max_batch or DEFAULT_MAX_BATCH) as service:
+    batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+    with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=batch) as service:
         sock = bind(host, port)
         names = service.warm() if preload else service.store.names()
         shown = f"[{host}]" if ":" in host else host
@@ -395,12 +396,11 @@ def app_(
 ) -> None:
     """Explore the store's collections in the browser (Streamlit): pip install 'lookalike[app]'."""
     import importlib.util
-    import subprocess
     from pathlib import Path
 
     from lookalike.errors import InputError
     from lookalike.server import bind
-    from lookalike.store import default_db
+    from lookalike.store import Store, default_db
     from lookalike.util import is_loopback
 
     if importlib.util.find_spec("streamlit") is None or importlib.util.find_spec("plotly") is None:
@@ -409,6 +409,7 @@ def app_(
     location = db or default_db()
     if not location.startswith(("http://", "https://")):
         location = str(Path(location).expanduser().resolve())
+    Store(location).close()  # a missing, unreachable or locked store: one line now, not a page that says it
     script = Path(__file__).with_name("app.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script)]
     cmd += ["--server.address", host, "--server.port", str(port), "--server.headless", "true"]
@@ -418,7 +419,9 @@ def app_(
     typer.echo(f"lookalike app: http://{shown}:{port} (store {location}); Ctrl-C stops", err=True)
     if not is_loopback(host):
         typer.echo("warning: Streamlit has no login: anyone who reaches this address can browse the store", err=True)
-    raise typer.Exit(subprocess.call(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)  # Streamlit takes this process's place: a signal to it stops the app, nothing is left behind
 
 
 @command("map")

@@ -134,7 +134,10 @@ def save_picture(
     from lookalike.search import picture
 
     def stored(item_id: str) -> Any:
-        return open_image(client.item_image(collection, item_id), name=f"the image of {item_id}")
+        try:
+            return open_image(client.item_image(collection, item_id), name=f"the image of {item_id}")
+        except NotFoundError:  # a source file gone since ingest: a blank tile, as the local picture draws it
+            return None
 
     if id is not None:
         query_img, query_title = stored(id), f"query {client.item(collection, id)['label_name']}"

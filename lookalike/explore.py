@@ -199,13 +199,16 @@ def cached_map(
                     gallery.label_names,
                 )
                 return MapResult(points, method, seed, coords, seconds), True
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # a damaged or foreign cache file (zip, npy or key errors): compute the map again
             log.warning("ignoring the cached map %s (%s)", path, exc)
     result = embedding_map(gallery, method=method, sample=sample, split=split, seed=seed)
     try:
+        import tempfile
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=np.array(result.points.ids), coords=result.coords, seconds=result.seconds)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")  # each writer its own file
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ids=np.array(result.points.ids), coords=result.coords, seconds=result.seconds)
         os.replace(tmp, path)  # whole or not at all
     except OSError as exc:
         log.warning("cannot keep the map in %s (%s): it will be computed again next time", path.parent, exc)

@@ -6,9 +6,9 @@ logged here). Needs the ``serve`` extra: ``pip install 'lookalike[serve]'``.
 
 Security: the service binds 127.0.0.1 unless told otherwise, and any other address needs an API key
 (``--api-key-file`` or ``$LOOKALIKE_API_KEY``) or an explicit ``--insecure``. With a key every endpoint
-but ``/health`` (and the API's own description, ``/docs`` and ``/openapi.json``, which hold no data)
-needs ``Authorization: Bearer KEY``, compared in constant time; a missing or wrong key gets 401 and
-nothing else.
+but ``/health`` (the API's description, ``/docs`` and ``/openapi.json``, is then not served at all)
+needs ``Authorization: Bearer KEY``, compared in constant time (before any of the body is read); a
+missing or wrong key gets 401 and nothing else.
 """
 
 import hmac
@@ -180,7 +180,9 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
     except ImportError:
         raise InputError(EXTRA) from None
 
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}  # with a key: nothing open but /health
     app = FastAPI(
+        **hidden,
         title="lookalike",
         version=__version__,
         description="Image similarity search over lookalike collections: upload an image or name a stored id, "
@@ -195,8 +197,8 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
     async def library_error(request: Request, exc: LookalikeError) -> Any:
         status = status_of(exc)
         (log.error if status >= 500 else log.info)("%s %s -> %d: %s", request.method, request.url.path, status, exc)
-        if status < 500:  # the request's own fault: the message names the fix (and no server path)
-            return error(status, str(exc))
+        if status < 500:  # the request's own fault: the message names the fix (and not where the store is)
+            return error(status, str(exc).replace(f"the store at {service.store.db}", "the store").replace(service.store.db, "the store"))
         if isinstance(exc, DamagedError):
             return error(500, "the store answered with an internal error (run `lookalike check` on it): the server's log says more")
         if isinstance(exc, StoreError):
@@ -285,7 +287,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
         return service.evaluation(name)
 
     app.include_router(api)
-    app.add_middleware(_BodyLimit, max_bytes=max_upload)
+    app.add_middleware(_BodyLimit, max_bytes=max_upload, api_key=api_key)
     return app
 
 
@@ -345,9 +347,10 @@ async def _json_query(request: Any) -> dict[str, Any]:
 class _BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413 (from Content-Length before reading, or while read)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, api_key: str | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Any) -> None:
         if scope["type"] != "http":
@@ -355,6 +358,12 @@ class _BodyLimit:
             return
         limit = self.max_bytes
         message = f"the request body is over the limit of {limit:,} bytes: send a smaller image"
+        if self.expected is not None and scope.get("path") != "/health":  # no key, no reading of the body (nor its size)
+            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _drain(receive, cap=1024 * 1024)
+                await _send_json(send, 401, {"error": "unauthorized", "status": 401}, {b"www-authenticate": b"Bearer"})
+                return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _drain(receive)  # (read, not kept: a client still sending would otherwise see a broken pipe)
@@ -399,11 +408,12 @@ async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], cap: int = DR
             return
 
 
-async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send: Any, status: int, body: dict[str, Any], extra: dict[bytes, bytes] | None = None) -> None:
     import json
 
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), (b"connection", b"close")]
+    headers += list((extra or {}).items())
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
@@ -424,6 +434,17 @@ def serve(
         import uvicorn
     except ImportError:
         raise InputError(EXTRA) from None
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:  # uvicorn re-raises SIGTERM once it has shut down: end like Ctrl-C
+        raise KeyboardInterrupt
+
     app = create_app(service, api_key=api_key, max_upload=max_upload)
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, server_header=False, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

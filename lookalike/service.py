@@ -107,8 +107,8 @@ class Service:
         window: float = DEFAULT_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
-        if window < 0:
-            raise InputError(f"--batch-window-ms must not be negative, got {window * 1000:g}")
+        if not 0 <= window <= 1:  # (also refuses NaN and infinity)
+            raise InputError(f"--batch-window-ms must be between 0 and 1000, got {window * 1000:g}")
         if max_batch < 1:
             raise InputError(f"--max-batch must be at least 1, got {max_batch}")
         self.store = Store(db, wait=wait)

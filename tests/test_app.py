@@ -180,3 +180,10 @@ def test_app_command_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "streamlit" else real(name, *a))
     r = CliRunner().invoke(cli, ["app", "--db", str(tmp_path / "db")])
     assert r.exit_code == 2 and "pip install 'lookalike[app]'" in one_line_error(r)
+
+
+def test_bad_query_parameters_fall_back_to_defaults(app_db: str) -> None:
+    at = start(page="Search", id="mnist:test:0", k="abc", split="foo", labels="nope,3")
+    assert not at.exception and at.slider[0].value == 8 and at.selectbox(key="search-split").value == "any"
+    assert at.multiselect[0].value == ["3"]
+    assert start(page="Nowhere").sidebar.radio[0].value == "Search"

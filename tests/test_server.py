@@ -13,6 +13,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,10 @@ def test_health_is_open_and_everything_else_needs_the_key(served: Served) -> Non
         assert status == 401
         status, _, _ = served.call(method, path, body, ctype)
         assert status in (200, 404) and (status == 200) == ("nope" not in path)
-    assert served.call("GET", "/docs", key=None)[0] == 200  # the API's description holds no data
+    assert served.call("GET", "/docs", key=None)[0] == 401  # with a key, not even the API's description is open
+    assert served.call("GET", "/openapi.json")[0] == 404
+    big, ctype = multipart([], b"\0" * (3 * 1024 * 1024))  # no key: refused before the body's size is even looked at
+    assert served.call("POST", "/collections/digits/search", big, ctype, key=None)[0] == 401
 
 
 def test_collections_list_both(served: Served) -> None:
@@ -434,3 +438,29 @@ def test_a_service_over_a_chroma_server_runs_beside_the_cli_and_says_503_when_th
             assert status == 503 and url not in data.decode()
         finally:
             server.stop()
+
+
+def test_sigterm_stops_the_service_cleanly_and_frees_the_store(tmp_path: Path, tiny_npz: Path, fake_embedder) -> None:
+    import signal
+
+    from lookalike.store import Store
+
+    db = str(tmp_path / "db")
+    ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
+    server = ServiceProcess("--db", db)
+    assert server.call("GET", "/health")[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    time.sleep(0.2)  # (the stderr reader thread catches up)
+    assert any(line.strip() == "stopped" for line in server.lines), server.lines
+    Store(db).close()  # the lock is free
+
+
+def test_bad_serve_options_are_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (["--batch-window-ms", "inf"], "--batch-window-ms must be between 0 and 1000"),
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--max-upload-mb", "inf"], "--max-upload-mb must be between"),
+    ):
+        got = run_cli("serve", "--db", str(tmp_path / "db"), *args)
+        assert got.returncode == 2 and message in one_line_error(got), got.stderr
