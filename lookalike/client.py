@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote, urlparse
-from urllib.request import ProxyHandler, Request, build_opener, urlopen
+from urllib.request import HTTPRedirectHandler, ProxyHandler, Request, build_opener
 
 from lookalike.errors import InputError, LookalikeError, NotFoundError, StoreError, TooLargeError
 from lookalike.search import Hit
@@ -35,8 +35,10 @@ class Client:
         self.url = url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
-        # a service on this machine is asked directly, whatever proxy the environment names
-        self._open = build_opener(ProxyHandler({})).open if is_loopback(parsed.hostname or "") else urlopen
+        # a service on this machine is asked directly, whatever proxy the environment names; redirects are not
+        # followed (urllib would carry the key to wherever they point)
+        proxies = ProxyHandler({}) if is_loopback(parsed.hostname or "") else ProxyHandler()
+        self._open = build_opener(proxies, _NoRedirect()).open
 
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None) -> tuple[bytes, str]:
         headers = {"Accept": "application/json"}
@@ -145,6 +147,11 @@ def save_picture(
         assert image is not None
         query_img, query_title = open_image(image), "query"
     return picture(query_img, query_title, [stored(h.id) for h in hits], hits, out)
+
+
+class _NoRedirect(HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx then comes back as an HTTPError: one line, and the key stays here
 
 
 def _multipart(fields: Sequence[tuple[str, str]], file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:

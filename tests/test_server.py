@@ -464,3 +464,31 @@ def test_bad_serve_options_are_one_line(tmp_path: Path) -> None:
     ):
         got = run_cli("serve", "--db", str(tmp_path / "db"), *args)
         assert got.returncode == 2 and message in one_line_error(got), got.stderr
+
+
+def test_the_client_does_not_carry_the_key_through_a_redirect() -> None:
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from lookalike.client import Client
+    from lookalike.errors import LookalikeError
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(307)
+            self.send_header("Location", "/elsewhere")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(LookalikeError, match="307"):
+            Client(f"http://127.0.0.1:{srv.server_port}", api_key=KEY).collections()
+    finally:
+        srv.shutdown()
+    assert seen == [("/collections", f"Bearer {KEY}")]
