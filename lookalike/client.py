@@ -100,7 +100,7 @@ class Client:
             fields: list[tuple[str, str]] = [("k", str(k)), *(("labels", str(lab)) for lab in labels or ())]
             if split is not None:
                 fields.append(("split", split))
-            body, ctype = _multipart(fields, "image", p.name, p.read_bytes())
+            body, ctype = multipart_body(fields, "image", p.name, p.read_bytes())
         else:
             payload: dict[str, Any] = {"id": id, "k": k}
             if labels:
@@ -154,7 +154,8 @@ class _NoRedirect(HTTPRedirectHandler):
         return None  # the 3xx then comes back as an HTTPError: one line, and the key stays here
 
 
-def _multipart(fields: Sequence[tuple[str, str]], file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+def multipart_body(fields: Sequence[tuple[str, str]], file_field: str, filename: str, data: bytes) -> tuple[bytes, str]:
+    """A multipart/form-data body of text ``fields`` and one file, and its Content-Type."""
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode() for name, value in fields]
     safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")

@@ -108,12 +108,18 @@ def read_points(gallery: Gallery, *, sample: int | None = None, split: str | Non
     if sample is not None and sample < len(ids):
         order = order[stratified_pick(labels[order], sample, seed)]
     chosen = [ids[i] for i in order]
-    got_ids, got_vectors, _ = gallery.get(chosen, vectors=True)
-    row = {id_: j for j, id_ in enumerate(got_ids)}
-    if len(row) != len(chosen) or got_vectors is None:
-        raise StoreError(f"collection {gallery.name!r} lost items while they were read: run `lookalike check --collection {gallery.name}`")
-    vectors = got_vectors[[row[i] for i in chosen]]
+    vectors, _ = _read_in_order(gallery, chosen)
     return Points(gallery.name, chosen, labels[order], vectors, [metas[i] for i in order], gallery.label_names)
+
+
+def _read_in_order(gallery: Gallery, ids: list[str]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The vectors ``(len(ids), dim)`` and metadatas of ``ids``, in that order; StoreError when some are gone."""
+    got_ids, got_vectors, got_metas = gallery.get(ids, vectors=True)
+    row = {id_: j for j, id_ in enumerate(got_ids)}
+    if len(row) != len(ids) or got_vectors is None:
+        raise StoreError(f"collection {gallery.name!r} lost items while they were read: run `lookalike check --collection {gallery.name}`")
+    order = [row[i] for i in ids]
+    return got_vectors[order], [got_metas[j] for j in order]
 
 
 def project(vectors: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
@@ -186,20 +192,11 @@ def cached_map(
         try:
             with np.load(path, allow_pickle=False) as f:
                 ids, coords, seconds = [str(i) for i in f["ids"]], f["coords"], float(f["seconds"])
-            got_ids, got_vectors, metas = gallery.get(ids, vectors=True)
-            row = {id_: j for j, id_ in enumerate(got_ids)}
-            if len(row) == len(ids) and got_vectors is not None:
-                order = [row[i] for i in ids]
-                points = Points(
-                    gallery.name,
-                    ids,
-                    np.array([int(metas[j]["label"]) for j in order]),
-                    got_vectors[order],
-                    [metas[j] for j in order],
-                    gallery.label_names,
-                )
-                return MapResult(points, method, seed, coords, seconds), True
-        except Exception as exc:  # a damaged or foreign cache file (zip, npy or key errors): compute the map again
+            vectors, metas = _read_in_order(gallery, ids)  # (items gone since: StoreError, and the map is made again)
+            labels = np.array([int(m["label"]) for m in metas])
+            points = Points(gallery.name, ids, labels, vectors, metas, gallery.label_names)
+            return MapResult(points, method, seed, coords, seconds), True
+        except Exception as exc:  # a damaged or foreign cache file (zip, npy or key errors), or lost items: compute the map again
             log.warning("ignoring the cached map %s (%s)", path, exc)
     result = embedding_map(gallery, method=method, sample=sample, split=split, seed=seed)
     try:

@@ -171,11 +171,10 @@ def _search_docs() -> dict[str, Any]:
 def create_app(service: Service, *, api_key: str | None = None, max_upload: int = MAX_UPLOAD) -> Any:
     """The FastAPI app serving ``service`` (``api_key``: required on every endpoint but /health)."""
     try:
-        from fastapi import APIRouter, Depends, FastAPI, Request
+        from fastapi import APIRouter, FastAPI, Request
         from fastapi.concurrency import run_in_threadpool
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
-        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
         from starlette.exceptions import HTTPException
     except ImportError:
         raise InputError(EXTRA) from None
@@ -190,8 +189,8 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
     )
     app.state.service = service
 
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
-        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    def error(status: int, message: str) -> Any:
+        return JSONResponse({"error": message, "status": status}, status_code=status)
 
     @app.exception_handler(LookalikeError)
     async def library_error(request: Request, exc: LookalikeError) -> Any:
@@ -217,24 +216,12 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
             return error(404, f"no endpoint {request.method} {request.url.path}: see /docs")
         if exc.status_code == 405:
             return error(405, f"{request.method} is not allowed on {request.url.path}: see /docs")
-        if exc.status_code == 401:
-            return error(401, "unauthorized", {"WWW-Authenticate": "Bearer"})
         return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Any:
         log.exception("%s %s failed", request.method, request.url.path)
         return error(500, "internal error: the server's log says more")
-
-    bearer = HTTPBearer(auto_error=False, description="the key given to `lookalike serve --api-key-file`")
-    expected = api_key.encode() if api_key else None
-
-    def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if expected is None:
-            return
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(401)
 
     @app.get("/health", tags=["service"])
     def health() -> Any:
@@ -245,7 +232,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
             log.error("health: %s", exc)
             return error(503, "the store is unavailable")
 
-    api = APIRouter(dependencies=[Depends(require_key)])
+    api = APIRouter()  # (the key is checked by _Gate, before any route or body)
 
     @api.get("/collections", tags=["collections"])
     def collections() -> Any:
@@ -287,7 +274,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
         return service.evaluation(name)
 
     app.include_router(api)
-    app.add_middleware(_BodyLimit, max_bytes=max_upload, api_key=api_key)
+    app.add_middleware(_Gate, max_bytes=max_upload, api_key=api_key)
     return app
 
 
@@ -344,8 +331,10 @@ async def _json_query(request: Any) -> dict[str, Any]:
     return {"id": body.get("id"), "vector": body.get("vector"), "k": body.get("k", 5), "labels": labels or None, "split": split}
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413 (from Content-Length before reading, or while read)."""
+class _Gate:
+    """ASGI middleware, the service's one door: with ``api_key``, any path but /health without ``Authorization: Bearer KEY``
+    gets 401 (compared in constant time, before the body is read); a body over ``max_bytes`` gets 413 (from
+    Content-Length before reading, or while it is read)."""
 
     def __init__(self, app: Any, max_bytes: int, api_key: str | None = None) -> None:
         self.app = app

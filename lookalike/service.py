@@ -258,13 +258,11 @@ class Service:
 
 
 def _as_vector(vector: Any, dim: int) -> np.ndarray:
-    """A query vector of ``dim`` finite numbers; InputError otherwise."""
+    """A query vector of ``dim`` numbers; InputError otherwise (``search`` refuses NaN and infinity)."""
     try:
         v = np.asarray(vector, dtype=np.float32)
     except (TypeError, ValueError):
         raise InputError(f"vector must be a list of {dim} numbers") from None
     if v.ndim != 1 or v.shape[0] != dim:
         raise InputError(f"vector must be a list of {dim} numbers, got shape {list(v.shape)}")
-    if not np.isfinite(v).all():
-        raise InputError("vector must hold finite numbers (no NaN or infinity)")
     return v

@@ -18,18 +18,19 @@ from __future__ import annotations
 import argparse
 import http.client
 import io
-import ipaddress
 import json
 import os
 import random
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+
+from lookalike.client import multipart_body
+from lookalike.util import is_loopback
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -53,18 +54,6 @@ def png_bytes(images: np.ndarray) -> list[bytes]:
         Image.fromarray(im).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-def multipart(png: bytes, fields: list[tuple[str, str]]) -> tuple[bytes, str]:
-    b = uuid.uuid4().hex
-    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields]
-    parts.append(
-        f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
-        + png
-        + b"\r\n"
-    )
-    parts.append(f"--{b}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={b}"
 
 
 class Conn:
@@ -129,10 +118,7 @@ def main() -> int:
 
     u = urlparse(args.url)
     host = u.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback(host)
     if u.scheme != "http" or not loopback:
         print(f"error: --url must be http:// on loopback (127.0.0.1, ::1, localhost), got {args.url}", file=sys.stderr)
         return 2
@@ -162,7 +148,7 @@ def main() -> int:
     # the id pool: ids the service itself answered (first query of each kind also warms the embedder)
     ids: list[str] = []
     for png in pngs[:20]:
-        b, ct = multipart(png, [("k", "20")])
+        b, ct = multipart_body([("k", "20")], "image", "q.png", png)
         status, body = setup.request("POST", path, b, ct)
         if status != 200:
             print(f"error: an image search answered {status}: {body[:200]!r}", file=sys.stderr)
@@ -174,7 +160,7 @@ def main() -> int:
         label = rng.choice(labels) if rng.random() < args.filtered else None
         if kind == "image":
             fields = [("k", str(args.k))] + ([("labels", label)] if label is not None else [])
-            b, ct = multipart(pngs[i % len(pngs)], fields)
+            b, ct = multipart_body(fields, "image", "q.png", pngs[i % len(pngs)])
             return kind, b, ct
         payload: dict[str, object] = {"id": ids[i % len(ids)], "k": args.k}
         if label is not None:
