@@ -16,6 +16,7 @@ Needs the ``app`` extra: ``pip install 'lookalike[app]'``.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 from collections import Counter
@@ -58,8 +59,24 @@ def open_store(db: str) -> Store:
 def open_gallery(db: str, name: str) -> Gallery:
     g = Gallery(open_store(db), name)
     # build the embedder now, in the background: an upload is then answered in milliseconds, not after TensorFlow's start
-    threading.Thread(target=lambda: g.embedder, name=f"warm-{name}", daemon=True).start()
+    threading.Thread(target=warm, args=(g,), name=f"warm-{name}", daemon=True).start()
     return g
+
+
+def warm(gallery: Gallery) -> None:
+    """Build ``gallery``'s embedder, then exempt everything alive (TensorFlow, the model) from garbage collection.
+
+    Streamlit runs a full collection after every re-run (``gc.collect(2)``, and again in
+    ``keras.backend.clear_session()``, which it calls whenever Keras is loaded): over TensorFlow's
+    heap that cost ~0.5-1 s of CPU per click. Frozen objects are skipped by the collector, so a
+    re-run's collections only walk what the re-run made.
+    """
+    try:
+        gallery.embedder  # noqa: B018 (a lazy property: this builds it)
+    except LookalikeError:
+        return  # shown to the user by the search that needs it
+    gc.collect()
+    gc.freeze()
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -294,11 +311,9 @@ def evaluation_page(gallery: Gallery) -> None:
         fig.update_yaxes(type="category")
         st.plotly_chart(fig, key="confusion")
     with right:
-        st.dataframe(
-            {"label": list(report["per_class"]), "accuracy": [round(v, 4) for v in report["per_class"].values()]},
-            hide_index=True,
-            height=min(38 + 35 * len(names), 520),
-        )
+        # a static table: the interactive grid's scripts (~1.2 MB) would double this page's first render
+        rows = "".join(f"| {label} | {acc:.4f} |\n" for label, acc in report["per_class"].items())
+        st.markdown("| label | accuracy |\n| --- | ---: |\n" + rows)
     off = [(matrix[t, p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p and matrix[t, p]]
     if not off:
         st.success("No held-out item is misclassified.")

@@ -4,8 +4,8 @@
 
 Starts `lookalike app` on a free loopback port over the store, then, in Debian's chromium driven by
 Playwright: the first render of each page (Search, Map, Evaluation, Clusters) in a new tab, the
-map's first computation apart from its later renders, and an uploaded digit answered (from the
-upload to the k neighbour images on screen). Prints a table (--json for JSON) and writes
+map's first computation apart from its later renders, an uploaded digit answered (from the
+upload to the k neighbour images on screen), and each page chosen in the sidebar of one tab. Prints a table (--json for JSON) and writes
 app-search.png, app-map.png, app-map-lasso.png, app-evaluation.png and app-clusters.png to --out.
 """
 
@@ -132,6 +132,17 @@ def main() -> int:
                     page.wait_for_timeout(2000)
                     page.screenshot(path=str(out / "app-map-lasso.png"), full_page=True)
                 page.close()
+            # a user's own tab: the app opened once, then each page chosen in the sidebar (the browser's cache now warm)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/?collection={args.collection}&page=Clusters")
+            page.wait_for_selector(READY["Clusters"], timeout=300_000)
+            for name in ("Search", "Map", "Evaluation", "Clusters"):
+                page.wait_for_timeout(1000)
+                t0 = time.perf_counter()
+                page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
+                page.wait_for_selector(READY[name], timeout=300_000)
+                report[f"switch_to_{name.lower()}_s"] = round(time.perf_counter() - t0, 2)
+            page.close()
             browser.close()
     finally:
         proc.terminate()
