@@ -44,6 +44,9 @@ HNSW = {"space": "l2", "ef_construction": 200, "ef_search": 64, "max_neighbors":
 # recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query)
 PARTITION_HNSW = {**HNSW, "ef_search": 256}
 QUERY_BATCH = 500  # query vectors per Chroma call (larger batches were no faster)
+# Chroma reads a query call's metadatas in one SQL statement of rows x k variables; past SQLite's
+# 32,766 it fails ("too many SQL variables"): calls that read metadata stay under this many results
+META_RESULTS = 32_000
 PROBE = 100  # neighbours asked unfiltered before falling back to a ``where`` query
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
@@ -326,18 +329,27 @@ class VectorCollection:
         out: list[list[Neighbor]] = []
         if k < 1:
             return [[] for _ in range(len(vectors))]
-        include = ["metadatas", "distances"] if metadata else ["distances"]
+        inline = metadata and k <= META_RESULTS  # else the metadatas are read afterwards, by id
+        include = ["metadatas", "distances"] if inline else ["distances"]
+        batch = max(1, min(QUERY_BATCH, META_RESULTS // k)) if inline else QUERY_BATCH
         with self._guard():
-            for start in range(0, len(vectors), QUERY_BATCH):
+            for start in range(0, len(vectors), batch):
                 got = self._c.query(
-                    query_embeddings=np.asarray(vectors[start : start + QUERY_BATCH], np.float32),
+                    query_embeddings=np.asarray(vectors[start : start + batch], np.float32),
                     n_results=k,
                     where=where,
                     include=include,
                 )
-                metas = got["metadatas"] if metadata else [[{}] * len(ids) for ids in got["ids"]]
-                for ids, dists, row_metas in zip(got["ids"], got["distances"], metas):
-                    out.append([Neighbor(i, float(np.sqrt(max(d, 0.0))), m) for i, d, m in zip(ids, dists, row_metas)])
+                for row, ids in enumerate(got["ids"]):
+                    if inline:
+                        metas = got["metadatas"][row]
+                    elif metadata:
+                        got_ids, _, got_metas = self.get(ids)
+                        by_id = dict(zip(got_ids, got_metas))
+                        metas = [by_id.get(i, {}) for i in ids]
+                    else:
+                        metas = [{}] * len(ids)
+                    out.append([Neighbor(i, float(np.sqrt(max(d, 0.0))), m) for i, d, m in zip(ids, got["distances"][row], metas)])
         return out
 
 

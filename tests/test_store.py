@@ -273,3 +273,27 @@ def test_a_failing_client_close_still_releases_the_lock(db: str, monkeypatch: py
     monkeypatch.setattr(s._client, "close", broken)
     s.close()
     assert not is_locked_here(Path(db))
+
+
+def test_large_k_queries_stay_under_chromas_sql_variable_limit(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chroma reads a call's metadatas in one SQL statement (rows x k variables, at most 32,766): big k is split, or read by id."""
+    s = Store(db, create=True)
+    col = create(s, "digits", n_labels=0)  # no partitions: one collection answers
+    vecs = fill(col, n=60, dim=16)
+    want = col.query(vecs[:6], 25)
+    calls: list[tuple[int, int, bool]] = []
+    real = col._c.query
+
+    def spy(**kw: object) -> object:
+        calls.append((len(kw["query_embeddings"]), kw["n_results"], "metadatas" in kw["include"]))  # type: ignore[arg-type]
+        return real(**kw)
+
+    monkeypatch.setattr(col._c, "query", spy)
+    monkeypatch.setattr(store_mod, "META_RESULTS", 50)  # so 6 x 25 results exceed it: 2 rows per call
+    assert col.query(vecs[:6], 25) == want
+    assert calls == [(2, 25, True)] * 3
+    calls.clear()
+    monkeypatch.setattr(store_mod, "META_RESULTS", 10)  # k above it: metadatas read afterwards by id
+    got = col.query(vecs[:6], 25)
+    assert got == want and all(n.metadata["split"] in ("train", "test") for row in got for n in row)
+    assert calls == [(6, 25, False)]
