@@ -302,13 +302,18 @@ def evaluate(
     keep: Annotated[
         bool, typer.Option("--save/--no-save", help="Keep the report with the collection (the service's /evaluation answers it)")
     ] = True,
+    r_sample: Annotated[
+        int,
+        typer.Option("--r-sample", help="Held-out queries for the store's R-precision and MAP@R when ranking R items for all is too long"),
+    ] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of that sample")] = 0,
 ) -> None:
-    """Held-out k-NN accuracy through the store, with an exact-search audit."""
+    """Held-out k-NN accuracy and retrieval metrics (P@k, R-precision, MAP@R) through the store, with an exact-search audit."""
     from lookalike.evaluate import evaluate as run_evaluate
     from lookalike.evaluate import save_confusion_picture, save_errors_picture, save_report
 
     with _open(collection, db, wait) as gallery:
-        r = run_evaluate(gallery, k=k)
+        r = run_evaluate(gallery, k=k, r_sample=r_sample, seed=seed)
         if keep:
             save_report(gallery, r)
         saved = []
@@ -333,10 +338,49 @@ def evaluate(
         typer.echo(f"  {title:<16} {value}")
     width = max(5, max(len(n) for n in r.label_names) if r.label_names else 5)
     names = r.label_names or [str(i) for i in range(len(r.confusion))]
+    _echo_retrieval(r.retrieval, width)
     typer.echo("  confusion (rows: true, columns: predicted)")
     typer.echo("  " + " " * width + "".join(f"{n[:6]:>7}" for n in names))
     for n, row in zip(names, r.confusion):
         typer.echo(f"  {n:>{width}}" + "".join(f"{v:>7}" for v in row))
+
+
+RETRIEVAL_COLUMNS = (
+    ("P@1", "precision_at_1"),
+    ("P@5", "precision_at_5"),
+    ("P@10", "precision_at_10"),
+    ("R-prec", "r_precision"),
+    ("MAP@R", "map_at_r"),
+)
+
+
+def _echo_retrieval(ret: dict, width: int) -> None:
+    """evaluate's retrieval metrics: store and exact, overall then per class."""
+    if not ret:
+        return
+
+    def cells(metrics: dict) -> str:
+        return "".join(f"{_fmt(metrics.get(key)):>8}" for _, key in RETRIEVAL_COLUMNS)
+
+    sampled = ret["r_queries_store"] < ret["r_queries_exact"]
+    typer.echo(f"  retrieval (Musgrave et al. 2020; R = indexed items of the query's label, up to {ret['r_max']:,})")
+    typer.echo("  " + " " * max(width, 6) + "".join(f"{title:>8}" for title, _ in RETRIEVAL_COLUMNS))
+    for name in ("store", "exact"):
+        note = ""
+        if name == "store" and sampled:
+            note = f"  (R metrics over {ret['r_queries_store']:,} sampled queries, seed {ret['seed']})"
+        elif name == "exact" and sampled:
+            same = ret.get("exact_same_queries", {})
+            note = f"  (over the same sample: {_fmt(same.get('r_precision'))} {_fmt(same.get('map_at_r'))})"
+        typer.echo(f"  {name:>{max(width, 6)}}{cells(ret[name])}{note}")
+    typer.echo("  per class, store | exact R-prec MAP@R")
+    for label, metrics in ret["store"]["per_class"].items():
+        exact = ret["exact"]["per_class"].get(label, {})
+        typer.echo(f"  {label:>{max(width, 6)}}{cells(metrics)}  | {_fmt(exact.get('r_precision')):>7} {_fmt(exact.get('map_at_r')):>7}")
+
+
+def _fmt(value: object) -> str:
+    return "n/a" if not isinstance(value, float) or value != value else f"{value:.4f}"
 
 
 @command()

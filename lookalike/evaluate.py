@@ -4,6 +4,12 @@ Every held-out (``split="test"``) item queries the indexed (``split="train"``) i
 The same queries are then answered by brute force over the indexed vectors read back from the
 store, which gives ``recall_at_1`` (how often the store's first answer is an exact nearest
 neighbour; ties at equal distance count) and ``exact_accuracy`` (the accuracy exact search gets).
+
+Retrieval metrics (Musgrave, Belongie and Lim 2020, section 3.2), through the store and exactly:
+precision@1/5/10 over every held-out query; R-precision and MAP@R, which rank R items per query
+(R = the indexed items of its label: ~6,000 on MNIST), over every query when that is at most
+``R_BUDGET`` ranked items in all, else over a seeded sample of ``r_sample`` queries (the exact
+ranking always over every query, and over the sample too for comparison).
 """
 
 from __future__ import annotations
@@ -20,12 +26,24 @@ import numpy as np
 
 from lookalike.errors import InputError, StoreError
 from lookalike.gallery import Gallery
-from lookalike.metrics import confusion, exact_neighbours, per_class_accuracy, recall_hits, vote
+from lookalike.metrics import (
+    confusion,
+    exact_neighbours,
+    exact_ranking,
+    per_class_accuracy,
+    recall_hits,
+    retrieval_scores,
+    summarise_retrieval,
+    vote,
+)
 from lookalike.util import json_safe
 
 log = logging.getLogger(__name__)
 
 SAVED_MISTAKES = 1000  # mistakes kept with a saved report (all are counted)
+PRECISION_KS = (1, 5, 10)
+R_BUDGET = 2_000_000  # ranked items the R metrics may ask the store for (queries x largest R) before sampling
+R_SAMPLE = 300  # held-out queries the store's R metrics use past that budget (~50 ms each at R ~ 6,000)
 
 
 @dataclass
@@ -48,22 +66,41 @@ class EvalReport:
     seconds: float
     mistakes: list[dict[str, Any]] = field(default_factory=list)  # {id, nearest_id, true, predicted}
     accuracy_1nn: float = 0.0  # the same store answers read as 1-NN (equals ``accuracy`` when k=1)
+    # {"store": {...}, "exact": {...}}: precision_at_1/5/10, r_precision, map_at_r and per_class of each;
+    # "r_queries_store"/"r_queries_exact": how many queries the R metrics used (the store's may be a seeded
+    # sample: then "exact_same_queries" has the exact R metrics over it), "r_max": the largest R
+    retrieval: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def evaluate(gallery: Gallery, *, k: int = 1) -> EvalReport:
-    """k-NN (majority vote; 1-NN by default) accuracy of the held-out items against the indexed ones.
+@dataclass
+class HeldOut:
+    """Every held-out item's store answers and exact answers among the indexed items (what evaluate and audit share)."""
 
-    The store is asked for each held-out item's ``k`` nearest items with every held-out id excluded
-    (ids and distances only: the fastest query Chroma has); the same queries are answered exactly
-    over the vectors read back, which gives ``exact_accuracy`` and ``recall_at_1``.
-    """
+    test_ids: list[str]
+    test_vecs: np.ndarray
+    y_test: np.ndarray
+    train_ids: list[str]
+    train_vecs: np.ndarray
+    y_train: np.ndarray
+    k: int  # neighbours in the vote
+    store_nn: np.ndarray  # (queries, width) rows of the indexed items, nearest first (width >= k)
+    exact_nn: np.ndarray
+    exact_d2: np.ndarray
+    query_seconds: float
+
+    def predictions(self, exact: bool = False) -> np.ndarray:
+        """The k-NN vote of each held-out item (store answers, or exact ones)."""
+        nn = self.exact_nn if exact else self.store_nn
+        return vote(self.y_train[nn[:, : self.k]])
+
+
+def held_out(gallery: Gallery, k: int = 1, width: int | None = None) -> HeldOut:
+    """Ask the store (and brute force) for each held-out item's ``max(k, width)`` nearest indexed items."""
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
-    started = time.perf_counter()
-    names = gallery.label_names
     test_ids, test_vecs, test_metas = gallery.scan("test")
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
@@ -72,28 +109,52 @@ def evaluate(gallery: Gallery, *, k: int = 1) -> EvalReport:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
     y_test = np.array([int(m["label"]) for m in test_metas])
     y_train = np.array([int(m["label"]) for m in train_metas])
-    n_labels = max(len(names), int(max(y_test.max(), y_train.max())) + 1)
-
+    wide = min(max(k, width or k), len(train_ids))
     t0 = time.perf_counter()
-    answers = gallery.neighbours(test_vecs, k, exclude=set(test_ids), metadata=False)
+    store_nn = _store_ranking(gallery, test_vecs, wide, test_ids, train_ids)
     query_seconds = time.perf_counter() - t0
+    exact_nn, exact_d2 = exact_neighbours(test_vecs, train_vecs, wide)
+    return HeldOut(test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, exact_nn, exact_d2, query_seconds)
+
+
+def _store_ranking(gallery: Gallery, queries: np.ndarray, k: int, test_ids: list[str], train_ids: list[str]) -> np.ndarray:
+    """The store's ``k`` nearest indexed items of each query, as rows of ``train_ids``."""
+    answers = gallery.neighbours(queries, k, exclude=set(test_ids), metadata=False)
     row = {id_: i for i, id_ in enumerate(train_ids)}
     if any(len(a) != k for a in answers):
         raise StoreError(
             f"collection {gallery.name!r} gave fewer than {k} neighbours for some items: run `lookalike check --collection {gallery.name}`"
         )
     try:
-        store_nn = np.array([[row[n.id] for n in a] for a in answers])
+        return np.array([[row[n.id] for n in a] for a in answers], dtype=int).reshape(len(answers), k)
     except KeyError as exc:
         raise StoreError(
             f"collection {gallery.name!r} answered with {exc}, an id it does not list: run `lookalike check --collection {gallery.name}`"
         ) from None
-    exact_nn, exact_d2 = exact_neighbours(test_vecs, train_vecs, k)
 
-    pred = vote(y_train[store_nn])
-    exact_pred = vote(y_train[exact_nn])
-    hit = recall_hits(test_vecs, train_vecs, store_nn[:, 0], exact_d2[:, 0])
+
+def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: int = 0) -> EvalReport:
+    """k-NN (majority vote; 1-NN by default) accuracy of the held-out items against the indexed ones.
+
+    The store is asked for each held-out item's nearest items with every held-out id excluded
+    (ids and distances only: the fastest query Chroma has); the same queries are answered exactly
+    over the vectors read back, which gives ``exact_accuracy`` and ``recall_at_1``. ``retrieval``
+    holds precision@1/5/10, R-precision and MAP@R (store and exact); ``r_sample`` and ``seed``
+    choose the queries of the R metrics when ranking R items for every query would be too long.
+    """
+    if r_sample < 1:
+        raise InputError(f"--r-sample must be at least 1, got {r_sample}")
+    started = time.perf_counter()
+    names = gallery.label_names
+    h = held_out(gallery, k, width=max(PRECISION_KS))
+    y_test, y_train, store_nn = h.y_test, h.y_train, h.store_nn
+    n_labels = max(len(names), int(max(y_test.max(), y_train.max())) + 1)
+    pred = h.predictions()
+    exact_pred = h.predictions(exact=True)
+    hit = recall_hits(h.test_vecs, h.train_vecs, store_nn[:, 0], h.exact_d2[:, 0])
     matrix = confusion(y_test, pred, n_labels)
+    retrieval = _retrieval(gallery, h, names, r_sample, seed)
+    test_ids, train_ids = h.test_ids, h.train_ids
     return EvalReport(
         collection=gallery.name,
         embedder=gallery.record.embedder.describe(),
@@ -106,15 +167,56 @@ def evaluate(gallery: Gallery, *, k: int = 1) -> EvalReport:
         per_class=per_class_accuracy(matrix, names),
         confusion=matrix.tolist(),
         label_names=names,
-        queries_per_s=len(test_ids) / query_seconds if query_seconds > 0 else float("inf"),
-        query_seconds=query_seconds,
+        queries_per_s=len(test_ids) / h.query_seconds if h.query_seconds > 0 else float("inf"),
+        query_seconds=h.query_seconds,
         seconds=time.perf_counter() - started,
         accuracy_1nn=float((y_train[store_nn[:, 0]] == y_test).mean()),
         mistakes=[
             {"id": test_ids[i], "nearest_id": train_ids[store_nn[i, 0]], "true": int(y_test[i]), "predicted": int(pred[i])}
             for i in np.flatnonzero(pred != y_test)
         ],
+        retrieval=retrieval,
     )
+
+
+def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, seed: int) -> dict[str, Any]:
+    """precision@k from the answers already asked; R-precision and MAP@R from rankings R long.
+
+    Exact rankings are cheap (one matrix product): every query. The store's cost ~50 ms a query at
+    R ~ 6,000: every query when ``queries x R_max <= R_BUDGET``, else a seeded sample, and the
+    exact figures over the same sample are given beside it (``exact_same_queries``).
+    """
+    counts = np.bincount(h.y_train, minlength=int(max(h.y_test.max(), h.y_train.max())) + 1)
+    r = counts[h.y_test]  # R of each query: the indexed items sharing its label
+    everyone = np.arange(len(h.y_test))
+    r_max = int(r.max())
+    sample = everyone
+    if len(everyone) * r_max > R_BUDGET and len(everyone) > r_sample:
+        sample = np.sort(np.random.default_rng(seed).choice(len(everyone), r_sample, replace=False))
+    long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids)
+    long_exact = exact_ranking(h.test_vecs, h.train_vecs, r_max)
+
+    def summary(short: np.ndarray, long: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
+        p_scores = retrieval_scores(h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[:, None], r, PRECISION_KS)
+        r_scores = retrieval_scores(h.y_train[long] == h.y_test[queries, None], r[queries], ())
+        p_summary = summarise_retrieval(p_scores, h.y_test, names)
+        r_summary = summarise_retrieval({key: r_scores[key] for key in ("r_precision", "map_at_r")}, h.y_test[queries], names)
+        p_per, r_per = p_summary.pop("per_class"), r_summary.pop("per_class")
+        per_class = {label: {**metrics, **r_per.get(label, {})} for label, metrics in p_per.items()}  # type: ignore[union-attr]
+        return {**p_summary, **r_summary, "per_class": per_class}
+
+    out: dict[str, Any] = {
+        "store": summary(h.store_nn, long_store, sample),
+        "exact": summary(h.exact_nn, long_exact, everyone),
+        "r_max": r_max,
+        "r_queries_store": len(sample),
+        "r_queries_exact": len(everyone),
+        "seed": seed,
+    }
+    if len(sample) < len(everyone):
+        same = retrieval_scores(h.y_train[long_exact[sample]] == h.y_test[sample, None], r[sample], ())
+        out["exact_same_queries"] = {key: float(np.nanmean(same[key])) for key in ("r_precision", "map_at_r")}
+    return out
 
 
 def save_report(gallery: Gallery, report: EvalReport) -> dict[str, Any]:

@@ -77,3 +77,147 @@ def recall_hits(queries: np.ndarray, index: np.ndarray, first: np.ndarray, exact
     """Per query, whether row ``first[i]`` of ``index`` is as near as the exact nearest (squared distance ``exact_d2[i]``)."""
     got = ((np.asarray(queries, np.float64) - np.asarray(index, np.float64)[first]) ** 2).sum(1)
     return got <= exact_d2 * (1 + rtol) + 1e-9
+
+
+# -- retrieval metrics (Musgrave, Belongie and Lim, "A Metric Learning Reality Check", 2020, section 3.2) ---------
+
+
+def exact_ranking(queries: np.ndarray, index: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Indices ``(m, k)`` of the ``k`` nearest rows of ``index`` for each query, nearest first (brute force).
+
+    For long rankings (R-precision and MAP@R rank thousands of items): rows are ranked by float32
+    ``|x|^2 - 2 q.x``, so items whose distances differ by less than float32's rounding may swap.
+    """
+    n = len(index)
+    k = min(k, n)
+    index32 = np.ascontiguousarray(index, dtype=np.float32)
+    norms = (index32.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    out = np.empty((len(queries), k), dtype=int)
+    for start in range(0, len(queries), chunk):
+        q = np.asarray(queries[start : start + chunk], dtype=np.float32)
+        score = (q * np.float32(-2.0)) @ index32.T
+        score += norms
+        part = np.argpartition(score, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(q), 1))
+        order = np.argsort(np.take_along_axis(score, part, axis=1), axis=1, kind="stable")
+        out[start : start + len(q)] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def retrieval_scores(relevant: np.ndarray, r: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, np.ndarray]:
+    """Per-query retrieval metrics from ranked relevance.
+
+    ``relevant`` ``(m, K)``: whether each query's i-th retrieved item has the query's label (nearest
+    first; a ranking shorter than needed counts its missing places as not relevant). ``r`` ``(m,)``:
+    how many references share the query's label (R). Returns per-query arrays: ``precision_at_k``
+    for each k (same-label share of the first k), ``r_precision`` (same-label share of the first R)
+    and ``map_at_r`` (``1/R * sum_{i<=R} P(i) * rel(i)``, ``P(i)`` the precision at i). The R
+    metrics are NaN where R = 0 (no reference to find).
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    r = np.asarray(r, dtype=int)
+    m, width = relevant.shape
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"precision_at_{k}"] = relevant[:, :k].sum(1) / k
+    need = int(r.max()) if m else 0
+    if width < need:  # places past the ranking are not relevant
+        relevant = np.concatenate([relevant, np.zeros((m, need - width), dtype=bool)], axis=1)
+    hits = np.cumsum(relevant[:, :need], axis=1)  # same-label items among the first i
+    ranks = np.arange(1, need + 1)
+    within = ranks[None, :] <= r[:, None]  # the first R places of each query
+    r_safe = np.maximum(r, 1)
+    r_precision = hits[np.arange(m), np.maximum(r - 1, 0)] / r_safe if need else np.zeros(m)
+    map_at_r = ((hits / ranks) * relevant[:, :need] * within).sum(1) / r_safe
+    none = r == 0
+    out["r_precision"] = np.where(none, np.nan, r_precision)
+    out["map_at_r"] = np.where(none, np.nan, map_at_r)
+    return out
+
+
+def summarise_retrieval(scores: dict[str, np.ndarray], labels: np.ndarray, label_names: Sequence[str]) -> dict[str, object]:
+    """Means of :func:`retrieval_scores` overall and per label (NaN rows left out), keyed by metric and label name."""
+    labels = np.asarray(labels, dtype=int)
+
+    def mean(values: np.ndarray) -> float:
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if len(values) else float("nan")
+
+    overall: dict[str, object] = {name: mean(values) for name, values in scores.items()}
+    overall["per_class"] = {
+        label_name(label_names, int(lab)): {name: mean(values[labels == lab]) for name, values in scores.items()}
+        for lab in np.unique(labels)
+    }
+    return overall
+
+
+# -- audit: label issues, near-duplicates, outliers ---------------------------------------------------------------
+
+
+def label_issue_scores(
+    own: np.ndarray, neighbour_labels: np.ndarray, neighbour_distances: np.ndarray, n_labels: int, method: str = "vote"
+) -> tuple[np.ndarray, np.ndarray]:
+    """How strongly each item's neighbours (itself excluded) contradict its label, and the label they suggest.
+
+    ``own`` ``(n,)``, ``neighbour_labels`` / ``neighbour_distances`` ``(n, k)`` nearest first. Scores
+    in [0, 1], higher = more suspicious; the suggestion is the best-supported label other than the
+    item's own.
+
+    - ``vote``: a distance-weighted k-NN vote (weight ``1 / (d + eps)``, eps a hundredth of the
+      median neighbour distance): the share of the weight that goes to other labels.
+    - ``margin``: ``d_same / (d_same + d_other)``, the nearest same-label against the nearest
+      other-label neighbour (a label absent from the k counts at the k-th distance).
+    """
+    own = np.asarray(own, dtype=int)
+    lab = np.asarray(neighbour_labels, dtype=int)
+    d = np.asarray(neighbour_distances, dtype=np.float64)
+    n, k = lab.shape
+    eps = max(float(np.median(d)) * 1e-2, 1e-12) if d.size else 1e-12
+    w = 1.0 / (d + eps)
+    weight = np.zeros((n, n_labels))
+    np.add.at(weight, (np.repeat(np.arange(n), k), lab.ravel()), w.ravel())
+    others = weight.copy()
+    others[np.arange(n), own] = -1.0
+    suggested = others.argmax(1)
+    if method == "vote":
+        total = weight.sum(1)
+        score = 1.0 - weight[np.arange(n), own] / np.where(total > 0, total, 1.0)
+    elif method == "margin":
+        same = lab == own[:, None]
+        far = d[:, -1] if k else np.zeros(n)
+        d_same = np.where(same.any(1), np.where(same, d, np.inf).min(1), far)
+        d_other = np.where((~same).any(1), np.where(~same, d, np.inf).min(1), far)
+        total = d_same + d_other
+        score = np.where(total > 0, d_same / np.where(total > 0, total, 1.0), 0.5)
+        nearest_other = np.where(~same, lab, -1)[np.arange(n), np.argmax(~same, axis=1)]
+        suggested = np.where((~same).any(1), nearest_other, suggested)
+    else:
+        raise ValueError(f"unknown label-issue method {method!r}: vote or margin")
+    return score, suggested
+
+
+def duplicate_groups(pairs: np.ndarray, n: int) -> list[np.ndarray]:
+    """Connected components (two or more items) of the graph whose edges are ``pairs`` ``(p, 2)`` over ``n`` items.
+
+    Each group's item indices ascending; groups ordered by their first item.
+    """
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for a, b in np.asarray(pairs, dtype=int).reshape(-1, 2):
+        ra, rb = root(int(a)), root(int(b))
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    members: dict[int, list[int]] = {}
+    for i in np.unique(np.asarray(pairs, dtype=int)):
+        members.setdefault(root(int(i)), []).append(int(i))
+    return [np.array(sorted(g)) for _, g in sorted(members.items()) if len(g) > 1]
+
+
+def outlier_scores(neighbour_distances: np.ndarray) -> np.ndarray:
+    """Mean distance to the k nearest neighbours (itself excluded): large = low local density."""
+    return np.asarray(neighbour_distances, dtype=np.float64).mean(1)

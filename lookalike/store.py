@@ -309,7 +309,12 @@ class VectorCollection:
                         row.extend(got)
             return [sorted(row, key=lambda n: n.distance)[:k] for row in rows]
         excluded = set(exclude)
-        probe = k + min(len(excluded), EXTRA) if where is None else max(4 * k + 16, PROBE)
+        if where is None:
+            # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
+            share = len(excluded) / max(self.count() - len(excluded), 1) if k > EXTRA and excluded else 0.0
+            probe = k + min(len(excluded), EXTRA + int(1.25 * k * share))
+        else:
+            probe = max(4 * k + 16, PROBE)
         with_meta = metadata or where is not None
 
         def keep(row: list[Neighbor]) -> list[Neighbor]:

@@ -88,3 +88,42 @@ def test_a_short_answer_from_the_store_names_check(gallery: Gallery, monkeypatch
     monkeypatch.setattr(gallery, "neighbours", short)
     with pytest.raises(StoreError, match="lookalike check --collection mnist"):
         evaluate(gallery, k=3)
+
+
+def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from .test_metrics import _independent_r_metrics
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 4, 260).astype(np.uint8)
+    x = rng.integers(0, 120, (260, 28, 28)).astype(np.uint8)
+    x[:, :8, :8] += (y * 30)[:, None, None].astype(np.uint8)  # labels show, partly
+    path = write_npz(tmp_path / "blocks.npz", (x[:200], y[:200]), (x[200:], y[200:]))
+    ingest("mnist", source=str(path), embedder="pixels", db=db)
+    with Gallery.open(db=db) as g:
+        _, test_vecs, _ = g.scan("test")  # the stored vectors, in scan order, as evaluate reads them
+        _, train_vecs, train_metas = g.scan("train")
+        _, _, test_metas = g.scan("test")
+        y_test = np.array([m["label"] for m in test_metas])
+        y_train = np.array([m["label"] for m in train_metas])
+        want = _independent_r_metrics(test_vecs, y_test, train_vecs, y_train)
+        r = evaluate(g)
+        ret = r.retrieval
+        assert (ret["exact"]["r_precision"], ret["exact"]["map_at_r"]) == pytest.approx(want)
+        assert ret["r_queries_store"] == ret["r_queries_exact"] == 60 and "exact_same_queries" not in ret
+        assert ret["store"]["map_at_r"] == pytest.approx(ret["exact"]["map_at_r"], abs=0.01)  # 200 items: HNSW ~exact
+        assert ret["store"]["precision_at_1"] == pytest.approx(r.accuracy)  # 1-NN: the same thing
+        assert set(ret["store"]["per_class"]) == {"0", "1", "2", "3"}
+        mine = [((y_train[np.argsort(((train_vecs - q) ** 2).sum(1))[:5]]) == lab).mean() for q, lab in zip(test_vecs, y_test)]
+        assert ret["exact"]["precision_at_5"] == pytest.approx(np.mean(mine))
+        monkeypatch.setattr(
+            importlib.import_module("lookalike.evaluate"), "R_BUDGET", 100
+        )  # too many ranked items: the store's R metrics on a sample
+        sampled = evaluate(g, r_sample=20, seed=4).retrieval
+        assert sampled["r_queries_store"] == 20 and sampled["r_queries_exact"] == 60
+        pick = np.sort(np.random.default_rng(4).choice(60, 20, replace=False))
+        same = _independent_r_metrics(test_vecs[pick], y_test[pick], train_vecs, y_train)
+        assert (sampled["exact_same_queries"]["r_precision"], sampled["exact_same_queries"]["map_at_r"]) == pytest.approx(same)
+        with pytest.raises(InputError):
+            evaluate(g, r_sample=0)
