@@ -304,7 +304,7 @@ def evaluate(
     ] = True,
     r_sample: Annotated[
         int,
-        typer.Option("--r-sample", help="Held-out queries for the store's R-precision and MAP@R when ranking R items for all is too long"),
+        typer.Option("--r-sample", help="Held-out queries of the store's R-precision and MAP@R when ranking all is too long"),
     ] = 300,
     seed: Annotated[int, typer.Option(help="Seed of that sample")] = 0,
 ) -> None:
