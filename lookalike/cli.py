@@ -526,6 +526,70 @@ def clusters(
 
 
 @command()
+def audit(
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours each item is compared with")] = 10,
+    top: Annotated[int, typer.Option(help="Label-issue candidates (and duplicate groups) listed")] = 20,
+    threshold: Annotated[
+        Optional[float], typer.Option(help="Near-duplicate distance [default: 0.25 x the median nearest-neighbour distance]")
+    ] = None,
+    method: Annotated[str, typer.Option(help="Label-issue score: vote (distance-weighted k-NN) or margin")] = "vote",
+    outliers: Annotated[int, typer.Option(help="Outliers listed (lowest local density)")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the sample whose store answers are checked")] = 0,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write every item's scores, most suspicious first, as CSV")] = None,
+    out: Annotated[Optional[str], typer.Option(help="PNG: suspicious items beside their neighbours, then the duplicate groups")] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label errors, near-duplicates, train/test leaks and outliers, from the stored vectors (audited against exact search)."""
+    from lookalike.audit import audit as run_audit
+    from lookalike.audit import save_audit_picture, write_csv
+
+    with _open(collection, db, wait) as gallery:
+        with _progress_bar("neighbours", unit="items/s") as progress:
+            r = run_audit(gallery, k=k, top=top, threshold=threshold, method=method, n_outliers=outliers, seed=seed, progress=progress)
+        saved = []
+        if csv_out:
+            saved.append(write_csv(r, csv_out))
+        if out:
+            saved.append(save_audit_picture(gallery, r, out))
+    for path in saved:
+        typer.echo(f"saved {path}", err=as_json)
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    typer.echo(
+        f"collection {r.collection!r}: {r.n_items:,} items, {r.k} neighbours each ({r.seconds:.1f} s; "
+        f"store's answers hold {r.store_recall_at_k:.4f} of the exact {r.k} on {r.store_sample:,} items)"
+    )
+    typer.echo(f"label issues ({r.method}): {r.n_disputed:,} items whose neighbours mostly carry another label; the top {len(r.suspects)}:")
+    width = max([len(s.id) for s in r.suspects] + [2])
+    for s in r.suspects:
+        neighbours = " ".join(s.neighbour_labels)
+        typer.echo(f"  {s.id:<{width}}  {s.split:<5}  {s.label} -> {s.suggested_label}  score {s.score:.3f}  neighbours {neighbours}")
+    cross = [g for g in r.groups if g.cross_split]
+    typer.echo(
+        f"near-duplicates (distance < {r.threshold:.4g}: {r.threshold_rule}): {r.n_duplicate_pairs:,} pairs in {len(r.groups):,} groups, "
+        f"{len(cross):,} across splits"
+    )
+    for g in r.groups[:top]:
+        tag = "LEAK" if g.cross_split else "    "
+        typer.echo(f"  {tag} {len(g.ids)} items  " + "  ".join(f"{i} ({sp}, {lab})" for i, sp, lab in zip(g.ids, g.splits, g.labels)))
+    if len(r.groups) > top:
+        typer.echo(f"  ... {len(r.groups) - top:,} more (--json or --csv for all)")
+    if r.accuracy is not None:
+        free = "n/a" if r.leak_free_accuracy is None else f"{r.leak_free_accuracy:.4f}"
+        typer.echo(
+            f"accuracy (evaluate, 1-NN): {r.accuracy:.4f} on {r.n_queries:,} held-out items; "
+            f"without the {len(r.leaked_ids):,} leaked: {free}"
+        )
+    typer.echo(f"outliers (mean distance to {r.k} neighbours):")
+    for o in r.outliers:
+        typer.echo(f"  {o.id:<{width}}  {o.split:<5}  {o.label}  {o.score:.4g}")
+
+
+@command()
 def compare(
     dataset: DatasetArg,
     path: PathArg = None,

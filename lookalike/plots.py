@@ -162,3 +162,20 @@ def bars_figure(names: Sequence[str], series: dict[str, Sequence[float]], title:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08 - 0.3 / max(1, len(names))), ncols=len(series), fontsize=9, frameon=False)
     fig.suptitle(title, fontsize=11)  # centred on the figure, not on axes pushed right by long names
     return fig
+
+
+def audit_figure(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray | None, str]]]], title: str, columns: int = 6) -> Any:
+    """One row per entry: its title, then up to ``columns`` captioned images (an item and its neighbours, or a group). Returns a Figure."""
+    fig = _figure(1.7 * columns, 2.0 * max(len(rows), 1) + 0.5)
+    subs = fig.subfigures(max(len(rows), 1), 1, squeeze=False)
+    for sub, (row_title, cells) in zip(subs.flat, rows):
+        axes = sub.subplots(1, columns, squeeze=False)[0]
+        for ax, cell in zip(axes, list(cells) + [None] * (columns - len(cells))):
+            if cell is None:
+                ax.set_axis_off()
+            else:
+                _show(ax, cell[0], cell[1])
+                ax.title.set_fontsize(8)
+        sub.suptitle(row_title, fontsize=9, x=0.02, ha="left")
+    fig.suptitle(title, fontsize=11)
+    return fig

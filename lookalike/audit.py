@@ -1,0 +1,347 @@
+"""Audit a collection from its stored vectors: probable label errors, near-duplicates, leaks, outliers.
+
+Every item (both splits) gets its ``k`` nearest other items by a chunked exact computation over
+the vectors read back from the store (never re-embedded): on 70,000 MNIST vectors it took 49 s
+here, against ~47 s for 70,000 store queries that would still need an exact check; the store's
+own answers are audited on a seeded sample (``store_recall_at_k``), as ``evaluate`` does.
+
+- Label issues: how strongly an item's neighbours contradict its label (:func:`label_issue_scores`,
+  a distance-weighted vote by default: chosen by the flipped-label validation in docs/audit.md).
+- Near-duplicates: pairs closer than a threshold, by default ``DUPLICATE_FACTOR`` times the median
+  nearest-neighbour distance of the collection (scale-free across embedders; measured with planted
+  copies in docs/audit.md), grouped; a group holding a held-out and an indexed item is a leak,
+  and the held-out items of such groups are removed from a second, leak-free accuracy.
+- Outliers: the items farthest from their ``k`` neighbours (lowest local density).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lookalike.errors import InputError
+from lookalike.gallery import Gallery
+from lookalike.metrics import duplicate_groups, exact_neighbours, label_issue_scores, outlier_scores
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_FACTOR = 0.25  # default threshold = this x the median nearest-neighbour distance (docs/audit.md)
+METHODS = ("vote", "margin")
+CHUNK = 2048  # items whose neighbours are computed at once (progress is reported per chunk)
+STORE_SAMPLE = 1000  # items whose store answers are checked against the exact ones
+
+
+@dataclass
+class Suspect:
+    """An item whose neighbours disagree with its label."""
+
+    id: str
+    split: str
+    label: str
+    suggested_label: str
+    score: float
+    neighbours: list[str]
+    neighbour_labels: list[str]
+    neighbour_distances: list[float]
+
+
+@dataclass
+class DuplicateGroup:
+    """Items closer to one another than the threshold (linked pair by pair)."""
+
+    ids: list[str]
+    splits: list[str]
+    labels: list[str]
+    cross_split: bool  # held-out and indexed items together: a leak
+    max_distance: float  # the longest link that joined the group
+
+
+@dataclass
+class Outlier:
+    id: str
+    split: str
+    label: str
+    score: float  # mean distance to its k nearest neighbours
+
+
+@dataclass
+class AuditReport:
+    collection: str
+    embedder: str
+    n_items: int
+    k: int
+    method: str
+    suspects: list[Suspect]  # the ``top`` most suspicious, most suspicious first
+    n_disputed: int  # items whose neighbours give the majority of their weight to another label
+    threshold: float
+    threshold_rule: str
+    median_nn_distance: float
+    groups: list[DuplicateGroup]  # every group, cross-split ones first, then the largest
+    n_duplicate_pairs: int
+    leaked_ids: list[str]  # held-out items with a copy among the indexed ones
+    accuracy: float | None  # evaluate's 1-NN accuracy (None without a held-out split)
+    leak_free_accuracy: float | None  # the same with the leaked queries removed
+    n_queries: int
+    outliers: list[Outlier]
+    store_recall_at_k: float  # share of the exact k neighbours the store also returns, on a sample
+    store_sample: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    all_scores: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every item, for --csv (not in to_dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("all_scores")
+        out["n_leaked"] = len(self.leaked_ids)
+        out["n_groups"] = len(self.groups)
+        out["n_cross_split_groups"] = sum(g.cross_split for g in self.groups)
+        return out
+
+
+def self_neighbours(vectors: np.ndarray, k: int, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows (exact): (indices, Euclidean distances), ``(n, k)``, nearest first.
+
+    The row itself is dropped by index, so an exact copy of it still counts as a neighbour.
+    """
+    n = len(vectors)
+    k = min(k, n - 1)
+    idx = np.empty((n, k), dtype=int)
+    dist = np.empty((n, k))
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        got, d2 = exact_neighbours(vectors[start:stop], vectors, k + 1)
+        for row in range(stop - start):
+            keep = got[row] != start + row
+            if keep.all():  # itself not among the k+1 (more than k exact copies): drop the farthest
+                keep[-1] = False
+            idx[start + row] = got[row][keep][:k]
+            dist[start + row] = np.sqrt(np.maximum(d2[row][keep][:k], 0.0))
+        if progress is not None:
+            progress(stop, n)
+    return idx, dist
+
+
+def audit(
+    gallery: Gallery,
+    *,
+    k: int = 10,
+    top: int = 20,
+    threshold: float | None = None,
+    method: str = "vote",
+    n_outliers: int = 10,
+    store_sample: int = STORE_SAMPLE,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditReport:
+    """Audit ``gallery`` from its stored vectors (see the module's text). ``progress(done, total)`` is called per chunk."""
+    if k < 1:
+        raise InputError(f"--k must be at least 1, got {k}")
+    if top < 1:
+        raise InputError(f"--top must be at least 1, got {top}")
+    if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+        raise InputError(f"--threshold must be a distance >= 0, got {threshold}")
+    if method not in METHODS:
+        raise InputError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ids, vecs, metas = gallery.scan()
+    timings["read"] = time.perf_counter() - t0
+    labels = np.array([int(m.get("label", -1)) for m in metas], dtype=int)
+    if len(ids) < 2 or (labels < 0).any() or len(np.unique(labels)) < 2:
+        raise InputError(
+            f"collection {gallery.name!r} has {len(np.unique(labels[labels >= 0])) if len(ids) else 0} label(s) over {len(ids)} items: "
+            "the audit compares labels, so it needs at least two labels (ingest a folder with one subfolder per label)"
+        )
+    if k >= len(ids):
+        raise InputError(f"--k {k} needs more than the {len(ids)} items of {gallery.name!r}: choose a k below {len(ids)}")
+    splits = [str(m.get("split", "")) for m in metas]
+    names = gallery.label_names
+    n_labels = max(len(names), int(labels.max()) + 1)
+
+    t0 = time.perf_counter()
+    nn, dist = self_neighbours(vecs, k, progress)
+    timings["neighbours"] = time.perf_counter() - t0
+
+    # label issues
+    score, suggested = label_issue_scores(labels, labels[nn], dist, n_labels, method)
+    other, _ = label_issue_scores(labels, labels[nn], dist, n_labels, "margin" if method == "vote" else "vote")
+    order = np.lexsort((np.arange(len(ids)), -other, -score))  # most suspicious first; ties by the other score
+
+    def suspect(i: int) -> Suspect:
+        return Suspect(
+            ids[i],
+            splits[i],
+            gallery.label_name(int(labels[i])),
+            gallery.label_name(int(suggested[i])),
+            float(score[i]),
+            [ids[j] for j in nn[i]],
+            [gallery.label_name(int(labels[j])) for j in nn[i]],
+            [float(d) for d in dist[i]],
+        )
+
+    # near-duplicates
+    median_nn = float(np.median(dist[:, 0]))
+    if threshold is None:
+        threshold = DUPLICATE_FACTOR * median_nn
+        rule = f"{DUPLICATE_FACTOR} x the median nearest-neighbour distance {median_nn:.4g}"
+    else:
+        rule = "--threshold"
+    close = dist < threshold
+    rows, cols = np.nonzero(close)
+    pairs = np.stack([rows, nn[rows, cols]], axis=1) if len(rows) else np.zeros((0, 2), int)
+    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+    link = {(int(a), int(b)): 0.0 for a, b in pairs}
+    for r, c in zip(rows, cols):
+        a, b = sorted((int(r), int(nn[r, c])))
+        link[(a, b)] = float(dist[r, c])
+    found = duplicate_groups(pairs, len(ids))
+    group_index = {int(i): n for n, members in enumerate(found) for i in members}
+    longest = [0.0] * len(found)
+    for (a, _), d in link.items():
+        longest[group_index[a]] = max(longest[group_index[a]], d)
+    groups = []
+    for members, longest_link in zip(found, longest):
+        group_splits = [splits[i] for i in members]
+        groups.append(
+            DuplicateGroup(
+                [ids[i] for i in members],
+                group_splits,
+                [gallery.label_name(int(labels[i])) for i in members],
+                "test" in group_splits and "train" in group_splits,
+                longest_link,
+            )
+        )
+    groups.sort(key=lambda g: (not g.cross_split, -len(g.ids), g.ids[0]))
+    leaked = sorted({i for g in groups if g.cross_split for i, s in zip(g.ids, g.splits) if s == "test"})
+
+    # evaluate's accuracy, with and without the leaked queries
+    accuracy = leak_free = None
+    n_queries = 0
+    if "test" in splits and "train" in splits:
+        from lookalike.evaluate import held_out
+
+        t0 = time.perf_counter()
+        h = held_out(gallery, 1)
+        right = h.predictions() == h.y_test
+        n_queries = len(right)
+        accuracy = float(right.mean())
+        leaked_set = set(leaked)
+        clean = np.array([i not in leaked_set for i in h.test_ids])
+        leak_free = float(right[clean].mean()) if clean.any() else None
+        timings["evaluate"] = time.perf_counter() - t0
+
+    # outliers
+    spread = outlier_scores(dist)
+    far = np.lexsort((np.arange(len(ids)), -spread))[:n_outliers]
+
+    # the store's answers against the exact ones, on a sample
+    t0 = time.perf_counter()
+    recall, sample = _store_recall(gallery, ids, vecs, nn, dist, k, store_sample, seed)
+    timings["store_check"] = time.perf_counter() - t0
+
+    group_of = {i: n for n, g in enumerate(groups) for i in g.ids}
+    all_scores = [
+        {
+            "id": ids[i],
+            "split": splits[i],
+            "label": gallery.label_name(int(labels[i])),
+            "suggested_label": gallery.label_name(int(suggested[i])),
+            "score": round(float(score[i]), 6),
+            "outlier_score": round(float(spread[i]), 6),
+            "duplicate_group": group_of.get(ids[i], ""),
+        }
+        for i in order
+    ]
+    return AuditReport(
+        collection=gallery.name,
+        embedder=gallery.record.embedder.describe(),
+        n_items=len(ids),
+        k=k,
+        method=method,
+        suspects=[suspect(int(i)) for i in order[:top]],
+        n_disputed=int((score > 0.5).sum()),
+        threshold=float(threshold),
+        threshold_rule=rule,
+        median_nn_distance=median_nn,
+        groups=groups,
+        n_duplicate_pairs=len(pairs),
+        leaked_ids=leaked,
+        accuracy=accuracy,
+        leak_free_accuracy=leak_free,
+        n_queries=n_queries,
+        outliers=[Outlier(ids[i], splits[i], gallery.label_name(int(labels[i])), float(spread[i])) for i in far],
+        store_recall_at_k=recall,
+        store_sample=sample,
+        seconds=time.perf_counter() - started,
+        timings={key: round(v, 2) for key, v in timings.items()},
+        all_scores=all_scores,
+    )
+
+
+def _store_recall(
+    gallery: Gallery, ids: list[str], vecs: np.ndarray, nn: np.ndarray, dist: np.ndarray, k: int, sample: int, seed: int
+) -> tuple[float, int]:
+    """Share of each sampled item's exact ``k`` neighbours that the store's ``k`` answers hold (a tie at the k-th distance counts)."""
+    pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(sample, len(ids)), replace=False))
+    if not len(pick):
+        return float("nan"), 0
+    answers = gallery.neighbours(vecs[pick], k + 1, metadata=False)
+    found = []
+    for row, i in zip(answers, pick):
+        got = [n for n in row if n.id != ids[i]][:k]
+        exact = {ids[j] for j in nn[i]}
+        hits = sum(n.id in exact or n.distance <= dist[i, -1] * (1 + 1e-4) + 1e-9 for n in got)
+        found.append(hits / k)
+    return float(np.mean(found)), len(pick)
+
+
+def write_csv(report: AuditReport, out: str | os.PathLike[str]) -> Path:
+    """Every item, most suspicious first: id, split, label, suggested_label, score, outlier_score, duplicate_group."""
+    path = Path(out)
+    try:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(report.all_scores[0]) if report.all_scores else ["id"])
+            writer.writeheader()
+            writer.writerows(report.all_scores)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def save_audit_picture(gallery: Gallery, report: AuditReport, out: str | os.PathLike[str], *, suspects: int = 12, groups: int = 8) -> Path:
+    """Each of the first ``suspects`` beside its nearest neighbours (captioned given -> suggested), then duplicate groups side by side."""
+    from lookalike.plots import audit_figure, save_figure
+
+    shown = report.suspects[:suspects]
+    group_rows = report.groups[:groups]
+    width = 6
+    wanted = [s.id for s in shown] + [n for s in shown for n in s.neighbours[: width - 1]]
+    wanted += [i for g in group_rows for i in g.ids[:width]]
+    got_ids, _, metas = gallery.get(wanted)
+    by_id = dict(zip(got_ids, gallery.images(metas)))
+    rows = []
+    for s in shown:
+        cells = [(by_id.get(s.id), f"{s.label} -> {s.suggested_label}\n{s.score:.2f}")]
+        cells += [(by_id.get(n), f"{lab} d={d:.3g}") for n, lab, d in zip(s.neighbours, s.neighbour_labels, s.neighbour_distances)][
+            : width - 1
+        ]
+        rows.append((f"{s.id} ({s.split})", cells))
+    for g in group_rows:
+        tag = "LEAK across splits" if g.cross_split else "duplicates"
+        rows.append(
+            (f"{tag}: {len(g.ids)} items", [(by_id.get(i), f"{lab} {sp}") for i, lab, sp in zip(g.ids, g.labels, g.splits)][:width])
+        )
+    title = (
+        f"audit of {report.collection}: {len(shown)} most suspicious labels (given -> suggested), "
+        f"{len(group_rows)} of {len(report.groups)} duplicate groups"
+    )
+    return save_figure(audit_figure(rows, title, width), out)

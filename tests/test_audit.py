@@ -1,0 +1,123 @@
+"""lookalike audit: label issues, near-duplicates, leaks and outliers on constructed sets where the answer is known."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lookalike.audit import audit, self_neighbours
+from lookalike.cli import app
+from lookalike.embedder import PixelEmbedder
+from lookalike.errors import InputError
+from lookalike.evaluate import evaluate
+from lookalike.gallery import Gallery
+from lookalike.ingest import ingest
+
+from .conftest import make_digits, one_line_error, write_npz
+
+
+@pytest.fixture
+def planted(tmp_path: Path, db: str, fake_embedder: PixelEmbedder) -> str:
+    """Digits (200 indexed, 50 held out) with: indexed item 7's label flipped; indexed item 3 copied as held-out item 50
+    (a leak); indexed item 11 copied as indexed item 200 (a duplicate within a split); a blank white indexed item 201."""
+    x_tr, y_tr = make_digits(200, seed=1)
+    x_te, y_te = make_digits(50, seed=2)
+    y_tr[7] = (int(y_tr[7]) + 3) % 10
+    x_te = np.concatenate([x_te, x_tr[3:4]])
+    y_te = np.concatenate([y_te, y_tr[3:4]])
+    x_tr = np.concatenate([x_tr, x_tr[11:12], np.full((1, 28, 28), 255, np.uint8)])
+    y_tr = np.concatenate([y_tr, y_tr[11:12], np.array([0], np.uint8)])
+    path = write_npz(tmp_path / "planted.npz", (x_tr, y_tr), (x_te, y_te))
+    ingest("mnist", source=str(path), embedder=fake_embedder, db=db, collection="planted")
+    return db
+
+
+def test_self_neighbours_exclude_the_item_but_keep_its_copies() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50, 4)).astype(np.float32)
+    v[10] = v[20]  # an exact copy
+    idx, dist = self_neighbours(v, 3)
+    assert idx[20, 0] == 10 and idx[10, 0] == 20 and dist[10, 0] == 0.0
+    assert all(i not in row for i, row in enumerate(idx))
+    full = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    assert np.allclose(np.sort(full, axis=1)[:, :3], dist, atol=1e-5)
+
+
+def test_a_flipped_label_comes_first_with_the_right_suggestion(planted: str) -> None:
+    with Gallery.open("planted", planted) as g:
+        r = audit(g, k=5, top=5)
+        x_tr, y_tr = make_digits(200, seed=1)
+        assert r.suspects[0].id == "mnist:train:7" and r.suspects[0].score == pytest.approx(1.0)
+        assert r.suspects[0].suggested_label == str(y_tr[7]) and r.suspects[0].label == str((int(y_tr[7]) + 3) % 10)
+        assert len(r.suspects[0].neighbours) == 5 and "mnist:train:7" not in r.suspects[0].neighbours
+        disputed = {s.id for s in r.suspects if s.score > 0.5}
+        assert disputed <= {"mnist:train:7", "mnist:train:201"} and r.n_disputed == len(disputed)  # only the flip (and the blank)
+        assert r.store_recall_at_k == 1.0 and r.store_sample == r.n_items == 253
+
+
+def test_a_planted_copy_is_a_leak_and_leaves_the_leak_free_accuracy(planted: str) -> None:
+    with Gallery.open("planted", planted) as g:
+        r = audit(g, k=5)
+        groups = {frozenset(gr.ids): gr for gr in r.groups}
+        leak, within = frozenset({"mnist:test:50", "mnist:train:3"}), frozenset({"mnist:train:11", "mnist:train:200"})
+        assert set(groups) == {leak, within} and groups[leak].cross_split and not groups[within].cross_split
+        assert r.groups[0].cross_split  # leaks listed first
+        assert r.leaked_ids == ["mnist:test:50"]
+        e = evaluate(g)
+        assert r.accuracy == pytest.approx(e.accuracy) and r.n_queries == 51
+        wrong = {m["id"] for m in e.mistakes}
+        assert "mnist:test:50" not in wrong  # its copy answers it: the leak flatters the accuracy
+        assert r.leak_free_accuracy == pytest.approx(1 - len(wrong) / 50)
+        assert r.threshold == pytest.approx(0.25 * r.median_nn_distance) and "median" in r.threshold_rule
+        none = audit(g, k=5, threshold=0.0)  # nothing is closer than 0
+        assert none.groups == [] and none.leak_free_accuracy == pytest.approx(r.accuracy)
+
+
+def test_the_blank_item_is_the_first_outlier(planted: str) -> None:
+    with Gallery.open("planted", planted) as g:
+        r = audit(g, k=5, n_outliers=3)
+        assert r.outliers[0].id == "mnist:train:201" and len(r.outliers) == 3
+        assert r.outliers[0].score > r.outliers[1].score
+
+
+def test_bad_options_and_unlabelled_collections(planted: str, tmp_path: Path, fake_embedder: PixelEmbedder) -> None:
+    with Gallery.open("planted", planted) as g:
+        for kwargs in ({"k": 0}, {"top": 0}, {"threshold": -1.0}, {"threshold": float("nan")}, {"method": "magic"}, {"k": 253}):
+            with pytest.raises(InputError):
+                audit(g, **kwargs)
+    folder = tmp_path / "one-label" / "cats"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(make_digits(6, seed=4)[0][i]).save(folder / f"{i}.png")
+    ingest("folder", str(tmp_path / "one-label"), embedder=fake_embedder, db=planted, collection="cats")
+    with Gallery.open("cats", planted) as g, pytest.raises(InputError, match="at least two labels"):
+        audit(g)
+
+
+def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out, table = tmp_path / "audit.png", tmp_path / "audit.csv"
+    r = runner.invoke(
+        app, ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--top", "3", "--out", str(out), "--csv", str(table)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "mnist:train:7" in r.output and "LEAK" in r.output and "without the 1 leaked" in r.output
+    assert out.stat().st_size > 10_000 and Image.open(out).size[0] > 500
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 253 and rows[0]["id"] == "mnist:train:7" and rows[0]["duplicate_group"] == ""
+    assert {row["id"] for row in rows if row["duplicate_group"] != ""} == {"mnist:test:50", "mnist:train:3", "mnist:train:11", "mnist:train:200"}
+    j = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--json"])
+    data = json.loads(j.stdout)
+    first = data["suspects"][0]
+    assert {"id", "split", "label", "suggested_label", "score", "neighbours"} <= set(first) and first["id"] == "mnist:train:7"
+    assert data["n_leaked"] == 1 and data["leaked_ids"] == ["mnist:test:50"] and data["n_cross_split_groups"] == 1
+    bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "0"])
+    assert bad.exit_code != 0 and "--k must be at least 1" in one_line_error(bad)
