@@ -37,6 +37,8 @@ DUPLICATE_FACTOR = 0.25  # default threshold = this x the median nearest-neighbo
 METHODS = ("vote", "margin")
 CHUNK = 2048  # items whose neighbours are computed at once (progress is reported per chunk)
 STORE_SAMPLE = 1000  # items whose store answers are checked against the exact ones
+AUDIT_NOTE = "lookalike_audit"  # the collection metadata key of the last saved audit
+SAVED_GROUPS = 500  # duplicate groups kept with a saved audit (all are counted)
 
 
 @dataclass
@@ -302,6 +304,29 @@ def _store_recall(
         hits = sum(n.id in exact or n.distance <= dist[i, -1] * (1 + 1e-4) + 1e-9 for n in got)
         found.append(hits / k)
     return float(np.mean(found)), len(pick)
+
+
+def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:
+    """Keep ``report`` with its collection (what the app's Audit page and ``GET /collections/NAME/audit`` show).
+
+    The suspects and outliers as listed, the first ``SAVED_GROUPS`` duplicate groups (all counted);
+    ``saved_at`` is UTC. Returns what was saved.
+    """
+    from datetime import UTC, datetime
+
+    from lookalike.util import json_safe
+
+    saved = report.to_dict()
+    saved["groups"] = saved["groups"][:SAVED_GROUPS]
+    saved["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    saved = json_safe(saved)
+    gallery.save_note(AUDIT_NOTE, saved)
+    return saved
+
+
+def saved_audit(gallery: Gallery) -> dict[str, Any] | None:
+    """The last audit :func:`save_audit` kept with ``gallery``'s collection, or None."""
+    return gallery.saved_note(AUDIT_NOTE)
 
 
 def write_csv(report: AuditReport, out: str | os.PathLike[str]) -> Path:

@@ -540,15 +540,20 @@ def audit(
     collection: CollectionOpt = None,
     db: DbOpt = None,
     wait: WaitOpt = None,
+    keep: Annotated[
+        bool, typer.Option("--save/--no-save", help="Keep the report with the collection (the app and service show it)")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Label errors, near-duplicates, train/test leaks and outliers, from the stored vectors (audited against exact search)."""
     from lookalike.audit import audit as run_audit
-    from lookalike.audit import save_audit_picture, write_csv
+    from lookalike.audit import save_audit, save_audit_picture, write_csv
 
     with _open(collection, db, wait) as gallery:
         with _progress_bar("neighbours", unit="items/s") as progress:
             r = run_audit(gallery, k=k, top=top, threshold=threshold, method=method, n_outliers=outliers, seed=seed, progress=progress)
+        if keep:
+            save_audit(gallery, r)
         saved = []
         if csv_out:
             saved.append(write_csv(r, csv_out))

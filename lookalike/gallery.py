@@ -274,17 +274,25 @@ class Gallery:
 
     def save_evaluation(self, report: dict[str, Any]) -> None:
         """Keep ``report`` (JSON-able) with the collection, replacing the previous one."""
-        self._col.set_note(EVALUATION_NOTE, json.dumps(report, allow_nan=False))
+        self.save_note(EVALUATION_NOTE, report)
 
     def evaluation(self) -> dict[str, Any] | None:
         """The last report kept by :meth:`save_evaluation` (read from the store now), or None."""
-        text = self._col.note(EVALUATION_NOTE)
+        return self.saved_note(EVALUATION_NOTE)
+
+    def save_note(self, key: str, report: dict[str, Any]) -> None:
+        """Keep ``report`` (JSON-able) with the collection under ``key`` (``lookalike_...``), replacing the previous one."""
+        self._col.set_note(key, json.dumps(report, allow_nan=False))
+
+    def saved_note(self, key: str) -> dict[str, Any] | None:
+        """The report kept under ``key`` (read from the store now), or None."""
+        text = self._col.note(key)
         if not text:
             return None
         try:
             return dict(json.loads(text))
         except ValueError:
-            log.warning("the saved evaluation of %r is not JSON; ignored", self.name)
+            log.warning("the saved %s of %r is not JSON; ignored", key, self.name)
             return None
 
     # -- for lookalike check -------------------------------------------------------------------------

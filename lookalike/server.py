@@ -273,6 +273,11 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
         """The last `lookalike evaluate` report saved with the collection (404 when none was)."""
         return service.evaluation(name)
 
+    @api.get("/collections/{name}/audit", tags=["collections"])
+    def audit(name: str) -> Any:
+        """The last `lookalike audit` report saved with the collection: label-issue candidates, duplicate groups, leaks, outliers."""
+        return service.audit(name)
+
     app.include_router(api)
     app.add_middleware(_Gate, max_bytes=max_upload, api_key=api_key)
     return app

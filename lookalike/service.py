@@ -256,6 +256,15 @@ class Service:
             raise NotFoundError(f"collection {collection!r} has no saved evaluation: run `lookalike evaluate --collection {collection}`")
         return report
 
+    def audit(self, collection: str) -> dict[str, Any]:
+        """The last audit saved with ``collection``; NotFoundError naming the command that makes one."""
+        from lookalike.audit import saved_audit
+
+        report = saved_audit(self.gallery(collection))
+        if report is None:
+            raise NotFoundError(f"collection {collection!r} has no saved audit: run `lookalike audit --collection {collection}`")
+        return report
+
 
 def _as_vector(vector: Any, dim: int) -> np.ndarray:
     """A query vector of ``dim`` numbers; InputError otherwise (``search`` refuses NaN and infinity)."""

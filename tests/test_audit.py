@@ -53,7 +53,7 @@ def test_self_neighbours_exclude_the_item_but_keep_its_copies() -> None:
 def test_a_flipped_label_comes_first_with_the_right_suggestion(planted: str) -> None:
     with Gallery.open("planted", planted) as g:
         r = audit(g, k=5, top=5)
-        x_tr, y_tr = make_digits(200, seed=1)
+        _, y_tr = make_digits(200, seed=1)
         assert r.suspects[0].id == "mnist:train:7" and r.suspects[0].score == pytest.approx(1.0)
         assert r.suspects[0].suggested_label == str(y_tr[7]) and r.suspects[0].label == str((int(y_tr[7]) + 3) % 10)
         assert len(r.suspects[0].neighbours) == 5 and "mnist:train:7" not in r.suspects[0].neighbours
@@ -113,11 +113,21 @@ def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> No
     with table.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 253 and rows[0]["id"] == "mnist:train:7" and rows[0]["duplicate_group"] == ""
-    assert {row["id"] for row in rows if row["duplicate_group"] != ""} == {"mnist:test:50", "mnist:train:3", "mnist:train:11", "mnist:train:200"}
+    assert {row["id"] for row in rows if row["duplicate_group"] != ""} == {
+        "mnist:test:50",
+        "mnist:train:3",
+        "mnist:train:11",
+        "mnist:train:200",
+    }
     j = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--json"])
     data = json.loads(j.stdout)
     first = data["suspects"][0]
     assert {"id", "split", "label", "suggested_label", "score", "neighbours"} <= set(first) and first["id"] == "mnist:train:7"
     assert data["n_leaked"] == 1 and data["leaked_ids"] == ["mnist:test:50"] and data["n_cross_split_groups"] == 1
+    from lookalike.audit import saved_audit
+
+    with Gallery.open("planted", planted) as g:
+        kept = saved_audit(g)  # the first run kept its report (--save is the default)
+    assert kept is not None and kept["suspects"][0]["id"] == "mnist:train:7" and kept["k"] == 5 and "saved_at" in kept
     bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "0"])
     assert bad.exit_code != 0 and "--k must be at least 1" in one_line_error(bad)

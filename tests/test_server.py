@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.audit import audit, save_audit
 from lookalike.errors import InputError
 from lookalike.evaluate import evaluate, save_report
 from lookalike.gallery import Gallery
@@ -54,6 +55,7 @@ class Served:
     by_image_filtered: dict[int, list[dict[str, Any]]]
     by_id: dict[str, list[dict[str, Any]]]
     evaluation: dict[str, Any]
+    audit: dict[str, Any]
     local_json: str
     local_text: str
 
@@ -81,6 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path, fake_embedd
         by_image_filtered = {i: [h.to_dict() for h in search(g, image=queries[i], k=3, labels=["2", 7], split="train")] for i in range(4)}
         by_id = {f"mnist:test:{i}": [h.to_dict() for h in search(g, id=f"mnist:test:{i}", k=4)] for i in range(4)}
         saved = save_report(g, evaluate(g))
+        saved_audit = save_audit(g, audit(g, k=5, top=5))
     local = run_cli("search", "--image", str(queries[0]), "--db", db, "--collection", "digits", "--json")
     local_text = run_cli("search", "--id", "mnist:test:1", "--k", "3", "--label", "1", "--db", db, "--collection", "digits")
     assert local.returncode == 0 and local_text.returncode == 0, local.stderr + local_text.stderr
@@ -88,7 +91,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path, fake_embedd
     (root / "key").chmod(0o600)
     server = ServiceProcess("--db", db, "--api-key-file", str(root / "key"), "--max-upload-mb", "1")
     try:
-        yield Served(server, db, root, x_test, queries, by_image, by_image_filtered, by_id, saved, local.stdout, local_text.stdout)
+        yield Served(
+            server, db, root, x_test, queries, by_image, by_image_filtered, by_id, saved, saved_audit, local.stdout, local_text.stdout
+        )
     finally:
         server.stop()
 
@@ -105,6 +110,7 @@ def test_health_is_open_and_everything_else_needs_the_key(served: Served) -> Non
         ("GET", "/collections/digits/items/mnist:test:0/image", None, None),
         ("GET", "/collections/digits/evaluation", None, None),
         ("GET", "/collections/nope/evaluation", None, None),  # an unknown name says nothing either
+        ("GET", "/collections/digits/audit", None, None),
     ]
     for method, path, body, ctype in guarded:
         for key in (None, "wrong-key-wrong-key-wrong", KEY + "x", KEY[:-1]):
@@ -180,6 +186,15 @@ def test_evaluation_saved_with_the_collection(served: Served) -> None:
     assert status == 200 and json.loads(data) == served.evaluation
     status, _, data = served.call("GET", "/collections/pixels/evaluation")
     assert status == 404 and "lookalike evaluate --collection pixels" in json.loads(data)["error"]
+
+
+def test_audit_saved_with_the_collection(served: Served) -> None:
+    status, _, data = served.call("GET", "/collections/digits/audit")
+    got = json.loads(data)
+    assert status == 200 and got == served.audit and len(got["suspects"]) == 5 and "saved_at" in got
+    assert {"id", "split", "label", "suggested_label", "score", "neighbours"} <= set(got["suspects"][0])
+    status, _, data = served.call("GET", "/collections/pixels/audit")
+    assert status == 404 and "lookalike audit --collection pixels" in json.loads(data)["error"]
 
 
 @pytest.mark.parametrize(
