@@ -8,8 +8,10 @@ re-embedded: thumbnails are read from the items' recorded sources, at most a pag
 Pages: Search (upload an image or name an id; labels, split, k; click a neighbour to search from
 it), Map (t-SNE/UMAP/PCA of a seeded sample; click a point for its neighbours, lasso or box a
 region for its items), Evaluation (the saved report; a confusion cell's mistakes), Clusters
-(k-means against the labels). The URL's query parameters (``?page=Search&collection=mnist&id=...
-&labels=3&k=8``) open a page in a given state.
+(k-means against the labels), Audit (the saved audit: label-issue candidates with their
+neighbours, duplicate groups and leaks, outliers; any of them one click from a search). The
+URL's query parameters (``?page=Search&collection=mnist&id=...&labels=3&k=8``) open a page in
+a given state.
 
 Needs the ``app`` extra: ``pip install 'lookalike[app]'``.
 """
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from lookalike.audit import audit, save_audit, saved_audit
 from lookalike.errors import LookalikeError
 from lookalike.evaluate import evaluate, save_report
 from lookalike.explore import METHODS, cached_map, cluster
@@ -32,7 +35,8 @@ from lookalike.gallery import Gallery
 from lookalike.search import Hit, search
 from lookalike.store import Store, default_db
 
-PAGES = ("Search", "Map", "Evaluation", "Clusters")
+PAGES = ("Search", "Map", "Evaluation", "Clusters", "Audit")
+AUDIT_ROWS = 8  # suspects (or groups) a page of the Audit tabs shows, each with up to 5 more images
 THUMB = 112  # pixels of a thumbnail's side
 SMALL = 80  # pixels of a small thumbnail's side (selections, mistakes, clusters)
 PAGE_OF_THUMBS = 48  # the most images a page draws at once
@@ -389,6 +393,93 @@ def clusters_page(gallery: Gallery, db: str) -> None:
             col.image(im, caption=f"{gallery.label_name(int(pts.labels[i]))} → {cluster_label}", width=SMALL)
 
 
+def audit_page(gallery: Gallery) -> None:
+    st.header("Audit")
+    report = saved_audit(gallery)
+    if report is None:
+        st.info(f"No audit is saved with {gallery.name!r}. Run one now (it is saved for next time), or `lookalike audit`.")
+        k = st.number_input("k (neighbours each item is compared with)", 1, 50, 10, key="audit-k")
+        if st.button("Run audit", type="primary"):
+            with st.spinner("finding every item's nearest neighbours…"):
+                save_audit(gallery, audit(gallery, k=int(k), top=100))
+            st.rerun()
+        return
+    cols = st.columns(6)
+    cols[0].metric("items", f"{report['n_items']:,}")
+    cols[1].metric("disputed labels", f"{report['n_disputed']:,}", help="items whose neighbours give most of their weight to another label")
+    cols[2].metric("duplicate groups", f"{report['n_groups']:,}", help=f"{report['n_duplicate_pairs']:,} pairs closer than the threshold")
+    cols[3].metric("leaked held-out items", f"{report['n_leaked']:,}", help="held-out items with a copy among the indexed ones")
+    if report["accuracy"] is not None:
+        cols[4].metric("1-NN accuracy", f"{report['accuracy']:.4f}")
+        free = report["leak_free_accuracy"]
+        cols[5].metric(
+            "without leaks", "n/a" if free is None else f"{free:.4f}", delta=None if free is None else f"{free - report['accuracy']:+.4f}"
+        )
+    st.caption(
+        f"{report['embedder']} · k={report['k']} · {report['method']} score · duplicates: distance < {report['threshold']:.4g} "
+        f"({report['threshold_rule']}) · the store's answers hold {report['store_recall_at_k']:.4f} of the exact neighbours · "
+        f"saved {report.get('saved_at', '')}"
+    )
+    tabs = st.tabs(["Label issues", "Duplicates and leaks", "Outliers"])
+    with tabs[0]:
+        suspects = [s for s in report["suspects"] if s["score"] > 0]
+        if not suspects:
+            st.success("No item's neighbours carry another label.")
+        start = _page_start(len(suspects), "audit-suspects")
+        shown = suspects[start : start + AUDIT_ROWS]
+        images = _images_by_id(gallery, [s["id"] for s in shown] + [n for s in shown for n in s["neighbours"][:5]])
+        for s in shown:
+            cols = st.columns(7)
+            with cols[0]:
+                st.image(images.get(s["id"], thumb(None, SMALL)), width=SMALL)
+                st.button(s["id"], key=f"audit-s-{s['id']}", help=f"search from {s['id']}", on_click=use_as_query, args=(s["id"],))
+            cols[1].markdown(f"**{s['label']} → {s['suggested_label']}**  \nscore {s['score']:.3f}  \n{s['split']}")
+            for col, n, lab, d in zip(cols[2:], s["neighbours"], s["neighbour_labels"], s["neighbour_distances"]):
+                col.image(images.get(n, thumb(None, SMALL)), caption=f"{lab} · d={d:.3g}", width=SMALL)
+    with tabs[1]:
+        groups = report["groups"]
+        if not groups:
+            st.success("No two items are closer than the threshold.")
+        else:
+            if report["n_groups"] > len(groups):
+                st.caption(
+                    f"the first {len(groups):,} of {report['n_groups']:,} groups were kept with the report "
+                    "(`lookalike audit --csv` lists all)"
+                )
+            start = _page_start(len(groups), "audit-groups")
+            shown = groups[start : start + AUDIT_ROWS]
+            images = _images_by_id(gallery, [i for g in shown for i in g["ids"][:6]])
+            for g in shown:
+                st.markdown(f"{'**leak across splits**' if g['cross_split'] else 'duplicates'} · {len(g['ids'])} items")
+                cols = st.columns(6)
+                for col, i, sp, lab in zip(cols, g["ids"], g["splits"], g["labels"]):
+                    col.image(images.get(i, thumb(None, SMALL)), caption=f"{lab} · {sp}", width=SMALL)
+                    col.button(i, key=f"audit-g-{i}", help=f"search from {i}", on_click=use_as_query, args=(i,))
+    with tabs[2]:
+        outliers = report["outliers"]
+        images = _images_by_id(gallery, [o["id"] for o in outliers[:12]])
+        cols = st.columns(6)
+        for n, o in enumerate(outliers[:12]):
+            with cols[n % 6]:
+                st.image(images.get(o["id"], thumb(None, SMALL)), caption=f"{o['label']} · {o['split']} · {o['score']:.3g}", width=SMALL)
+                st.button(o["id"], key=f"audit-o-{o['id']}", help=f"search from {o['id']}", on_click=use_as_query, args=(o["id"],))
+
+
+def _page_start(total: int, key: str) -> int:
+    """The first row of the page chosen in a small pager (rows of ``AUDIT_ROWS``)."""
+    pages = max(1, -(-total // AUDIT_ROWS))
+    if pages == 1:
+        return 0
+    page = st.number_input(f"page (of {pages}, {AUDIT_ROWS} a page)", 1, pages, 1, key=key)
+    return (int(page) - 1) * AUDIT_ROWS
+
+
+def _images_by_id(gallery: Gallery, ids: list[str]) -> dict[str, np.ndarray]:
+    """Small thumbnails of stored items, by id (an id no longer stored is left out)."""
+    got_ids, _, metas = gallery.get(ids)
+    return {i: thumb(im, SMALL) for i, im in zip(got_ids, gallery.images(metas))}
+
+
 # -- the app -------------------------------------------------------------------------------------------
 
 
@@ -422,8 +513,10 @@ def main() -> None:
             map_page(gallery, db)
         elif page == "Evaluation":
             evaluation_page(gallery)
-        else:
+        elif page == "Clusters":
             clusters_page(gallery, db)
+        else:
+            audit_page(gallery)
     except LookalikeError as exc:
         st.error(str(exc))
 

@@ -160,7 +160,7 @@ def label_issue_scores(
 
     ``own`` ``(n,)``, ``neighbour_labels`` / ``neighbour_distances`` ``(n, k)`` nearest first. Scores
     in [0, 1], higher = more suspicious; the suggestion is the best-supported label other than the
-    item's own.
+    item's own (its own when no neighbour carries another).
 
     - ``vote``: a distance-weighted k-NN vote (weight ``1 / (d + eps)``, eps a hundredth of the
       median neighbour distance): the share of the weight that goes to other labels.
@@ -177,7 +177,7 @@ def label_issue_scores(
     np.add.at(weight, (np.repeat(np.arange(n), k), lab.ravel()), w.ravel())
     others = weight.copy()
     others[np.arange(n), own] = -1.0
-    suggested = others.argmax(1)
+    suggested = np.where(others.max(1) > 0, others.argmax(1), own)  # no other label among the neighbours: its own
     if method == "vote":
         total = weight.sum(1)
         score = 1.0 - weight[np.arange(n), own] / np.where(total > 0, total, 1.0)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FACTORS = (0.1, 0.2, 0.3, 0.4, 0.5)
+FACTORS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 
 def make_npz(source: str, out: Path, seed: int) -> dict:

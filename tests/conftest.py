@@ -279,3 +279,19 @@ def multipart(fields: list[tuple[str, str]], image: bytes | None = None, filenam
         parts.append(head.encode() + image + b"\r\n")
     parts.append(f"--{b}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={b}"
+
+
+@pytest.fixture
+def planted(tmp_path: Path, db: str, fake_embedder: PixelEmbedder) -> str:
+    """Digits (200 indexed, 50 held out) with: indexed item 7's label flipped; indexed item 3 copied as held-out item 50
+    (a leak); indexed item 11 copied as indexed item 200 (a duplicate within a split); a blank white indexed item 201."""
+    x_tr, y_tr = make_digits(200, seed=1)
+    x_te, y_te = make_digits(50, seed=2)
+    y_tr[7] = (int(y_tr[7]) + 3) % 10
+    x_te = np.concatenate([x_te, x_tr[3:4]])
+    y_te = np.concatenate([y_te, y_tr[3:4]])
+    x_tr = np.concatenate([x_tr, x_tr[11:12], np.full((1, 28, 28), 255, np.uint8)])
+    y_tr = np.concatenate([y_tr, y_tr[11:12], np.array([0], np.uint8)])
+    path = write_npz(tmp_path / "planted.npz", (x_tr, y_tr), (x_te, y_te))
+    ingest("mnist", source=str(path), embedder=fake_embedder, db=db, collection="planted")
+    return db

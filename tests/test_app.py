@@ -203,3 +203,30 @@ def test_warming_builds_the_embedder_then_freezes_the_heap(app_db: str) -> None:
             assert g._embedder is not None and gc.get_freeze_count() > 0
         finally:
             gc.unfreeze()
+
+
+def test_audit_page_runs_shows_the_librarys_findings_and_any_item_becomes_a_query(
+    planted: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lookalike.audit import audit
+
+    monkeypatch.setenv("LOOKALIKE_DB", planted)
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    at = start(page="Audit")
+    assert "No audit is saved" in at.info[0].value
+    at.number_input(key="audit-k").set_value(5).run()
+    at.button[0].click().run()
+    assert not at.exception
+    with Gallery.open("planted", planted) as g:
+        r = audit(g, k=5, top=100)
+    values = {m.label: m.value for m in at.metric}
+    assert values["disputed labels"] == f"{r.n_disputed:,}" and values["duplicate groups"] == f"{len(r.groups):,}"
+    assert values["leaked held-out items"] == "1" and values["without leaks"] == f"{r.leak_free_accuracy:.4f}"
+    assert any(f"{r.suspects[0].label} → {r.suspects[0].suggested_label}" in m.value for m in at.markdown)
+    assert any("leak across splits" in m.value for m in at.markdown)
+    at.button(key="audit-s-mnist:train:7").click().run()  # the flipped item becomes the query
+    assert not at.exception and at.session_state["page"] == "Search" and at.text_input(key="query_id").value == "mnist:train:7"
+    with Gallery.open("planted", planted) as g:
+        assert shown_ids(at) == [h.id for h in search(g, id="mnist:train:7", k=8)]

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.audit import audit, save_audit
 from lookalike.embedder import PixelEmbedder
 from lookalike.evaluate import evaluate, save_report
 from lookalike.gallery import Gallery
@@ -57,20 +58,25 @@ class Running:
     query: str  # its id
     hits: list[Hit]  # the library's answer to it, k=8, label 3
     accuracy: float  # the saved evaluation's
+    first_suspect: str  # the saved audit's most suspicious item
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path, fake_embedder: PixelEmbedder) -> Iterator[Running]:
     root = tmp_path_factory.mktemp("browser")
     db = str(root / "db")
-    ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db, collection="digits")
-    x, y = np.load(tiny_npz)["x_test"], np.load(tiny_npz)["y_test"]
+    arrays = dict(np.load(tiny_npz))
+    arrays["y_train"][7] = (int(arrays["y_train"][7]) + 3) % 10  # one wrong label for the Audit page to find
+    np.savez(root / "digits.npz", **arrays)
+    ingest("mnist", source=str(root / "digits.npz"), embedder=fake_embedder, db=db, collection="digits")
+    x, y = arrays["x_test"], arrays["y_test"]
     i = int(np.flatnonzero(y == 3)[0])
     buf = io.BytesIO()
     Image.fromarray(x[i]).save(buf, format="PNG")
     with Gallery.open("digits", db) as g:  # (before the app takes the store's lock)
         report = evaluate(g)
         save_report(g, report)
+        kept = save_audit(g, audit(g, k=5, top=20))
         hits = search(g, image=g.read_query_image(buf.getvalue()), k=8, labels=["3"])
     port = free_port()
     env = {**os.environ, "LOOKALIKE_CACHE": str(root / "cache")}
@@ -90,7 +96,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path, fake_embedder:
                 proc.kill()
                 raise RuntimeError("lookalike app did not start: " + (proc.stderr.read() if proc.stderr else ""))
             time.sleep(0.5)
-        yield Running(url, buf.getvalue(), f"mnist:test:{i}", hits, report.accuracy)
+        assert kept["suspects"][0]["id"] == "mnist:train:7"
+        yield Running(url, buf.getvalue(), f"mnist:test:{i}", hits, report.accuracy, kept["suspects"][0]["id"])
     finally:
         proc.terminate()
         try:
@@ -192,3 +199,13 @@ def test_evaluation_and_clusters_pages(app: Running, page: Page) -> None:
     page.get_by_text("cluster accuracy").wait_for(timeout=60_000)
     page.wait_for_timeout(1000)
     page.screenshot(path=str(shots() / "clusters.png"), full_page=True)
+
+
+def test_audit_page_candidate_becomes_the_query(app: Running, page: Page) -> None:
+    open_page(page, app.url, "Audit")
+    page.get_by_text("disputed labels").wait_for(timeout=60_000)
+    page.wait_for_timeout(1000)
+    assert images(page) >= 6  # a candidate and its neighbours
+    page.screenshot(path=str(shots() / "audit.png"), full_page=True)
+    page.get_by_role("button", name=app.first_suspect, exact=True).click()  # one click: the candidate is the query
+    page.get_by_text(f"query: {app.first_suspect}").wait_for(timeout=60_000)

@@ -129,6 +129,8 @@ def test_label_issue_scores_vote_and_margin() -> None:
     assert m_score[1] == pytest.approx(2.0 / 2.5) and m_suggested[1] == 2  # no same label among k: counted at the k-th distance
     with pytest.raises(ValueError):
         label_issue_scores(own, labels, dists, 3, "nope")
+    calm, own_label = label_issue_scores(np.array([2]), np.array([[2, 2]]), np.array([[1.0, 2.0]]), 3)
+    assert calm[0] == 0.0 and own_label[0] == 2  # nothing disagrees: no other label suggested
 
 
 def test_duplicate_groups_are_connected_components() -> None:
