@@ -432,8 +432,10 @@ def audit_page(gallery: Gallery) -> None:
             cols = st.columns(7)
             with cols[0]:
                 st.image(images.get(s["id"], thumb(None, SMALL)), width=SMALL)
-                st.button(s["id"], key=f"audit-s-{s['id']}", help=f"search from {s['id']}", on_click=use_as_query, args=(s["id"],))
-            cols[1].markdown(f"**{s['label']} → {s['suggested_label']}**  \nscore {s['score']:.3f}  \n{s['split']}")
+                st.button(
+                    "search from it", key=f"audit-s-{s['id']}", help=f"make {s['id']} the query", on_click=use_as_query, args=(s["id"],)
+                )
+            cols[1].markdown(f"**{s['label']} → {s['suggested_label']}**  \nscore {s['score']:.3f}  \n`{s['id']}`")
             for col, n, lab, d in zip(cols[2:], s["neighbours"], s["neighbour_labels"], s["neighbour_distances"]):
                 col.image(images.get(n, thumb(None, SMALL)), caption=f"{lab} · d={d:.3g}", width=SMALL)
     with tabs[1]:
@@ -453,16 +455,18 @@ def audit_page(gallery: Gallery) -> None:
                 st.markdown(f"{'**leak across splits**' if g['cross_split'] else 'duplicates'} · {len(g['ids'])} items")
                 cols = st.columns(6)
                 for col, i, sp, lab in zip(cols, g["ids"], g["splits"], g["labels"]):
-                    col.image(images.get(i, thumb(None, SMALL)), caption=f"{lab} · {sp}", width=SMALL)
-                    col.button(i, key=f"audit-g-{i}", help=f"search from {i}", on_click=use_as_query, args=(i,))
+                    col.image(images.get(i, thumb(None, SMALL)), caption=f"{lab} · {sp} · {i}", width=SMALL)
+                    col.button("search from it", key=f"audit-g-{i}", help=f"make {i} the query", on_click=use_as_query, args=(i,))
     with tabs[2]:
         outliers = report["outliers"]
         images = _images_by_id(gallery, [o["id"] for o in outliers[:12]])
         cols = st.columns(6)
         for n, o in enumerate(outliers[:12]):
             with cols[n % 6]:
-                st.image(images.get(o["id"], thumb(None, SMALL)), caption=f"{o['label']} · {o['split']} · {o['score']:.3g}", width=SMALL)
-                st.button(o["id"], key=f"audit-o-{o['id']}", help=f"search from {o['id']}", on_click=use_as_query, args=(o["id"],))
+                st.image(images.get(o["id"], thumb(None, SMALL)), caption=f"{o['label']} · {o['id']} · {o['score']:.3g}", width=SMALL)
+                st.button(
+                    "search from it", key=f"audit-o-{o['id']}", help=f"make {o['id']} the query", on_click=use_as_query, args=(o["id"],)
+                )
 
 
 def _page_start(total: int, key: str) -> int:

@@ -373,7 +373,7 @@ def _echo_retrieval(ret: dict, width: int) -> None:
             same = ret.get("exact_same_queries", {})
             note = f"  (over the same sample: {_fmt(same.get('r_precision'))} {_fmt(same.get('map_at_r'))})"
         typer.echo(f"  {name:>{max(width, 6)}}{cells(ret[name])}{note}")
-    typer.echo("  per class, store | exact R-prec MAP@R")
+    typer.echo("  per class: store" + (" (its R metrics over the sample)" if sampled else "") + " | exact R-prec MAP@R")
     for label, metrics in ret["store"]["per_class"].items():
         exact = ret["exact"]["per_class"].get(label, {})
         typer.echo(f"  {label:>{max(width, 6)}}{cells(metrics)}  | {_fmt(exact.get('r_precision')):>7} {_fmt(exact.get('map_at_r')):>7}")

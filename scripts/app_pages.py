@@ -3,10 +3,12 @@
     python scripts/app_pages.py --db /tmp/lk70k/db --collection mnist --out docs --source ../shared/datasets/mnist.npz
 
 Starts `lookalike app` on a free loopback port over the store, then, in Debian's chromium driven by
-Playwright: the first render of each page (Search, Map, Evaluation, Clusters) in a new tab, the
-map's first computation apart from its later renders, an uploaded digit answered (from the
-upload to the k neighbour images on screen), and each page chosen in the sidebar of one tab. Prints a table (--json for JSON) and writes
-app-search.png, app-map.png, app-map-lasso.png, app-evaluation.png and app-clusters.png to --out.
+Playwright: the first render of each page (Search, Map, Evaluation, Clusters, Audit: evaluate and
+audit the collection first) in a new tab, the map's first computation apart from its later
+renders, an uploaded digit answered (from the upload to the k neighbour images on screen), and
+each page chosen in the sidebar of one tab. Prints a table (--json for JSON) and writes
+app-search.png, app-map.png, app-map-lasso.png, app-evaluation.png, app-clusters.png and
+app-audit.png to --out.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ READY = {
     "Map": ".js-plotly-plot .nsewdrag",
     "Evaluation": "text=recall@1",
     "Clusters": "text=Compute clusters",
+    "Audit": "text=disputed labels",
 }
 IMAGES = "[data-testid=stImage] img"
 
@@ -91,7 +94,7 @@ def main() -> int:
             # the map's first computation (kept for later), then a first render that reads it back
             report["map_first_computation_s"], page = first_render("Map")
             page.close()
-            for name in ("Search", "Map", "Evaluation", "Clusters"):
+            for name in ("Search", "Map", "Evaluation", "Clusters", "Audit"):
                 seconds, page = first_render(name, "&k=8" if name == "Search" else "")
                 report[f"first_render_{name.lower()}_s"] = round(seconds, 2)
                 page.wait_for_timeout(1500)
@@ -136,7 +139,7 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/?collection={args.collection}&page=Clusters")
             page.wait_for_selector(READY["Clusters"], timeout=300_000)
-            for name in ("Search", "Map", "Evaluation", "Clusters"):
+            for name in ("Search", "Map", "Evaluation", "Clusters", "Audit"):
                 page.wait_for_timeout(1000)
                 t0 = time.perf_counter()
                 page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()

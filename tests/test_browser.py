@@ -207,5 +207,6 @@ def test_audit_page_candidate_becomes_the_query(app: Running, page: Page) -> Non
     page.wait_for_timeout(1000)
     assert images(page) >= 6  # a candidate and its neighbours
     page.screenshot(path=str(shots() / "audit.png"), full_page=True)
-    page.get_by_role("button", name=app.first_suspect, exact=True).click()  # one click: the candidate is the query
+    page.get_by_text(app.first_suspect, exact=True).wait_for()
+    page.get_by_role("button", name="search from it").first.click()  # one click: the first candidate is the query
     page.get_by_text(f"query: {app.first_suspect}").wait_for(timeout=60_000)
