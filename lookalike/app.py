@@ -316,7 +316,7 @@ def evaluation_page(gallery: Gallery) -> None:
         st.plotly_chart(fig, key="confusion")
     with right:
         # a static table: the interactive grid's scripts (~1.2 MB) would double this page's first render
-        rows = "".join(f"| {label} | {acc:.4f} |\n" for label, acc in report["per_class"].items())
+        rows = "".join(f"| {str(label).replace('|', chr(92) + '|')} | {acc:.4f} |\n" for label, acc in report["per_class"].items())
         st.markdown("| label | accuracy |\n| --- | ---: |\n" + rows)
     off = [(matrix[t, p], t, p) for t in range(len(matrix)) for p in range(len(matrix)) if t != p and matrix[t, p]]
     if not off:
@@ -452,7 +452,7 @@ def audit_page(gallery: Gallery) -> None:
             shown = groups[start : start + AUDIT_ROWS]
             images = _images_by_id(gallery, [i for g in shown for i in g["ids"][:6]])
             for g in shown:
-                st.markdown(f"{'**leak across splits**' if g['cross_split'] else 'duplicates'} · {len(g['ids'])} items")
+                st.markdown(f"{'**leak across splits**' if g['cross_split'] else 'duplicates'} · {g.get('size', len(g['ids']))} items")
                 cols = st.columns(6)
                 for col, i, sp, lab in zip(cols, g["ids"], g["splits"], g["labels"]):
                     col.image(images.get(i, thumb(None, SMALL)), caption=f"{lab} · {sp} · {i}", width=SMALL)

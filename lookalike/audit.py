@@ -7,10 +7,11 @@ own answers are audited on a seeded sample (``store_recall_at_k``), as ``evaluat
 
 - Label issues: how strongly an item's neighbours contradict its label (:func:`label_issue_scores`,
   a distance-weighted vote by default: chosen by the flipped-label validation in docs/audit.md).
-- Near-duplicates: pairs closer than a threshold, by default ``DUPLICATE_FACTOR`` times the median
-  nearest-neighbour distance of the collection (scale-free across embedders; measured with planted
-  copies in docs/audit.md), grouped; a group holding a held-out and an indexed item is a leak,
-  and the held-out items of such groups are removed from a second, leak-free accuracy.
+- Near-duplicates: pairs at most a threshold apart, by default ``DUPLICATE_FACTOR`` times the
+  median nearest-neighbour distance of the items without an exact copy (scale-free across
+  embedders; measured with planted copies in docs/audit.md), grouped (a group holding held-out and
+  indexed items is marked across splits). A held-out item whose exact nearest indexed item is that
+  close is a leak; leaks are removed from a second, leak-free accuracy.
 - Outliers: the items farthest from their ``k`` neighbours (lowest local density).
 """
 
@@ -39,6 +40,8 @@ CHUNK = 2048  # items whose neighbours are computed at once (progress is reporte
 STORE_SAMPLE = 1000  # items whose store answers are checked against the exact ones
 AUDIT_NOTE = "lookalike_audit"  # the collection metadata key of the last saved audit
 SAVED_GROUPS = 500  # duplicate groups kept with a saved audit (all are counted)
+SAVED_MEMBERS = 50  # ids kept per saved group (``size`` counts them all)
+SAVED_LEAKS = 1000  # leaked ids kept with a saved audit (``n_leaked`` counts them all)
 
 
 @dataclass
@@ -146,6 +149,8 @@ def audit(
     """Audit ``gallery`` from its stored vectors (see the module's text). ``progress(done, total)`` is called per chunk."""
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
+    if n_outliers < 0:
+        raise InputError(f"--outliers must be 0 or more, got {n_outliers}")
     if top < 1:
         raise InputError(f"--top must be at least 1, got {top}")
     if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
@@ -191,13 +196,15 @@ def audit(
         )
 
     # near-duplicates
-    median_nn = float(np.median(dist[:, 0]))
+    # the median over items without an exact copy: a collection ingested twice still gets a threshold above 0
+    positive = dist[:, 0][dist[:, 0] > 0]
+    median_nn = float(np.median(positive)) if len(positive) else 0.0
     if threshold is None:
         threshold = DUPLICATE_FACTOR * median_nn
         rule = f"{DUPLICATE_FACTOR} x the median nearest-neighbour distance {median_nn:.4g}"
     else:
         rule = "--threshold"
-    close = dist < threshold
+    close = dist <= threshold  # at 0: exact copies
     rows, cols = np.nonzero(close)
     pairs = np.stack([rows, nn[rows, cols]], axis=1) if len(rows) else np.zeros((0, 2), int)
     pairs = np.unique(np.sort(pairs, axis=1), axis=0)
@@ -223,11 +230,12 @@ def audit(
             )
         )
     groups.sort(key=lambda g: (not g.cross_split, -len(g.ids), g.ids[0]))
-    leaked = sorted({i for g in groups if g.cross_split for i, s in zip(g.ids, g.splits) if s == "test"})
 
-    # evaluate's accuracy, with and without the leaked queries
+    # leaks: held-out items whose exact nearest indexed item is within the threshold (not read off the
+    # groups, which chain and see only k neighbours); evaluate's accuracy with and without them
     accuracy = leak_free = None
     n_queries = 0
+    leaked: list[str] = []
     if "test" in splits and "train" in splits:
         from lookalike.evaluate import held_out
 
@@ -236,9 +244,9 @@ def audit(
         right = h.predictions() == h.y_test
         n_queries = len(right)
         accuracy = float(right.mean())
-        leaked_set = set(leaked)
-        clean = np.array([i not in leaked_set for i in h.test_ids])
-        leak_free = float(right[clean].mean()) if clean.any() else None
+        copied = np.sqrt(np.maximum(h.exact_d2[:, 0], 0.0)) <= threshold
+        leaked = sorted(h.test_ids[i] for i in np.flatnonzero(copied))
+        leak_free = float(right[~copied].mean()) if (~copied).any() else None
         timings["evaluate"] = time.perf_counter() - t0
 
     # outliers
@@ -309,8 +317,9 @@ def _store_recall(
 def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:
     """Keep ``report`` with its collection (what the app's Audit page and ``GET /collections/NAME/audit`` show).
 
-    The suspects and outliers as listed, the first ``SAVED_GROUPS`` duplicate groups (all counted);
-    ``saved_at`` is UTC. Returns what was saved.
+    The suspects and outliers as listed, the first ``SAVED_GROUPS`` duplicate groups (all counted;
+    each with its first ``SAVED_MEMBERS`` ids and its ``size``), the first ``SAVED_LEAKS`` leaked
+    ids (``n_leaked`` counts all); ``saved_at`` is UTC. Returns what was saved.
     """
     from datetime import UTC, datetime
 
@@ -318,6 +327,11 @@ def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:
 
     saved = report.to_dict()
     saved["groups"] = saved["groups"][:SAVED_GROUPS]
+    for group in saved["groups"]:
+        group["size"] = len(group["ids"])
+        for key in ("ids", "splits", "labels"):
+            group[key] = group[key][:SAVED_MEMBERS]
+    saved["leaked_ids"] = saved["leaked_ids"][:SAVED_LEAKS]
     saved["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     saved = json_safe(saved)
     gallery.save_note(AUDIT_NOTE, saved)

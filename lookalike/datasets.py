@@ -144,13 +144,16 @@ def load_dataset(
 
 
 def stored_pixels(
-    protocol: dict[str, Any], metadatas: Sequence[dict[str, Any]], max_pixels: int | None = None
+    protocol: dict[str, Any], metadatas: Sequence[dict[str, Any]], max_pixels: int | None = None, decode_size: int | None = None
 ) -> list[np.ndarray | Unreadable]:
-    """Pixels of stored items (by their metadata), read from the source the collection records."""
+    """Pixels of stored items (by their metadata), read from the source the collection records.
+
+    ``decode_size``: decode files to about this side, as ingest does (a Ray worker reads its items so).
+    """
     dataset = protocol["dataset"]
     if dataset == "folder":
         root = Path(protocol["root"])
-        return [read_image(root / m["path"], max_pixels) for m in metadatas]
+        return [read_image(root / m["path"], max_pixels, decode_size) for m in metadatas]
     if dataset == "mnist-sample":
         arrays = _sample_arrays()
     else:

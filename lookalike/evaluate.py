@@ -193,16 +193,24 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     sample = everyone
     if len(everyone) * r_max > R_BUDGET and len(everyone) > r_sample:
         sample = np.sort(np.random.default_rng(seed).choice(len(everyone), r_sample, replace=False))
-    long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids)
-    long_exact = exact_ranking(h.test_vecs, h.train_vecs, r_max)
+    nothing = np.zeros((0, 0), int)
+    # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank
+    long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids) if r_max else nothing
+    long_exact = exact_ranking(h.test_vecs, h.train_vecs, r_max) if r_max else nothing
+    no_r = np.zeros_like(r)
 
     def summary(short: np.ndarray, long: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
-        p_scores = retrieval_scores(h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[:, None], r, PRECISION_KS)
-        r_scores = retrieval_scores(h.y_train[long] == h.y_test[queries, None], r[queries], ())
+        p_scores = retrieval_scores(h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[:, None], no_r, PRECISION_KS)
+        p_scores = {key: v for key, v in p_scores.items() if key.startswith("precision")}
+        if r_max:
+            r_scores = retrieval_scores(h.y_train[long] == h.y_test[queries, None], r[queries], ())
+        else:
+            r_scores = {key: np.full(len(queries), np.nan) for key in ("r_precision", "map_at_r")}
         p_summary = summarise_retrieval(p_scores, h.y_test, names)
         r_summary = summarise_retrieval({key: r_scores[key] for key in ("r_precision", "map_at_r")}, h.y_test[queries], names)
         p_per, r_per = p_summary.pop("per_class"), r_summary.pop("per_class")
-        per_class = {label: {**metrics, **r_per.get(label, {})} for label, metrics in p_per.items()}  # type: ignore[union-attr]
+        none = {"r_precision": float("nan"), "map_at_r": float("nan")}  # a label the (sampled) R queries did not meet
+        per_class = {label: {**metrics, **r_per.get(label, none)} for label, metrics in p_per.items()}  # type: ignore[union-attr]
         return {**p_summary, **r_summary, "per_class": per_class}
 
     out: dict[str, Any] = {
@@ -213,7 +221,7 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
         "r_queries_exact": len(everyone),
         "seed": seed,
     }
-    if len(sample) < len(everyone):
+    if len(sample) < len(everyone) and r_max:
         same = retrieval_scores(h.y_train[long_exact[sample]] == h.y_test[sample, None], r[sample], ())
         out["exact_same_queries"] = {key: float(np.nanmean(same[key])) for key in ("r_precision", "map_at_r")}
     return out

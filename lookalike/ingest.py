@@ -101,6 +101,11 @@ def ingest(
     store: Store | None = None,
     wait: float | None = None,
     progress: Progress | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
@@ -112,12 +117,24 @@ def ingest(
     about its input size; links out of a folder are followed only with ``follow_links``. ``wait``: seconds to wait
     for another process's lock on a local store. ``progress(done, total)`` is called after each
     written batch.
+
+    ``ray`` (or a ``ray_address``: ``auto``, ``ray://HOST:PORT``) embeds on a Ray Data actor pool
+    of ``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each; default as many as the
+    cluster's CPUs allow), each reading its items from the recorded source; this process still
+    plans and writes (see :mod:`lookalike.scaleout`). The collection is the same as without Ray.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     check_max_pixels(max_pixels)
     if decode_workers is not None and decode_workers < 1:
         raise InputError(f"--decode-workers must be at least 1, got {decode_workers}")
+    ray_options = None
+    if ray or ray_address is not None:
+        from lookalike.scaleout import RayOptions, require_ray
+
+        ray_options = RayOptions(ray_address, workers, cpus_per_worker, gpus_per_worker)
+        ray_options.check()
+        require_ray()  # without the extra: one line, before anything is read
     if model is not None:
         spec = make_spec("keras", weights=model)
         model_obj: Embedder | None = None
@@ -161,7 +178,13 @@ def ingest(
         skipped: list[tuple[str, Unreadable]] = []
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
         started = time.perf_counter()
-        if todo:
+        if todo and ray_options is not None:
+            if store is None:
+                store = Store(db, create=True, wait=wait)
+                gallery, have, todo = _plan(ds, record, name, store)
+            started = time.perf_counter()
+            _stream_ray(ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, added, skipped, stages, progress)
+        elif todo:
             if model_obj is None:
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
             if store is None:
@@ -207,6 +230,55 @@ def _plan(ds: Dataset, record: Record, name: str, store: Store | None) -> tuple[
     todo = [it for it in ds.items if it.id not in have]
     log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), len(have), len(todo))
     return gallery, have, todo
+
+
+def _stream_ray(
+    ds: Dataset,
+    todo: list,
+    spec: Any,
+    record: Record,
+    name: str,
+    store: Store,
+    gallery: Gallery | None,
+    options: Any,
+    batch_size: int,
+    max_pixels: int | None,
+    added: dict[str, int],
+    skipped: list[tuple[str, Unreadable]],
+    stages: dict[str, float],
+    progress: Progress | None,
+) -> None:
+    """Embed ``todo`` on Ray (workers read and embed), write here as batches come back (the collection made at the first)."""
+    from lookalike.scaleout import embed_on_ray
+
+    by_id = {it.id: it for it in todo}
+    metas = {it.id: it.metadata(ds.name, ds.label_names) for it in todo}
+    rows = [(it.id, metas[it.id]) for it in todo]
+    done = 0
+    for got in embed_on_ray(spec.to_dict(), ds.protocol, rows, options=options, batch_size=batch_size, max_pixels=max_pixels):
+        stages["decode"] += got.decode_seconds
+        stages["embed"] += got.embed_seconds
+        ok = [j for j, err in enumerate(got.errors) if not err]
+        for item_id, err in zip(got.ids, got.errors):
+            if err:
+                reason, _, detail = err.partition(": ")
+                locator = by_id[item_id].locator
+                skipped.append((locator, Unreadable(locator, "too-large" if reason == "too-large" else "unreadable", detail)))
+                if reason == "source":
+                    log.warning("a Ray worker could not read the source: %s", detail)
+        if ok:
+            if gallery is None:
+                gallery = Gallery.create(store, name, record)
+            t = time.perf_counter()
+            ids = [got.ids[j] for j in ok]
+            gallery.add(ids, got.vectors[ok], [metas[i] for i in ids])
+            stages["write"] += time.perf_counter() - t
+            for i in ids:
+                added[by_id[i].split] += 1
+        done += len(got.ids)
+        log.info("stored %d/%d", done, len(todo))
+        if progress is not None:
+            progress(done, len(todo))
 
 
 def _stream(

@@ -107,7 +107,8 @@ def retrieval_scores(relevant: np.ndarray, r: np.ndarray, ks: Sequence[int] = (1
     """Per-query retrieval metrics from ranked relevance.
 
     ``relevant`` ``(m, K)``: whether each query's i-th retrieved item has the query's label (nearest
-    first; a ranking shorter than needed counts its missing places as not relevant). ``r`` ``(m,)``:
+    first; for the R metrics a ranking shorter than R counts its missing places as not relevant,
+    precision@k of a ranking shorter than k is over the places it has). ``r`` ``(m,)``:
     how many references share the query's label (R). Returns per-query arrays: ``precision_at_k``
     for each k (same-label share of the first k), ``r_precision`` (same-label share of the first R)
     and ``map_at_r`` (``1/R * sum_{i<=R} P(i) * rel(i)``, ``P(i)`` the precision at i). The R
@@ -117,8 +118,8 @@ def retrieval_scores(relevant: np.ndarray, r: np.ndarray, ks: Sequence[int] = (1
     r = np.asarray(r, dtype=int)
     m, width = relevant.shape
     out: dict[str, np.ndarray] = {}
-    for k in ks:
-        out[f"precision_at_{k}"] = relevant[:, :k].sum(1) / k
+    for k in ks:  # over the first k places (all of them when the ranking is shorter: fewer items than k)
+        out[f"precision_at_{k}"] = relevant[:, :k].sum(1) / max(1, min(k, width))
     need = int(r.max()) if m else 0
     if width < need:  # places past the ranking are not relevant
         relevant = np.concatenate([relevant, np.zeros((m, need - width), dtype=bool)], axis=1)

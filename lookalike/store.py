@@ -311,7 +311,7 @@ class VectorCollection:
         excluded = set(exclude)
         if where is None:
             # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
-            share = len(excluded) / max(self.count() - len(excluded), 1) if k > EXTRA and excluded else 0.0
+            share = min(1.0, len(excluded) / max(self.count() - len(excluded), 1)) if k > EXTRA and excluded else 0.0
             probe = k + min(len(excluded), EXTRA + int(1.25 * k * share))
         else:
             probe = max(4 * k + 16, PROBE)

@@ -19,7 +19,7 @@ from lookalike.evaluate import evaluate
 from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
 
-from .conftest import make_digits, one_line_error
+from .conftest import make_digits, one_line_error, write_npz
 
 
 def test_self_neighbours_exclude_the_item_but_keep_its_copies() -> None:
@@ -60,8 +60,8 @@ def test_a_planted_copy_is_a_leak_and_leaves_the_leak_free_accuracy(planted: str
         assert "mnist:test:50" not in wrong  # its copy answers it: the leak flatters the accuracy
         assert r.leak_free_accuracy == pytest.approx(1 - len(wrong) / 50)
         assert r.threshold == pytest.approx(0.25 * r.median_nn_distance) and "median" in r.threshold_rule
-        none = audit(g, k=5, threshold=0.0)  # nothing is closer than 0
-        assert none.groups == [] and none.leak_free_accuracy == pytest.approx(r.accuracy)
+        exact = audit(g, k=5, threshold=0.0)  # at 0: exact copies only (both planted copies are exact)
+        assert {frozenset(gr.ids) for gr in exact.groups} == {leak, within} and exact.leaked_ids == ["mnist:test:50"]
 
 
 def test_the_blank_item_is_the_first_outlier(planted: str) -> None:
@@ -115,3 +115,18 @@ def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> No
     assert kept is not None and kept["suspects"][0]["id"] == "mnist:train:7" and kept["k"] == 5 and "saved_at" in kept
     bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "0"])
     assert bad.exit_code != 0 and "--k must be at least 1" in one_line_error(bad)
+
+
+def test_a_collection_of_copies_still_gets_a_threshold(tmp_path: Path, db: str, fake_embedder: PixelEmbedder) -> None:
+    """Every indexed digit stored twice: the median nearest distance is 0, the default threshold must not be."""
+    x, y = make_digits(60, seed=5)
+    xt, yt = make_digits(20, seed=6)
+    path = write_npz(tmp_path / "twice.npz", (np.concatenate([x, x]), np.concatenate([y, y])), (xt, yt))
+    ingest("mnist", source=str(path), embedder=fake_embedder, db=db, collection="twice")
+    with Gallery.open("twice", db) as g:
+        r = audit(g, k=3)
+        assert r.median_nn_distance > 0 and r.threshold > 0
+        assert len(r.groups) == 60 and all(len(gr.ids) == 2 and not gr.cross_split for gr in r.groups)
+        assert r.leaked_ids == [] and r.leak_free_accuracy == r.accuracy
+        with pytest.raises(InputError, match="--outliers"):
+            audit(g, n_outliers=-1)

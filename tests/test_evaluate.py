@@ -12,7 +12,7 @@ from lookalike.ingest import ingest
 from lookalike.record import Record
 from lookalike.store import Store
 
-from .conftest import write_npz
+from .conftest import make_digits, write_npz
 
 
 def test_separable_data_scores_perfectly(gallery: Gallery) -> None:
@@ -125,5 +125,31 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
         pick = np.sort(np.random.default_rng(4).choice(60, 20, replace=False))
         same = _independent_r_metrics(test_vecs[pick], y_test[pick], train_vecs, y_train)
         assert (sampled["exact_same_queries"]["r_precision"], sampled["exact_same_queries"]["map_at_r"]) == pytest.approx(same)
+        labels_seen = {str(y_test[i]) for i in pick}
+        for label, metrics in sampled["store"]["per_class"].items():  # the store's R metrics: only labels the sample met
+            assert (metrics["map_at_r"] == metrics["map_at_r"]) == (label in labels_seen)
         with pytest.raises(InputError):
             evaluate(g, r_sample=0)
+
+
+def test_retrieval_metrics_on_small_and_disjoint_collections(tmp_path: Path, db: str) -> None:
+    """Fewer than 10 indexed items: P@10 is over those there are; held-out labels never indexed: no R metrics, no failure."""
+    x, y = make_digits(6, seed=3)
+    y[:] = [0, 0, 0, 1, 1, 1]
+    xt, yt = make_digits(4, seed=4)
+    yt[:] = [2, 2, 3, 3]  # labels no indexed item has
+    path = write_npz(tmp_path / "small.npz", (x, y), (xt, yt))
+    ingest("mnist", source=str(path), embedder="pixels", db=db, collection="small")
+    with Gallery.open("small", db) as g:
+        ret = evaluate(g).retrieval
+        assert ret["r_max"] == 0 and ret["store"]["precision_at_10"] == 0.0 and ret["store"]["map_at_r"] != ret["store"]["map_at_r"]
+    yt[:] = [0, 0, 1, 1]
+    path = write_npz(tmp_path / "small2.npz", (x, y), (xt, yt))
+    ingest("mnist", source=str(path), embedder="pixels", db=db, collection="small2")
+    with Gallery.open("small2", db) as g:
+        ret = evaluate(g).retrieval
+        _, tv, tm = g.scan("test")
+        _, iv, im = g.scan("train")
+        iy = np.array([m["label"] for m in im])
+        want = np.mean([(iy[np.argsort(((iv - q) ** 2).sum(1))] == m["label"]).mean() for q, m in zip(tv, tm)])  # all 6 places
+        assert ret["exact"]["precision_at_10"] == pytest.approx(want)

@@ -297,3 +297,17 @@ def test_large_k_queries_stay_under_chromas_sql_variable_limit(db: str, monkeypa
     got = col.query(vecs[:6], 25)
     assert got == want and all(n.metadata["split"] in ("train", "test") for row in got for n in row)
     assert calls == [(6, 25, False)]
+
+
+def test_long_rankings_with_many_exclusions_equal_brute_force(db: str) -> None:
+    """k above EXTRA with a third of the collection excluded (evaluate's R rankings): the probe widens, the answer stays exact."""
+    s = Store(db, create=True)
+    col = create(s, "digits", n_labels=0)
+    vecs = fill(col, n=90, dim=16)
+    ids = [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in range(90)]
+    excluded = {i for i in ids if ":test:" in i}
+    got = col.query(vecs[:4], 40, exclude=excluded, metadata=False)
+    keep = np.array([i not in excluded for i in ids])
+    for q, row in zip(vecs[:4], got):
+        d = ((vecs[keep] - q) ** 2).sum(1)
+        assert [n.id for n in row] == [np.array(ids)[keep][j] for j in np.argsort(d, kind="stable")[:40]]

@@ -1,0 +1,223 @@
+"""Scale-out embedding on Ray Data: the only module that imports ray.
+
+``ingest(..., ray=ADDRESS)`` plans as usual (the ids the store already holds are skipped), then
+hands the rest to :func:`embed_on_ray`: a Ray Dataset of the items' metadata (small rows: id and
+where its pixels are), ``map_batches`` over a pool of actors, each of which builds the
+collection's recorded embedder once (TensorFlow's threads limited to its CPUs) and reads its
+items' pixels itself from the source the record names (the .npz or the folder, by path: on a
+multi-machine cluster that path must exist on every node). The vectors come back to the driver,
+which writes them through the Gallery batch by batch, as a plain ingest does: one writer (a local
+store's lock stays with the driver), ids stable, so a run killed at any moment and started again
+(with or without Ray) stores each item once.
+
+Needs the ``ray`` extra: ``pip install 'lookalike[ray]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lookalike.backend import quiet_native_stderr
+from lookalike.errors import EmbedderError, InputError, LookalikeError
+from lookalike.util import first_line
+
+log = logging.getLogger(__name__)
+
+EXTRA = "--ray needs the ray extra: pip install 'lookalike[ray]'"
+
+
+@dataclass
+class RayOptions:
+    """Where and how wide: ``address`` None starts a local cluster sized to this machine; ``auto`` or ``ray://HOST:PORT`` joins one."""
+
+    address: str | None = None
+    workers: int | None = None  # actors (default: the cluster's CPUs / cpus_per_worker)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def check(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if not (self.cpus_per_worker > 0 and np.isfinite(self.cpus_per_worker)):
+            raise InputError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
+        if not (self.gpus_per_worker >= 0 and np.isfinite(self.gpus_per_worker)):
+            raise InputError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker}")
+
+
+def require_ray() -> Any:
+    """The ray module, or InputError naming the extra to install."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise InputError(EXTRA) from None
+    return ray
+
+
+def connect(options: RayOptions) -> tuple[Any, bool]:
+    """(ray, whether this call started it): reuse a running ``ray.init``, else start or join a cluster."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return ray, False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster: no token written under the home directory
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's notes; the front-end reports
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if options.address is None:
+        kwargs["num_cpus"] = os.cpu_count() or 1
+    else:
+        kwargs["address"] = options.address
+    try:
+        with quiet_native_stderr():  # Ray's start-up notes on fd 2
+            ray.init(**kwargs)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: all one line
+        where = options.address or "a local cluster"
+        raise InputError(f"cannot start or join Ray ({where}): {first_line(exc)}; check the address (auto or ray://HOST:PORT)") from None
+    return ray, True
+
+
+class _EmbedBatches:
+    """A Ray actor: the recorded embedder built once, then batches of items read and embedded."""
+
+    def __init__(self, spec: dict[str, Any], protocol: dict[str, Any], max_pixels: int | None, threads: int) -> None:
+        threads = max(1, int(threads))
+        for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
+            os.environ[var] = str(threads)  # read when TensorFlow starts in this worker
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from lookalike.embedder import EmbedderSpec, build_embedder
+
+        self.spec = EmbedderSpec.from_dict(spec)
+        self.protocol = protocol
+        self.max_pixels = max_pixels
+        self.model = build_embedder(self.spec)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from lookalike.datasets import stored_pixels
+        from lookalike.images import Unreadable
+
+        ids = list(batch["id"])
+        metas = [json.loads(m) for m in batch["meta"]]
+        dim = self.spec.dim
+        vectors = np.zeros((len(ids), dim), np.float32)
+        errors = [""] * len(ids)
+        t0 = time.perf_counter()
+        try:
+            images = stored_pixels(self.protocol, metas, self.max_pixels, decode_size=self.spec.input_size)
+        except LookalikeError as exc:  # the source is not there (on this node): every item of the batch
+            return {"id": np.array(ids), "vector": vectors, "error": np.array([f"source: {exc}"] * len(ids)), "seconds": _times(0, 0)}
+        t1 = time.perf_counter()
+        ok = [i for i, im in enumerate(images) if not isinstance(im, Unreadable)]
+        for i, im in enumerate(images):
+            if isinstance(im, Unreadable):
+                errors[i] = f"{im.reason}: {im.message()}"
+        if ok:
+            vectors[ok] = np.asarray(self.model.embed([images[i] for i in ok]), np.float32)
+        t2 = time.perf_counter()
+        return {"id": np.array(ids), "vector": vectors, "error": np.array(errors), "seconds": _times(t1 - t0, t2 - t1, len(ids))}
+
+
+def _times(decode: float, embed: float, n: int = 1) -> np.ndarray:
+    """Per-row (decode, embed) seconds of a batch: its totals on the first row, zeros after (they sum back)."""
+    out = np.zeros((max(n, 1), 2))
+    out[0] = (decode, embed)
+    return out
+
+
+@dataclass
+class Embedded:
+    """One batch back from the workers: ids, vectors, and per id an error ('' when embedded)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    errors: list[str]
+    decode_seconds: float
+    embed_seconds: float
+
+
+def embed_on_ray(
+    spec: dict[str, Any],
+    protocol: dict[str, Any],
+    rows: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    options: RayOptions,
+    batch_size: int,
+    max_pixels: int | None = None,
+) -> Iterator[Embedded]:
+    """Embed ``rows`` (id, metadata) on a Ray actor pool; yields batches as they finish (any order).
+
+    Errors in a worker become one-line :class:`~lookalike.errors.LookalikeError` s; an unreadable
+    item or a source missing on a node comes back as that item's error (counted, not raised).
+    """
+    options.check()
+    ray, started = connect(options)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the front-end draws the one progress bar
+        ctx.print_on_execution_start = False
+        ctx.enable_rich_progress_bars = False
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        workers = options.workers or max(1, int(cpus // options.cpus_per_worker))
+        threads = max(1, int(options.cpus_per_worker))
+        log.info("Ray: %d workers x %g CPUs (%g GPUs), cluster %g CPUs", workers, options.cpus_per_worker, options.gpus_per_worker, cpus)
+        items = ray.data.from_items(
+            [{"id": i, "meta": json.dumps(m)} for i, m in rows], override_num_blocks=max(1, min(len(rows) // batch_size + 1, 4 * workers))
+        )
+        out = items.map_batches(
+            _EmbedBatches,
+            fn_constructor_kwargs={"spec": spec, "protocol": protocol, "max_pixels": max_pixels, "threads": threads},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker,
+        )
+        try:
+            for batch in _quiet_start(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)):
+                seconds = batch["seconds"].sum(axis=0)
+                yield Embedded(
+                    [str(i) for i in batch["id"]],
+                    np.asarray(batch["vector"], np.float32),
+                    [str(e) for e in batch["error"]],
+                    float(seconds[0]),
+                    float(seconds[1]),
+                )
+        except LookalikeError:
+            raise
+        except Exception as exc:  # a worker failed: Ray wraps it; say the cause in one line
+            raise EmbedderError(f"a Ray worker failed: {_cause(exc)}") from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _quiet_start(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """``batches``, with fd 2 silenced until the first arrives (Ray's core notes while it starts the actors)."""
+    it = iter(batches)
+    with quiet_native_stderr():
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost error's first line, without Ray's wrapping and traceback."""
+    seen = exc
+    for attr in ("cause", "__cause__"):
+        inner = getattr(seen, attr, None)
+        if isinstance(inner, BaseException):
+            seen = inner
+    text = str(seen).strip().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("Traceback", "  File", "ray::", "\x1b"))]
+    last = lines[-1] if lines else type(seen).__name__
+    return last[:200]
