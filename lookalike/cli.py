@@ -174,6 +174,14 @@ def ingest(
     collection: CollectionOpt = None,
     db: DbOpt = None,
     wait: WaitOpt = None,
+    use_ray: Annotated[
+        bool,
+        typer.Option("--ray", help="Embed on Ray Data workers (a local Ray cluster unless --ray-address); pip install 'lookalike[ray]'"),
+    ] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster: auto or ray://HOST:PORT (implies --ray)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Ray actors embedding [default: the cluster's CPUs / --cpus-per-worker]")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per Ray actor (its TensorFlow threads)")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray actor")] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a collection; resumable, and a rerun adds nothing."""
@@ -203,6 +211,11 @@ def ingest(
             db=db,
             wait=wait,
             progress=progress,
+            ray=use_ray,
+            ray_address=ray_address,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
         )
     if as_json:
         typer.echo(_dumps(report.to_dict()))
@@ -212,8 +225,14 @@ def ingest(
     typer.echo(f"collection {report.collection!r} in {report.db}: {report.dataset} with {report.embedder}")
     typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
-    typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s (start-up excluded)")
-    if sum(report.added.values()):
+    when = f"on {report.ray_workers} Ray workers, their start-up included" if report.ray_workers else "start-up excluded"
+    typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s ({when})")
+    if sum(report.added.values()) and report.ray_workers:
+        typer.echo(
+            f"  stages  read {report.decode_seconds:.1f} s and embed {report.embed_seconds:.1f} s summed over the workers "
+            f"({report.embed_images_per_s:.0f} images/s per worker embedding); write {report.write_seconds:.1f} s here"
+        )
+    elif sum(report.added.values()):
         typer.echo(
             f"  stages  decode {report.decode_images_per_s:.0f} images/s ({report.decode_seconds:.1f} s, ahead on threads), "
             f"embed {report.embed_images_per_s:.0f} images/s ({report.embed_seconds:.1f} s), write {report.write_seconds:.1f} s"

@@ -50,6 +50,7 @@ class IngestReport:
     decode_seconds: float = 0.0  # wall time of each stage, summed over batches; decoding overlaps the others
     embed_seconds: float = 0.0
     write_seconds: float = 0.0
+    ray_workers: int = 0  # Ray actors that embedded (0: this process did); ``seconds`` then includes Ray's start-up
 
     @property
     def images_per_s(self) -> float:
@@ -217,6 +218,7 @@ def ingest(
         stages["decode"],
         stages["embed"],
         stages["write"],
+        int(stages.get("ray_workers", 0)),
     )
 
 
@@ -258,6 +260,7 @@ def _stream_ray(
     for got in embed_on_ray(spec.to_dict(), ds.protocol, rows, options=options, batch_size=batch_size, max_pixels=max_pixels):
         stages["decode"] += got.decode_seconds
         stages["embed"] += got.embed_seconds
+        stages["ray_workers"] = got.workers
         ok = [j for j, err in enumerate(got.errors) if not err]
         for item_id, err in zip(got.ids, got.errors):
             if err:

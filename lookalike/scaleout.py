@@ -15,9 +15,12 @@ Needs the ``ray`` extra: ``pip install 'lookalike[ray]'``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.backend import quiet_native_stderr
 from lookalike.errors import EmbedderError, InputError, LookalikeError
 from lookalike.util import first_line
 
@@ -68,16 +70,18 @@ def connect(options: RayOptions) -> tuple[Any, bool]:
     if ray.is_initialized():
         return ray, False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster: no token written under the home directory
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's notes; the front-end reports
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
     if options.address is None:
         kwargs["num_cpus"] = os.cpu_count() or 1
     else:
         kwargs["address"] = options.address
     try:
-        with quiet_native_stderr():  # Ray's start-up notes on fd 2
+        quiet = _Quiet()  # Ray's start-up notes
+        quiet.enter()
+        try:
             ray.init(**kwargs)
+        finally:
+            quiet.exit()
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: all one line
         where = options.address or "a local cluster"
         raise InputError(f"cannot start or join Ray ({where}): {first_line(exc)}; check the address (auto or ray://HOST:PORT)") from None
@@ -113,7 +117,12 @@ class _EmbedBatches:
         try:
             images = stored_pixels(self.protocol, metas, self.max_pixels, decode_size=self.spec.input_size)
         except LookalikeError as exc:  # the source is not there (on this node): every item of the batch
-            return {"id": np.array(ids), "vector": vectors, "error": np.array([f"source: {exc}"] * len(ids)), "seconds": _times(0, 0)}
+            return {
+                "id": np.array(ids),
+                "vector": vectors,
+                "error": np.array([f"source: {exc}"] * len(ids)),
+                "seconds": _times(0, 0, len(ids)),
+            }
         t1 = time.perf_counter()
         ok = [i for i, im in enumerate(images) if not isinstance(im, Unreadable)]
         for i, im in enumerate(images):
@@ -141,6 +150,7 @@ class Embedded:
     errors: list[str]
     decode_seconds: float
     embed_seconds: float
+    workers: int = 0  # the actor pool's size
 
 
 def embed_on_ray(
@@ -159,6 +169,9 @@ def embed_on_ray(
     """
     options.check()
     ray, started = connect(options)
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's notes: the front-end reports
+    quiet = _Quiet()  # silent while Ray starts the actors (its core's notes), and after a failure until it is shut down
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the front-end draws the one progress bar
@@ -181,7 +194,7 @@ def embed_on_ray(
             num_gpus=options.gpus_per_worker,
         )
         try:
-            for batch in _quiet_start(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)):
+            for batch in quiet.until_first(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)):
                 seconds = batch["seconds"].sum(axis=0)
                 yield Embedded(
                     [str(i) for i in batch["id"]],
@@ -189,35 +202,87 @@ def embed_on_ray(
                     [str(e) for e in batch["error"]],
                     float(seconds[0]),
                     float(seconds[1]),
+                    workers,
                 )
         except LookalikeError:
             raise
         except Exception as exc:  # a worker failed: Ray wraps it; say the cause in one line
+            quiet.enter()
             raise EmbedderError(f"a Ray worker failed: {_cause(exc)}") from None
     finally:
-        if started:
-            ray.shutdown()
+        try:
+            if started:
+                ray.shutdown()
+        finally:
+            quiet.exit()
 
 
-def _quiet_start(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """``batches``, with fd 2 silenced until the first arrives (Ray's core notes while it starts the actors)."""
-    it = iter(batches)
-    with quiet_native_stderr():
+class _Quiet:
+    """fds 1 and 2 silenced on demand, entered and left at most once each (Ray's driver prints worker
+    failures, with their tracebacks, to stdout: that would break ``--json``)."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[int, int]] = []
+
+    def enter(self) -> None:
+        if self._saved:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            for fd in (1, 2):
+                try:
+                    self._saved.append((fd, os.dup(fd)))
+                    os.dup2(devnull, fd)
+                except OSError:  # no such fd (an embedded interpreter): leave it
+                    pass
+        finally:
+            os.close(devnull)
+
+    def exit(self) -> None:
+        saved, self._saved = self._saved, []
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+    def until_first(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        it = iter(batches)
+        self.enter()
         first = next(it, None)
-    if first is None:
-        return
-    yield first
-    yield from it
+        self.exit()
+        if first is None:
+            return
+        yield first
+        yield from it
+
+
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
 
 
 def _cause(exc: BaseException) -> str:
-    """The innermost error's first line, without Ray's wrapping and traceback."""
-    seen = exc
-    for attr in ("cause", "__cause__"):
-        inner = getattr(seen, attr, None)
-        if isinstance(inner, BaseException):
-            seen = inner
-    text = str(seen).strip().splitlines()
-    lines = [ln.strip() for ln in text if ln.strip() and not ln.startswith(("Traceback", "  File", "ray::", "\x1b"))]
-    last = lines[-1] if lines else type(seen).__name__
-    return last[:200]
+    """The worker's own error in one line, dug out of Ray's wrapping (its text carries the worker's traceback)."""
+    chain, seen = [], exc
+    for _ in range(10):  # Ray Data's exception -> ActorDiedError / RayTaskError -> the worker's own
+        chain.append(seen)
+        inner = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+        if not isinstance(inner, BaseException) or inner in chain:
+            break
+        seen = inner
+    found = []
+    for e in chain:
+        for line in str(e).splitlines():
+            m = _ERROR_LINE.match(line.strip())
+            if m and not m.group(1).startswith("ray."):
+                found.append((m.group(1), m.group(2)))
+    ours = [msg for name, msg in found if name.startswith("lookalike.")]
+    if ours:
+        return ours[-1][:240]  # already one line naming the fix
+    if found:
+        name, msg = found[-1]
+        return f"{name.rsplit('.', 1)[-1]}: {msg}"[:240]
+    return first_line(seen)
