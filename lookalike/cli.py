@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -839,8 +840,26 @@ def train(
     typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-trained ...")
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")
+
+
+def ray_argv(argv: list[str]) -> list[str]:
+    """``--ray ADDRESS`` (auto, ray://HOST:PORT, HOST:PORT, local) as ``--ray --ray-address ADDRESS``: a flag cannot take a value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--ray" and i + 1 < len(argv) and _RAY_ADDRESS.match(argv[i + 1]):
+            if argv[i + 1] != "local":
+                out += ["--ray-address", argv[i + 1]]
+            i += 1
+        i += 1
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
+    sys.argv[1:] = ray_argv(sys.argv[1:])
     try:
         app()
     except KeyboardInterrupt:

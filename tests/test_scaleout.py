@@ -144,3 +144,15 @@ def test_bad_ray_options_and_the_missing_extra(tiny_npz: Path, db: str, monkeypa
     with pytest.raises(InputError, match=r"pip install 'lookalike\[ray\]'"):
         ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db, ray=True)
     assert not Path(db).exists()  # refused before anything was written
+
+
+def test_ray_address_after_the_flag() -> None:
+    """`--ray ADDRESS` reads as `--ray --ray-address ADDRESS`; `--ray` alone or before another option stays a flag."""
+    from lookalike.cli import ray_argv
+
+    assert ray_argv(["ingest", "mnist", "--ray", "auto"]) == ["ingest", "mnist", "--ray", "--ray-address", "auto"]
+    assert ray_argv(["ingest", "mnist", "--ray", "ray://head:10001", "--workers", "2"])[3:5] == ["--ray-address", "ray://head:10001"]
+    assert ray_argv(["ingest", "mnist", "--ray", "10.0.0.5:6379"])[-1] == "10.0.0.5:6379"
+    assert ray_argv(["ingest", "mnist", "--ray", "local"]) == ["ingest", "mnist", "--ray"]
+    assert ray_argv(["ingest", "mnist", "--ray", "--workers", "2"]) == ["ingest", "mnist", "--ray", "--workers", "2"]
+    assert ray_argv(["ingest", "--ray", "mnist"]) == ["ingest", "--ray", "mnist"]  # a dataset name is not an address
