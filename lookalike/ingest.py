@@ -9,6 +9,7 @@ checked before the first write.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -178,13 +179,16 @@ def ingest(
         added = dict.fromkeys(SPLITS, 0)
         skipped: list[tuple[str, Unreadable]] = []
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
+        ray_workers = 0
         started = time.perf_counter()
         if todo and ray_options is not None:
             if store is None:
                 store = Store(db, create=True, wait=wait)
                 gallery, have, todo = _plan(ds, record, name, store)
             started = time.perf_counter()
-            _stream_ray(ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, added, skipped, stages, progress)
+            ray_workers = _stream_ray(
+                ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, added, skipped, stages, progress
+            )
         elif todo:
             if model_obj is None:
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
@@ -218,7 +222,7 @@ def ingest(
         stages["decode"],
         stages["embed"],
         stages["write"],
-        int(stages.get("ray_workers", 0)),
+        ray_workers,
     )
 
 
@@ -249,39 +253,50 @@ def _stream_ray(
     skipped: list[tuple[str, Unreadable]],
     stages: dict[str, float],
     progress: Progress | None,
-) -> None:
-    """Embed ``todo`` on Ray (workers read and embed), write here as batches come back (the collection made at the first)."""
+) -> int:
+    """Embed ``todo`` on Ray (workers read and embed), write here as batches come back (the collection made at the
+    first); returns the number of Ray workers."""
     from lookalike.scaleout import embed_on_ray
 
     by_id = {it.id: it for it in todo}
     metas = {it.id: it.metadata(ds.name, ds.label_names) for it in todo}
     rows = [(it.id, metas[it.id]) for it in todo]
-    done = 0
-    for got in embed_on_ray(spec.to_dict(), ds.protocol, rows, options=options, batch_size=batch_size, max_pixels=max_pixels):
-        stages["decode"] += got.decode_seconds
-        stages["embed"] += got.embed_seconds
-        stages["ray_workers"] = got.workers
-        ok = [j for j, err in enumerate(got.errors) if not err]
-        for item_id, err in zip(got.ids, got.errors):
-            if err:
-                reason, _, detail = err.partition(": ")
-                locator = by_id[item_id].locator
-                skipped.append((locator, Unreadable(locator, "too-large" if reason == "too-large" else "unreadable", detail)))
-                if reason == "source":
-                    log.warning("a Ray worker could not read the source: %s", detail)
-        if ok:
-            if gallery is None:
-                gallery = Gallery.create(store, name, record)
-            t = time.perf_counter()
-            ids = [got.ids[j] for j in ok]
-            gallery.add(ids, got.vectors[ok], [metas[i] for i in ids])
-            stages["write"] += time.perf_counter() - t
-            for i in ids:
-                added[by_id[i].split] += 1
-        done += len(got.ids)
-        log.info("stored %d/%d", done, len(todo))
-        if progress is not None:
-            progress(done, len(todo))
+    done = workers = 0
+    source_errors: list[str] = []
+    if progress is not None:
+        progress(0, len(todo))  # the bar is up while Ray starts
+    batches = embed_on_ray(spec.to_dict(), ds.protocol, rows, options=options, batch_size=batch_size, max_pixels=max_pixels)
+    with contextlib.closing(batches):  # an error here (a write, Ctrl-C) shuts Ray down now, not at garbage collection
+        for got in batches:
+            workers = got.workers
+            stages["decode"] += got.decode_seconds
+            stages["embed"] += got.embed_seconds
+            ok = [j for j, err in enumerate(got.errors) if not err]
+            for item_id, err in zip(got.ids, got.errors):
+                if err:
+                    reason, _, detail = err.partition(": ")
+                    locator = by_id[item_id].locator
+                    skipped.append((locator, Unreadable(locator, "too-large" if reason == "too-large" else "unreadable", detail)))
+                    if reason == "source":
+                        source_errors.append(detail)
+            if ok:
+                if gallery is None:
+                    gallery = Gallery.create(store, name, record)
+                t = time.perf_counter()
+                ids = [got.ids[j] for j in ok]
+                gallery.add(ids, got.vectors[ok], [metas[i] for i in ids])
+                stages["write"] += time.perf_counter() - t
+                for i in ids:
+                    added[by_id[i].split] += 1
+            done += len(got.ids)
+            log.info("stored %d/%d", done, len(todo))
+            if progress is not None:
+                progress(done, len(todo))
+    if gallery is None:
+        Gallery.create(store, name, record)  # as a plain ingest does, even when nothing could be read
+    if source_errors:
+        log.warning("%d items: a Ray worker could not read the source: %s", len(source_errors), source_errors[0])
+    return workers
 
 
 def _stream(

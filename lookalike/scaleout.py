@@ -34,6 +34,7 @@ from lookalike.util import first_line
 log = logging.getLogger(__name__)
 
 EXTRA = "--ray needs the ray extra: pip install 'lookalike[ray]'"
+MAX_BLOCKS = 20_000  # input blocks (one per batch) at most: past it a block holds several batches
 
 
 @dataclass
@@ -68,10 +69,13 @@ def connect(options: RayOptions) -> tuple[Any, bool]:
     """(ray, whether this call started it): reuse a running ``ray.init``, else start or join a cluster."""
     ray = require_ray()
     if ray.is_initialized():
+        if options.address is not None:
+            log.warning("Ray is already running in this process: --ray-address %s is not used", options.address)
         return ray, False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster: no token written under the home directory
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
-    if options.address is None:
+    if options.address is None:  # a new local cluster (not $RAY_ADDRESS's), sized to this machine
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written under the home directory
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = os.cpu_count() or 1
     else:
         kwargs["address"] = options.address
@@ -91,17 +95,20 @@ def connect(options: RayOptions) -> tuple[Any, bool]:
 class _EmbedBatches:
     """A Ray actor: the recorded embedder built once, then batches of items read and embedded."""
 
-    def __init__(self, spec: dict[str, Any], protocol: dict[str, Any], max_pixels: int | None, threads: int) -> None:
+    def __init__(self, spec: dict[str, Any], protocol: dict[str, Any], max_pixels: int | None, threads: int, gpus: float = 0.0) -> None:
         threads = max(1, int(threads))
         for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
             os.environ[var] = str(threads)  # read when TensorFlow starts in this worker
         os.environ["TF_NUM_INTEROP_THREADS"] = "1"
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if gpus <= 0:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker: its TensorFlow must not take a GPU
         from lookalike.embedder import EmbedderSpec, build_embedder
 
         self.spec = EmbedderSpec.from_dict(spec)
         self.protocol = protocol
         self.max_pixels = max_pixels
+        self.source_error = _check_source(protocol)  # the same file the driver read, on this node
         self.model = build_embedder(self.spec)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,6 +122,8 @@ class _EmbedBatches:
         errors = [""] * len(ids)
         t0 = time.perf_counter()
         try:
+            if self.source_error:
+                raise InputError(self.source_error)
             images = stored_pixels(self.protocol, metas, self.max_pixels, decode_size=self.spec.input_size)
         except LookalikeError as exc:  # the source is not there (on this node): every item of the batch
             return {
@@ -132,6 +141,22 @@ class _EmbedBatches:
             vectors[ok] = np.asarray(self.model.embed([images[i] for i in ok]), np.float32)
         t2 = time.perf_counter()
         return {"id": np.array(ids), "vector": vectors, "error": np.array(errors), "seconds": _times(t1 - t0, t2 - t1, len(ids))}
+
+
+def _check_source(protocol: dict[str, Any]) -> str:
+    """'' when the recorded source file (if any) is here with the recorded SHA-256, else why not (one line)."""
+    path, want = protocol.get("source_file"), protocol.get("source_sha256")
+    if not path or not want:
+        return ""
+    from lookalike.util import file_sha256
+
+    try:
+        got = file_sha256(path)
+    except OSError as exc:
+        return f"{path} cannot be read on this node ({exc.strerror or exc}): every node needs the source at that path"
+    if got != want:
+        return f"{path} on this node is not the file the driver read (SHA-256 differs): give every node the same source"
+    return ""
 
 
 def _times(decode: float, embed: float, n: int = 1) -> np.ndarray:
@@ -170,23 +195,37 @@ def embed_on_ray(
     options.check()
     ray, started = connect(options)
     for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # Ray Data's notes: the front-end reports
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # Ray Data's notes and its logged worker errors: we report them
     quiet = _Quiet()  # silent while Ray starts the actors (its core's notes), and after a failure until it is shut down
+    to_stderr = _Quiet(stdout_only=True)  # Ray prints worker deaths on stdout: keep stdout for our --json
+    to_stderr.enter()
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # the front-end draws the one progress bar
         ctx.print_on_execution_start = False
         ctx.enable_rich_progress_bars = False
-        cpus = float(ray.cluster_resources().get("CPU", 1))
+        resources = ray.cluster_resources()
+        cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
         workers = options.workers or max(1, int(cpus // options.cpus_per_worker))
+        need_cpus, need_gpus = workers * options.cpus_per_worker, workers * options.gpus_per_worker
+        if need_cpus > cpus or need_gpus > gpus:  # Ray would wait for them for ever
+            raise InputError(
+                f"{workers} Ray workers x {options.cpus_per_worker:g} CPUs, {options.gpus_per_worker:g} GPUs need {need_cpus:g} CPUs "
+                f"and {need_gpus:g} GPUs; the cluster has {cpus:g} and {gpus:g}: lower --workers, --cpus-per-worker or --gpus-per-worker"
+            )
         threads = max(1, int(options.cpus_per_worker))
         log.info("Ray: %d workers x %g CPUs (%g GPUs), cluster %g CPUs", workers, options.cpus_per_worker, options.gpus_per_worker, cpus)
-        items = ray.data.from_items(
-            [{"id": i, "meta": json.dumps(m)} for i, m in rows], override_num_blocks=max(1, min(len(rows) // batch_size + 1, 4 * workers))
-        )
+        blocks = max(1, min(-(-len(rows) // batch_size), MAX_BLOCKS))  # a block a batch: written (and lost to a kill) batch by batch
+        items = ray.data.from_items([{"id": i, "meta": json.dumps(m)} for i, m in rows], override_num_blocks=blocks)
         out = items.map_batches(
             _EmbedBatches,
-            fn_constructor_kwargs={"spec": spec, "protocol": protocol, "max_pixels": max_pixels, "threads": threads},
+            fn_constructor_kwargs={
+                "spec": spec,
+                "protocol": protocol,
+                "max_pixels": max_pixels,
+                "threads": threads,
+                "gpus": options.gpus_per_worker,
+            },
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
@@ -215,14 +254,16 @@ def embed_on_ray(
                 ray.shutdown()
         finally:
             quiet.exit()
+            to_stderr.exit()
 
 
 class _Quiet:
     """fds 1 and 2 silenced on demand, entered and left at most once each (Ray's driver prints worker
     failures, with their tracebacks, to stdout: that would break ``--json``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stdout_only: bool = False) -> None:
         self._saved: list[tuple[int, int]] = []
+        self._stdout_only = stdout_only  # then fd 1 goes to fd 2 (kept visible), not to /dev/null
 
     def enter(self) -> None:
         if self._saved:
@@ -231,21 +272,24 @@ class _Quiet:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
+            target = os.dup(2) if self._stdout_only else os.open(os.devnull, os.O_WRONLY)
         except OSError:
             return
         try:
-            for fd in (1, 2):
+            for fd in (1,) if self._stdout_only else (1, 2):
                 try:
                     self._saved.append((fd, os.dup(fd)))
-                    os.dup2(devnull, fd)
+                    os.dup2(target, fd)
                 except OSError:  # no such fd (an embedded interpreter): leave it
                     pass
         finally:
-            os.close(devnull)
+            os.close(target)
 
     def exit(self) -> None:
         saved, self._saved = self._saved, []
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
         for fd, copy in saved:
             os.dup2(copy, fd)
             os.close(copy)

@@ -128,6 +128,11 @@ def test_worker_errors_are_one_line(cluster: None, tiny_npz: Path) -> None:
     missing = {"dataset": "mnist", "source_file": "/nowhere/mnist.npz"}  # a source a node cannot see: counted per item
     got = list(embed_on_ray(spec, missing, rows, options=RayOptions(workers=1), batch_size=3))
     assert sum(len(b.ids) for b in got) == 6 and all(e.startswith("source: /nowhere/mnist.npz") for b in got for e in b.errors)
+    other = {"dataset": "mnist", "source_file": str(tiny_npz), "source_sha256": "0" * 64}  # another file at the driver's path
+    got = list(embed_on_ray(spec, other, rows, options=RayOptions(workers=1), batch_size=3))
+    assert all("is not the file the driver read" in e for b in got for e in b.errors)
+    with pytest.raises(InputError, match="need 4 CPUs"):  # more than the cluster has: refused, not waited for
+        list(embed_on_ray(spec, missing, rows, options=RayOptions(workers=4), batch_size=3))
     broken = {**spec, "model": "keras", "weights": "/nowhere/model.keras"}  # the worker cannot build the embedder
     with pytest.raises(EmbedderError) as info:
         list(embed_on_ray(broken, {"dataset": "mnist", "source_file": str(tiny_npz)}, rows, options=RayOptions(workers=1), batch_size=3))
