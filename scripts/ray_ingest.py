@@ -56,6 +56,7 @@ def main() -> int:
         )
         wall = time.perf_counter() - started
         n = sum(report.added.values())
+        marks = [m for m in marks if m[1] > 0]  # progress(0, total) comes before any work
         first_t, first_n = marks[0]
         run = {
             "engine": f"ray x{workers}" if workers else "plain",
