@@ -258,6 +258,10 @@ def _stream_ray(
     first); returns the number of Ray workers."""
     from lookalike.scaleout import embed_on_ray
 
+    if not todo:  # another process stored them all meanwhile
+        if gallery is None:
+            Gallery.create(store, name, record)
+        return 0
     by_id = {it.id: it for it in todo}
     metas = {it.id: it.metadata(ds.name, ds.label_names) for it in todo}
     rows = [(it.id, metas[it.id]) for it in todo]
