@@ -413,7 +413,9 @@ def audit_page(gallery: Gallery) -> None:
         cols[4].metric("1-NN accuracy", f"{report['accuracy']:.4f}")
         free = report["leak_free_accuracy"]
         cols[5].metric(
-            "without leaks", "n/a" if free is None else f"{free:.4f}", delta=None if free is None else f"{free - report['accuracy']:+.4f}"
+            "without leaks",
+            "n/a" if free is None else f"{free:.4f}",
+            delta=None if free in (None, report["accuracy"]) else f"{free - report['accuracy']:+.4f}",
         )
     st.caption(
         f"{report['embedder']} · k={report['k']} · {report['method']} score · duplicates: distance < {report['threshold']:.4g} "
