@@ -322,10 +322,6 @@ def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:
     each with its first ``SAVED_MEMBERS`` ids and its ``size``), the first ``SAVED_LEAKS`` leaked
     ids (``n_leaked`` counts all); ``saved_at`` is UTC. Returns what was saved.
     """
-    from datetime import UTC, datetime
-
-    from lookalike.util import json_safe
-
     saved = report.to_dict()
     saved["groups"] = saved["groups"][:SAVED_GROUPS]
     for group in saved["groups"]:
@@ -333,10 +329,7 @@ def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:
         for key in ("ids", "splits", "labels"):
             group[key] = group[key][:SAVED_MEMBERS]
     saved["leaked_ids"] = saved["leaked_ids"][:SAVED_LEAKS]
-    saved["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    saved = json_safe(saved)
-    gallery.save_note(AUDIT_NOTE, saved)
-    return saved
+    return gallery.save_note(AUDIT_NOTE, saved)
 
 
 def saved_audit(gallery: Gallery) -> dict[str, Any] | None:

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ from lookalike.metrics import (
     summarise_retrieval,
     vote,
 )
-from lookalike.util import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +234,7 @@ def save_report(gallery: Gallery, report: EvalReport) -> dict[str, Any]:
     saved = report.to_dict()
     saved["n_mistakes"] = len(report.mistakes)
     saved["mistakes"] = saved["mistakes"][:SAVED_MISTAKES]
-    saved["saved_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    saved = json_safe(saved)
-    gallery.save_evaluation(saved)
-    return saved
+    return gallery.save_evaluation(saved)
 
 
 def saved_report(gallery: Gallery) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from lookalike.errors import InputError, NotFoundError, StoreError, TooLargeErro
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
-from lookalike.util import label_name
+from lookalike.util import json_safe, label_name
 
 log = logging.getLogger(__name__)
 
@@ -272,17 +273,22 @@ class Gallery:
 
     # -- notes kept with the collection -------------------------------------------------------------
 
-    def save_evaluation(self, report: dict[str, Any]) -> None:
-        """Keep ``report`` (JSON-able) with the collection, replacing the previous one."""
-        self.save_note(EVALUATION_NOTE, report)
+    def save_evaluation(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``report`` with the collection, replacing the previous one (see :meth:`save_note`)."""
+        return self.save_note(EVALUATION_NOTE, report)
 
     def evaluation(self) -> dict[str, Any] | None:
         """The last report kept by :meth:`save_evaluation` (read from the store now), or None."""
         return self.saved_note(EVALUATION_NOTE)
 
-    def save_note(self, key: str, report: dict[str, Any]) -> None:
-        """Keep ``report`` (JSON-able) with the collection under ``key`` (``lookalike_...``), replacing the previous one."""
-        self._col.set_note(key, json.dumps(report, allow_nan=False))
+    def save_note(self, key: str, report: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``report`` with the collection under ``key`` (``lookalike_...``), replacing the previous one.
+
+        What is kept (and returned): ``report`` made JSON-safe (NaN as null), with ``saved_at`` (UTC).
+        """
+        saved = json_safe({**report, "saved_at": datetime.now(UTC).isoformat(timespec="seconds")})
+        self._col.set_note(key, json.dumps(saved, allow_nan=False))
+        return saved
 
     def saved_note(self, key: str) -> dict[str, Any] | None:
         """The report kept under ``key`` (read from the store now), or None."""
