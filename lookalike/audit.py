@@ -206,13 +206,11 @@ def audit(
     else:
         rule = "--threshold"
     close = dist <= threshold  # at 0: exact copies
-    rows, cols = np.nonzero(close)
-    pairs = np.stack([rows, nn[rows, cols]], axis=1) if len(rows) else np.zeros((0, 2), int)
-    pairs = np.unique(np.sort(pairs, axis=1), axis=0)
-    link = {(int(a), int(b)): 0.0 for a, b in pairs}
-    for r, c in zip(rows, cols):
+    link: dict[tuple[int, int], float] = {}  # each close pair (lower index first) and its distance
+    for r, c in zip(*np.nonzero(close)):
         a, b = sorted((int(r), int(nn[r, c])))
         link[(a, b)] = float(dist[r, c])
+    pairs = np.array(sorted(link), dtype=int).reshape(-1, 2)
     found = duplicate_groups(pairs, len(ids))
     group_index = {int(i): n for n, members in enumerate(found) for i in members}
     longest = [0.0] * len(found)
@@ -241,7 +239,7 @@ def audit(
         from lookalike.evaluate import held_out
 
         t0 = time.perf_counter()
-        h = held_out(gallery, 1)
+        h = held_out(gallery, 1, items=(ids, vecs, metas))  # the vectors already read, not read again
         right = h.predictions() == h.y_test
         n_queries = len(right)
         accuracy = float(right.mean())

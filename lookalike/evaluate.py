@@ -95,14 +95,19 @@ class HeldOut:
         return vote(self.y_train[nn[:, : self.k]])
 
 
-def held_out(gallery: Gallery, k: int = 1, width: int | None = None) -> HeldOut:
-    """Ask the store (and brute force) for each held-out item's ``max(k, width)`` nearest indexed items."""
+def held_out(
+    gallery: Gallery, k: int = 1, width: int | None = None, items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None
+) -> HeldOut:
+    """Ask the store (and brute force) for each held-out item's ``max(k, width)`` nearest indexed items.
+
+    ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already.
+    """
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
-    test_ids, test_vecs, test_metas = gallery.scan("test")
+    test_ids, test_vecs, test_metas = gallery.scan("test") if items is None else _split(items, "test")
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
-    train_ids, train_vecs, train_metas = gallery.scan("train")
+    train_ids, train_vecs, train_metas = gallery.scan("train") if items is None else _split(items, "train")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
     y_test = np.array([int(m["label"]) for m in test_metas])
@@ -113,6 +118,13 @@ def held_out(gallery: Gallery, k: int = 1, width: int | None = None) -> HeldOut:
     query_seconds = time.perf_counter() - t0
     exact_nn, exact_d2 = exact_neighbours(test_vecs, train_vecs, wide)
     return HeldOut(test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, exact_nn, exact_d2, query_seconds)
+
+
+def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    """The items of one split, out of a whole scan."""
+    ids, vecs, metas = items
+    rows = [i for i, m in enumerate(metas) if m.get("split") == split]
+    return [ids[i] for i in rows], vecs[rows], [metas[i] for i in rows]
 
 
 def _store_ranking(gallery: Gallery, queries: np.ndarray, k: int, test_ids: list[str], train_ids: list[str]) -> np.ndarray:
