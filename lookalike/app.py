@@ -336,9 +336,7 @@ def evaluation_page(gallery: Gallery) -> None:
     shown = cell[: PAGE_OF_THUMBS // 2]
     if not shown:
         return
-    got_ids, _, metas = gallery.get([m["id"] for m in shown] + [m["nearest_id"] for m in shown])
-    by_id = dict(zip(got_ids, metas))
-    images = dict(zip(got_ids, images_of(gallery, [by_id[i] for i in got_ids])))
+    images = _images_by_id(gallery, [m["id"] for m in shown] + [m["nearest_id"] for m in shown], THUMB)
     for start in range(0, len(shown), 6):
         cols = st.columns(12)
         for j, m in enumerate(shown[start : start + 6]):
@@ -480,10 +478,10 @@ def _page_start(total: int, key: str) -> int:
     return (int(page) - 1) * AUDIT_ROWS
 
 
-def _images_by_id(gallery: Gallery, ids: list[str]) -> dict[str, np.ndarray]:
-    """Small thumbnails of stored items, by id (an id no longer stored is left out)."""
+def _images_by_id(gallery: Gallery, ids: list[str], side: int = SMALL) -> dict[str, np.ndarray]:
+    """Thumbnails of stored items, by id (an id no longer stored is left out)."""
     got_ids, _, metas = gallery.get(ids)
-    return {i: thumb(im, SMALL) for i, im in zip(got_ids, gallery.images(metas))}
+    return {i: thumb(im, side) for i, im in zip(got_ids, gallery.images(metas))}
 
 
 # -- the app -------------------------------------------------------------------------------------------
