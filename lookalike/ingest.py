@@ -263,8 +263,7 @@ def _stream_ray(
             Gallery.create(store, name, record)
         return 0
     by_id = {it.id: it for it in todo}
-    metas = {it.id: it.metadata(ds.name, ds.label_names) for it in todo}
-    rows = [(it.id, metas[it.id]) for it in todo]
+    rows = [(it.id, it.metadata(ds.name, ds.label_names)) for it in todo]
     done = workers = 0
     source_errors: list[str] = []
     if progress is not None:
@@ -286,12 +285,7 @@ def _stream_ray(
             if ok:
                 if gallery is None:
                     gallery = Gallery.create(store, name, record)
-                t = time.perf_counter()
-                ids = [got.ids[j] for j in ok]
-                gallery.add(ids, got.vectors[ok], [metas[i] for i in ids])
-                stages["write"] += time.perf_counter() - t
-                for i in ids:
-                    added[by_id[i].split] += 1
+                _write(gallery, ds, [by_id[got.ids[j]] for j in ok], got.vectors[ok], added, stages)
             done += len(got.ids)
             log.info("stored %d/%d", done, len(todo))
             if progress is not None:
@@ -325,14 +319,19 @@ def _stream(
             t = time.perf_counter()
             vectors = np.asarray(model.embed([im for _, im in ok]), np.float32)
             stages["embed"] += time.perf_counter() - t
-            t = time.perf_counter()
-            gallery.add([it.id for it, _ in ok], vectors, [it.metadata(ds.name, ds.label_names) for it, _ in ok])
-            stages["write"] += time.perf_counter() - t
-            for it, _ in ok:
-                added[it.split] += 1
+            _write(gallery, ds, [it for it, _ in ok], vectors, added, stages)
         done += len(batch.items)
         log.info("stored %d/%d", done, len(todo))
         if progress is not None:
             progress(done, len(todo))
     if skipped:
         log.warning("skipped %d images (unreadable or over the pixel limit)", len(skipped))
+
+
+def _write(gallery: Gallery, ds: Dataset, items: list, vectors: np.ndarray, added: dict[str, int], stages: dict[str, float]) -> None:
+    """Store ``items`` with their ``vectors`` and metadata; count them per split, time the write."""
+    t = time.perf_counter()
+    gallery.add([it.id for it in items], vectors, [it.metadata(ds.name, ds.label_names) for it in items])
+    stages["write"] += time.perf_counter() - t
+    for it in items:
+        added[it.split] += 1
