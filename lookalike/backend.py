@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.errors import EmbedderError
-from lookalike.util import check_pinned_file, first_line
+from lookalike.util import RedirectedFds, check_pinned_file, first_line
 
 if TYPE_CHECKING:
     from lookalike.embedder import EmbedderSpec
@@ -39,20 +38,12 @@ def quiet_native_stderr() -> Iterator[None]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     with _global_state:
+        quiet = RedirectedFds((2,))
+        quiet.enter()
         try:
-            sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):  # no real fd 2 (embedded interpreters)
-            yield
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 2)
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
+            quiet.exit()
 
 
 @contextmanager

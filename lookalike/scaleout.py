@@ -15,12 +15,10 @@ Needs the ``ray`` extra: ``pip install 'lookalike[ray]'``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import EmbedderError, InputError, LookalikeError
-from lookalike.util import first_line
+from lookalike.util import RedirectedFds, first_line
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ def connect(options: RayOptions) -> tuple[Any, bool]:
     else:
         kwargs["address"] = options.address
     try:
-        quiet = _Quiet()  # Ray's start-up notes
+        quiet = RedirectedFds()  # Ray's start-up notes
         quiet.enter()
         try:
             ray.init(**kwargs)
@@ -196,8 +194,8 @@ def embed_on_ray(
     ray, started = connect(options)
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # Ray Data's notes and its logged worker errors: we report them
-    quiet = _Quiet()  # silent while Ray starts the actors (its core's notes), and after a failure until it is shut down
-    to_stderr = _Quiet(stdout_only=True)  # Ray prints worker deaths on stdout: keep stdout for our --json
+    quiet = RedirectedFds()  # silent while Ray starts the actors (its core's notes), and after a failure until it is shut down
+    to_stderr = RedirectedFds((1,), to_stderr=True)  # Ray prints worker deaths on stdout: keep stdout for our --json
     to_stderr.enter()
     try:
         ctx = ray.data.DataContext.get_current()
@@ -233,7 +231,7 @@ def embed_on_ray(
             num_gpus=options.gpus_per_worker,
         )
         try:
-            for batch in quiet.until_first(out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)):
+            for batch in _until_first(quiet, out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)):
                 seconds = batch["seconds"].sum(axis=0)
                 yield Embedded(
                     [str(i) for i in batch["id"]],
@@ -257,52 +255,16 @@ def embed_on_ray(
             to_stderr.exit()
 
 
-class _Quiet:
-    """fds 1 and 2 silenced on demand, entered and left at most once each (Ray's driver prints worker
-    failures, with their tracebacks, to stdout: that would break ``--json``)."""
-
-    def __init__(self, stdout_only: bool = False) -> None:
-        self._saved: list[tuple[int, int]] = []
-        self._stdout_only = stdout_only  # then fd 1 goes to fd 2 (kept visible), not to /dev/null
-
-    def enter(self) -> None:
-        if self._saved:
-            return
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        try:
-            target = os.dup(2) if self._stdout_only else os.open(os.devnull, os.O_WRONLY)
-        except OSError:
-            return
-        try:
-            for fd in (1,) if self._stdout_only else (1, 2):
-                try:
-                    self._saved.append((fd, os.dup(fd)))
-                    os.dup2(target, fd)
-                except OSError:  # no such fd (an embedded interpreter): leave it
-                    pass
-        finally:
-            os.close(target)
-
-    def exit(self) -> None:
-        saved, self._saved = self._saved, []
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-
-    def until_first(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        it = iter(batches)
-        self.enter()
-        first = next(it, None)
-        self.exit()
-        if first is None:
-            return
-        yield first
-        yield from it
+def _until_first(quiet: RedirectedFds, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """``batches``, with ``quiet`` entered until the first arrives (left entered if that raises)."""
+    it = iter(batches)
+    quiet.enter()
+    first = next(it, None)
+    quiet.exit()
+    if first is None:
+        return
+    yield first
+    yield from it
 
 
 _ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,3 +62,46 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class RedirectedFds:
+    """File descriptors (default 1 and 2) sent to /dev/null, or with ``to_stderr`` to where fd 2 goes,
+    between :meth:`enter` and :meth:`exit` (each idempotent). For native code and other processes'
+    output that Python's ``sys.stdout``/``sys.stderr`` objects cannot catch. A descriptor that does
+    not exist (an embedded interpreter) is left alone.
+    """
+
+    def __init__(self, fds: tuple[int, ...] = (1, 2), to_stderr: bool = False) -> None:
+        self._fds = fds
+        self._to_stderr = to_stderr
+        self._saved: list[tuple[int, int]] = []
+
+    def _flush(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
+
+    def enter(self) -> None:
+        if self._saved:
+            return
+        self._flush()
+        try:
+            target = os.dup(2) if self._to_stderr else os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            for fd in self._fds:
+                try:
+                    self._saved.append((fd, os.dup(fd)))
+                    os.dup2(target, fd)
+                except OSError:
+                    pass
+        finally:
+            os.close(target)
+
+    def exit(self) -> None:
+        saved, self._saved = self._saved, []
+        self._flush()
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
