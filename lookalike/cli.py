@@ -72,6 +72,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 INTERRUPTED = {
     "ingest": "interrupted: what was written is kept; run the same command again to resume",
+    "sync": "interrupted: what was written is kept; run the same command again to resume",
     "compare": "interrupted: what was written is kept; run the same command again to resume",
     "quickstart": "interrupted: run `lookalike quickstart` again to resume",
 }
@@ -183,9 +184,17 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="Ray actors embedding [default: the cluster's CPUs / --cpus-per-worker]")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per Ray actor (its TensorFlow threads)")] = 1.0,
     gpus_per_worker: Annotated[float, typer.Option(help="GPUs per Ray actor")] = 0.0,
+    no_labels: Annotated[
+        bool, typer.Option("--no-labels", help="Folder: no labels, every image below it an item [default: when images lie at its root]")
+    ] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Folder: remove the items whose files are gone from it")] = False,
+    relocate: Annotated[
+        bool, typer.Option("--relocate", help="Folder: the collection's folder moved to PATH (same relative paths); nothing re-embedded")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Embed a dataset into a collection; resumable, and a rerun adds nothing."""
+    """Embed a dataset into a collection; resumable. A folder is mirrored: new files added, changed ones replaced,
+    files gone reported (removed with --prune); a rerun over an unchanged folder embeds nothing."""
     from lookalike.ingest import ingest as run_ingest
 
     with _progress_bar(f"embedding {dataset}") as progress:
@@ -217,17 +226,42 @@ def ingest(
             workers=workers,
             cpus_per_worker=cpus_per_worker,
             gpus_per_worker=gpus_per_worker,
+            labels=False if no_labels else None,
+            prune=prune,
+            relocate=relocate,
         )
+    _print_ingest(report, as_json)
+
+
+def _print_ingest(report: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(_dumps(report.to_dict()))
         return
     added = ", ".join(f"{k} {v}" for k, v in report.added.items())
     stored = ", ".join(f"{k} {v}" for k, v in report.stored.items())
     typer.echo(f"collection {report.collection!r} in {report.db}: {report.dataset} with {report.embedder}")
-    typer.echo(f"  added   {added} (already stored: {report.already_stored})")
+    if report.upgraded:
+        typer.echo(f"  upgraded {report.upgraded} items of an earlier release to lasting ids (no re-embedding)")
+    if report.relocated_from:
+        typer.echo(f"  moved   from {report.relocated_from} (nothing re-embedded)")
+    if report.dataset == "folder":
+        typer.echo(
+            f"  added   {added}; updated {report.updated}; unchanged {report.unchanged}; removed {len(report.removed)}; "
+            f"skipped {len(report.skipped) + len(report.too_large)}"
+        )
+        if report.gone:
+            shown = ", ".join(report.gone[:5]) + (" ..." if len(report.gone) > 5 else "")
+            typer.echo(f"  gone    {len(report.gone)} files no longer in the folder, still stored (--prune removes them): {shown}")
+        if report.new_labels:
+            typer.echo(f"  labels  new: {', '.join(report.new_labels)}")
+    else:
+        typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
     when = f"on {report.ray_workers} Ray workers, their start-up included" if report.ray_workers else "start-up excluded"
-    typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s ({when})")
+    if sum(report.added.values()) or report.updated:
+        typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s ({when})")
+    else:
+        typer.echo("  time    nothing to embed")
     if sum(report.added.values()) and report.ray_workers:
         typer.echo(
             f"  stages  read {report.decode_seconds:.1f} s and embed {report.embed_seconds:.1f} s summed over the workers "
@@ -242,11 +276,35 @@ def ingest(
         ("unreadable files", report.skipped),
         ("images over the pixel limit (--max-pixels)", report.too_large),
         ("symbolic links out of the folder (--follow-links)", report.skipped_links),
+        ("images outside a label folder (the collection is labelled)", report.outside_labels),
     )
     for what, files in skips:
         if files:
             shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
             typer.echo(f"  skipped {len(files)} {what}: {shown}")
+
+
+@command()
+def sync(
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Remove the items whose files are gone from the folder")] = False,
+    relocate: Annotated[
+        Optional[str], typer.Option("--relocate", help="The folder moved to this PATH (the same relative paths); nothing re-embedded")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
+    max_pixels: MaxPixelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mirror a folder collection's folder again, with the options it was made with (none to repeat)."""
+    from lookalike.ingest import sync as run_sync
+
+    with _progress_bar("syncing") as progress:
+        report = run_sync(
+            collection, db, wait=wait, prune=prune, relocate=relocate, batch_size=batch_size, max_pixels=max_pixels, progress=progress
+        )
+    _print_ingest(report, as_json)
 
 
 @command()

@@ -4,9 +4,12 @@ Each dataset is a list of small :class:`Item` records (id, label, split, locator
 reads the pixels of a batch of items on demand, so a large folder is never held in memory at once.
 Images come back as ``uint8`` arrays, ``(H, W)`` for grey or ``(H, W, 3)`` for colour, any size.
 
-Ids are ``"{dataset}:{split}:{locator}"``: ``mnist:test:7`` is the 8th digit of the array the
-held-out items were drawn from (``x_test`` under the official split, ``x_train`` under
-``--limit/--test-size``), ``folder:train:cats/001.png`` a file below the folder's root.
+Ids of the array datasets are ``"{dataset}:{split}:{locator}"``: ``mnist:test:7`` is the 8th digit
+of the array the held-out items were drawn from (``x_test`` under the official split, ``x_train``
+under ``--limit/--test-size``); their split is fixed by the source, so it may be part of the id. A
+folder is a *living* source: its files come and go, so a file's id is its path below the root and
+nothing else (``folder:cats/001.png``), its split is given once by :mod:`lookalike.catalogue` and
+stored, and each item carries its file's size and modification time (the fast change check).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from lookalike.errors import DatasetError, InputError
 from lookalike.images import Unreadable, read_image
-from lookalike.util import file_sha256
+from lookalike.util import UNLABELLED, file_sha256, label_name, split_key
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +56,25 @@ class Item:
     """One image of a dataset: its stable id, integer label, split and where it comes from."""
 
     id: str
-    label: int
-    split: str  # "train" (indexed) or "test" (held out)
+    label: int  # UNLABELLED (-1) in a collection without labels
+    split: str  # "train" (indexed) or "test" (held out); "" for a folder's file until the catalogue gives it one
     locator: str  # "x_train/42" for arrays, a relative path for folders
+    size: int = -1  # folder files: bytes and modification time (ns) when listed, the fast change check
+    mtime_ns: int = -1
+    sha256: str = ""  # folder files: the content's SHA-256, the truth (filled in by the catalogue's plan)
 
     def metadata(self, dataset: str, label_names: Sequence[str]) -> dict[str, Any]:
         """The metadata stored beside the vector in the collection."""
         meta: dict[str, Any] = {
             "label": self.label,
-            "label_name": label_names[self.label],
+            "label_name": label_name(label_names, self.label),
             "split": self.split,
             "dataset": dataset,
         }
         if dataset == "folder":
             meta["path"] = self.locator
+            if self.sha256:
+                meta.update(size=self.size, mtime_ns=self.mtime_ns, sha256=self.sha256)
         else:
             array, index = self.locator.split("/")
             meta["source"] = array
@@ -85,6 +93,12 @@ class Dataset:
     loader: Callable[[Sequence[Item]], list[np.ndarray | Unreadable]] = field(repr=False)
     read_one: Callable[[Item], np.ndarray | Unreadable] | None = field(default=None, repr=False)  # files: one at a time
     skipped_links: list[str] = field(default_factory=list)  # symbolic links out of a folder, not followed
+    outside_labels: list[str] = field(default_factory=list)  # images at the root of a labelled folder, not stored
+
+    @property
+    def living(self) -> bool:
+        """Whether the source's files come and go (a folder): the catalogue then plans adds, updates and removals."""
+        return self.protocol.get("mode") == "living"
 
     def load(self, items: Sequence[Item]) -> list[np.ndarray | Unreadable]:
         """Pixels of ``items`` in order; :class:`~lookalike.images.Unreadable` for a file that gives none."""
@@ -112,14 +126,19 @@ def load_dataset(
     max_pixels: int | None = None,
     decode_size: int | None = None,
     follow_links: bool = False,
+    labels: bool | None = None,
 ) -> Dataset:
     """Open a dataset by name and apply the hold-out protocol.
 
     ``mnist``/``fashion-mnist`` keep the official split unless ``limit`` or ``test_size`` is given;
     then the first ``limit`` training images are used and the first ``test_size`` of them held out
-    (the seed notebook's protocol). ``mnist-sample`` and ``folder`` have no official split: a
-    seeded, stratified sample of ``limit`` items and a seeded, stratified hold-out (``test_size``
-    items, or that fraction when below 1; 20% by default). Folder images over ``max_pixels`` (default:
+    (the seed notebook's protocol). ``mnist-sample`` has no official split: a seeded, stratified
+    sample of ``limit`` items and a seeded, stratified hold-out (``test_size`` items, or that
+    fraction when below 1; 20% by default). A ``folder``'s items come without a split: the catalogue
+    gives each new file one against what is stored (:func:`lookalike.catalogue.plan`), with
+    ``test_size`` a fraction (0.2 by default). Its labels are the names of the subfolders below the
+    root; images at the root itself (or ``labels=False``) make an unlabelled folder, every image
+    below the root then an item. Folder images over ``max_pixels`` (default:
     Pillow's limit) load as :class:`~lookalike.images.Unreadable` ``too-large``; ``decode_size`` (the
     embedder's input side) lets large files decode straight to about that size. Symbolic links in a
     folder that point outside it are not followed (listed in ``skipped_links``) unless ``follow_links``.
@@ -140,7 +159,7 @@ def load_dataset(
         return _mnist_sample(limit, test_size, seed)
     if path is None:
         raise InputError("dataset 'folder' needs a PATH: lookalike ingest folder PATH (one subfolder per label)")
-    return _folder(Path(path), limit, test_size, seed, max_pixels, decode_size, follow_links)
+    return _folder(Path(path), limit, test_size, seed, max_pixels, decode_size, follow_links, labels)
 
 
 def stored_pixels(
@@ -354,6 +373,18 @@ def _mnist_sample(limit: int | None, test_size: float | None, seed: int) -> Data
     )
 
 
+def folder_fraction(test_size: float | None) -> float:
+    """The held-out fraction of a folder: ``test_size`` (a fraction below 1) or 0.2; a count is refused."""
+    if test_size is None:
+        return DEFAULT_HOLDOUT
+    if not 0 < test_size < 1:
+        raise InputError(
+            f"--test-size {test_size:g} for a folder must be a fraction below 1 (its files come and go, so a count would drift): "
+            "e.g. --test-size 0.2"
+        )
+    return float(test_size)
+
+
 def _folder(
     root: Path,
     limit: int | None,
@@ -362,43 +393,71 @@ def _folder(
     max_pixels: int | None,
     decode_size: int | None = None,
     follow_links: bool = False,
+    labels: bool | None = None,
 ) -> Dataset:
     root = root.expanduser()
     if not root.is_dir():
-        raise DatasetError(f"folder {root} does not exist: give a directory with one subfolder per label")
+        raise DatasetError(f"folder {root} does not exist: give a directory of images (one subfolder per label, or none)")
     root = root.resolve()
+    fraction = folder_fraction(test_size)
+    links: list[str] = []
+    at_root = sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    labelled = (not at_root) if labels is None else labels
     files: list[tuple[str, int]] = []
     label_names: list[str] = []
-    links: list[str] = []
-    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    seen = {_key(p) for p in [root, *label_dirs]}  # each real folder is walked once, under its own label
-    for d in label_dirs:
-        if not follow_links and not _inside(d, root):
-            links.append(d.name)
-            continue
-        found = _images_below(root, d, follow_links, links, seen)
-        if found:
-            files += [(f, len(label_names)) for f in found]
-            label_names.append(d.name)
+    outside: list[str] = []
+    if labelled:
+        label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        seen = {_key(p) for p in [root, *label_dirs]}  # each real folder is walked once, under its own label
+        for d in label_dirs:
+            if not follow_links and not _inside(d, root):
+                links.append(d.name)
+                continue
+            found = _images_below(root, d, follow_links, links, seen)
+            if found:
+                files += [(f, len(label_names)) for f in found]
+                label_names.append(d.name)
+        outside = at_root
+        if outside:
+            log.warning("%d images at the root of labelled folder %s are not in a label folder: not stored", len(outside), root)
+    else:
+        files = [(f, UNLABELLED) for f in _images_below(root, root, follow_links, links, {_key(root)})]
     if links:
         log.warning("not following %d symbolic links out of %s (pass --follow-links to follow them)", len(links), root)
     if not files:
-        raise DatasetError(f"no images found in {root}: put them in one subfolder per label (e.g. {root}/cat/1.png)")
-    if len(label_names) < 2:
+        raise DatasetError(
+            f"no images found in {root}: put images in it (unlabelled) or in one subfolder per label (e.g. {root}/cat/1.png)"
+        )
+    if labelled and len(label_names) < 2:
         log.warning("folder %s has a single label (%s): accuracy will be trivially 1.0", root, label_names[0])
-    labels = np.array([lab for _, lab in files])
-    keep, is_test = _stratified_protocol(labels, limit, test_size, seed)
+    if limit is not None and limit < len(files):  # a seeded sample that stays put as the folder grows: the lowest keys
+        files = sorted(sorted(files, key=lambda f: split_key(seed, f"folder:{f[0]}"))[:limit])
     items = []
-    for i, t in zip(keep, is_test):
-        rel, lab = files[i]
-        split = "test" if t else "train"
-        items.append(Item(f"folder:{split}:{rel}", lab, split, rel))
-    protocol = {"dataset": "folder", "mode": "stratified", "limit": limit, "test_size": test_size, "seed": seed, "root": str(root)}
+    for rel, lab in files:
+        try:
+            st = os.stat(root / rel)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # gone since it was listed: it reads as unreadable later
+            size = mtime = -1
+        items.append(Item(f"folder:{rel}", lab, "", rel, size, mtime))
+    protocol = {
+        "dataset": "folder",
+        "mode": "living",
+        "limit": limit,
+        "test_size": fraction,
+        "seed": seed,
+        "root": str(root),
+        "labels": labelled,
+    }
+    if follow_links:
+        protocol["follow_links"] = True  # recorded for `lookalike sync` (not compared)
 
     def read_one(it: Item) -> np.ndarray | Unreadable:
         return read_image(root / it.locator, max_pixels, decode_size)
 
-    return Dataset("folder", label_names, items, protocol, lambda batch: [read_one(it) for it in batch], read_one, links)
+    ds = Dataset("folder", label_names, items, protocol, lambda batch: [read_one(it) for it in batch], read_one, links)
+    ds.outside_labels = outside
+    return ds
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -217,7 +217,31 @@ class Gallery:
         return self._col.existing_ids(ids)
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
+        """Add items to the index (and their label partitions); ids already stored are skipped."""
         self._col.add(ids, vectors, metadatas)
+
+    def replace(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
+        """Add or replace items (vector and metadata) in the index and their label partitions."""
+        self._col.upsert(ids, vectors, metadatas)
+
+    def update_metadatas(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
+        """New metadata for stored items (their vectors kept)."""
+        self._col.update_metadatas(ids, metadatas)
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Remove items from the index and their label partitions (ids not stored are ignored)."""
+        self._col.delete(ids)
+
+    def set_record(self, record: Record) -> None:
+        """Replace the collection's record (label partitions as it says)."""
+        self._col.set_record(record.to_json())
+        self.record = record
+        self._col.partitioned = record.label_partitions
+
+    def catalogue(self) -> dict[str, dict[str, Any]]:
+        """id -> metadata of every stored item (no vectors), read page by page: the stored side of a sync's plan."""
+        ids, _, metas = self._col.scan(vectors=False)
+        return dict(zip(ids, metas))
 
     def example_id(self) -> str:
         return self._col.first_id() or "dataset:split:index"

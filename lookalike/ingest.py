@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lookalike.catalogue import FINGERPRINT_KEYS, Plan, merge_labels
+from lookalike.catalogue import plan as plan_sync
 from lookalike.datasets import SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
-from lookalike.errors import InputError, NotFoundError
+from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.gallery import Gallery
 from lookalike.images import Unreadable, check_max_pixels
 from lookalike.reader import read_batches
-from lookalike.record import Record
+from lookalike.record import SCHEMA, Record
 from lookalike.store import Store, check_name, default_db
+from lookalike.util import file_sha256
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images to do)
+UPGRADE_BATCH = 1000  # items per write when upgrading a collection of an earlier release
 
 
 @dataclass
@@ -52,6 +58,16 @@ class IngestReport:
     embed_seconds: float = 0.0
     write_seconds: float = 0.0
     ray_workers: int = 0  # Ray actors that embedded (0: this process did); ``seconds`` then includes Ray's start-up
+    # a folder is mirrored (see lookalike.catalogue): files changed (re-embedded, replaced), unchanged (touched ones
+    # included: their metadata refreshed), gone from the folder (``removed`` with prune, else only listed in ``gone``)
+    updated: int = 0
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
+    new_labels: list[str] = field(default_factory=list)
+    upgraded: int = 0  # items of a collection written before living folders, given ids without the split
+    relocated_from: str | None = None
+    outside_labels: list[str] = field(default_factory=list)  # images at the root of a labelled folder (not stored)
 
     @property
     def images_per_s(self) -> float:
@@ -108,6 +124,9 @@ def ingest(
     workers: int | None = None,
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
+    labels: bool | None = None,
+    prune: bool = False,
+    relocate: bool = False,
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
@@ -120,6 +139,13 @@ def ingest(
     for another process's lock on a local store. ``progress(done, total)`` is called after each
     written batch.
 
+    A folder is mirrored (:mod:`lookalike.catalogue`): new files are added with a split given once,
+    changed files re-embedded and replaced, touched ones get new metadata, files gone are reported
+    (and removed with ``prune``). ``labels``: False for an unlabelled folder (default: unlabelled when
+    images lie at its root; an existing collection keeps what it recorded). ``relocate``: the
+    collection's folder moved to ``path`` (the same relative paths): nothing is embedded again.
+    A folder collection written before living folders is upgraded in place first.
+
     ``ray`` (or a ``ray_address``: ``auto``, ``ray://HOST:PORT``) embeds on a Ray Data actor pool
     of ``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each; default as many as the
     cluster's CPUs allow), each reading its items from the recorded source; this process still
@@ -130,6 +156,8 @@ def ingest(
     check_max_pixels(max_pixels)
     if decode_workers is not None and decode_workers < 1:
         raise InputError(f"--decode-workers must be at least 1, got {decode_workers}")
+    if dataset != "folder" and (labels is not None or prune or relocate):
+        raise InputError("--no-labels, --prune and --relocate are for folders")
     ray_options = None
     if ray or ray_address is not None:
         from lookalike.scaleout import RayOptions, require_ray
@@ -154,20 +182,8 @@ def ingest(
         model_obj = None
     else:
         spec, model_obj = embedder.spec, embedder
-    ds = load_dataset(
-        dataset,
-        path,
-        source=source,
-        limit=limit,
-        test_size=test_size,
-        seed=seed,
-        max_pixels=max_pixels,
-        decode_size=spec.input_size,
-        follow_links=follow_links,
-    )
-    name = collection or ds.name
+    name = collection or dataset
     check_name(name)
-    record = Record(spec, ds.protocol, ds.label_names)
     own = store is None
     if store is None:
         try:
@@ -175,59 +191,204 @@ def ingest(
         except NotFoundError:
             store = None  # no store yet: it is created only once there is something to write
     try:
-        gallery, have, todo = _plan(ds, record, name, store)
-        added = dict.fromkeys(SPLITS, 0)
+        gallery = Gallery(store, name) if store is not None and store.exists(name) else None
+        if gallery is not None and dataset == "folder" and gallery.record.dataset == "folder":
+            recorded = gallery.record.protocol  # what the collection recorded holds unless asked otherwise
+            labels = labels if labels is not None else recorded.get("labels", True) is not False
+            size = recorded.get("test_size")
+            if test_size is None and isinstance(size, float) and 0 < size < 1:
+                test_size = size  # (a count, in a collection of an earlier release, becomes the default fraction)
+        ds = load_dataset(
+            dataset,
+            path,
+            source=source,
+            limit=limit,
+            test_size=test_size,
+            seed=seed,
+            max_pixels=max_pixels,
+            decode_size=spec.input_size,
+            follow_links=follow_links,
+            labels=labels,
+        )
+        record = Record(spec, ds.protocol, ds.label_names)
+        report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
+        if ds.living:
+            gallery, ds, record, sync = _prepare_sync(gallery, ds, record, name, relocate, prune, report)
+            todo, replace_ids, stored = sync.embed, {it.id for it in sync.update}, sync.stored
+        else:
+            gallery, todo, stored = _plan(ds, record, name, store, report)
+            replace_ids = set()
         skipped: list[tuple[str, Unreadable]] = []
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
-        ray_workers = 0
         started = time.perf_counter()
+        writes = _Writes(ds, report, replace_ids, stages)
         if todo and ray_options is not None:
             if store is None:
                 store = Store(db, create=True, wait=wait)
-                gallery, have, todo = _plan(ds, record, name, store)
+                gallery, todo, stored = _replan(store, name, gallery, todo, stored, ds, record, report)
             started = time.perf_counter()
-            ray_workers = _stream_ray(
-                ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, added, skipped, stages, progress
+            report.ray_workers = _stream_ray(
+                ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, skipped, writes, progress
             )
         elif todo:
             if model_obj is None:
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
             if store is None:
                 store = Store(db, create=True, wait=wait)
-                gallery, have, todo = _plan(ds, record, name, store)  # another process may have made it meanwhile
+                gallery, todo, stored = _replan(store, name, gallery, todo, stored, ds, record, report)  # made meanwhile?
             if gallery is None:
                 gallery = Gallery.create(store, name, record)
             started = time.perf_counter()  # the model's and the store's start-up are not ingest time
-            _stream(ds, todo, model_obj, gallery, batch_size, decode_workers, added, skipped, stages, progress)
-        seconds = time.perf_counter() - started
-        where = store.db if store is not None else str(db or default_db())
+            _stream(ds, todo, model_obj, gallery, batch_size, decode_workers, skipped, writes, progress)
+        report.seconds = time.perf_counter() - started
+        report.db = store.db if store is not None else str(db or default_db())
     finally:
         if own and store is not None:
             store.close()
-    stored = {s: added[s] + sum(1 for it in ds.items if it.split == s and it.id in have) for s in SPLITS}
-    unreadable = [loc for loc, u in skipped if u.reason != "too-large"]
-    too_large = [loc for loc, u in skipped if u.reason == "too-large"]
-    return IngestReport(
+    removed = set(report.removed)
+    kept = [m.get("split") for i, m in stored.items() if i not in removed]
+    report.stored = {s: report.added[s] + kept.count(s) for s in SPLITS}
+    report.skipped = [loc for loc, u in skipped if u.reason != "too-large"]
+    report.too_large = [loc for loc, u in skipped if u.reason == "too-large"]
+    report.skipped_links = list(ds.skipped_links)
+    report.decode_seconds, report.embed_seconds, report.write_seconds = stages["decode"], stages["embed"], stages["write"]
+    return report
+
+
+def _replan(
+    store: Store,
+    name: str,
+    gallery: Gallery | None,
+    todo: list,
+    stored: dict[str, dict[str, Any]],
+    ds: Dataset,
+    record: Record,
+    report: IngestReport,
+) -> tuple[Gallery | None, list, dict[str, dict[str, Any]]]:
+    """After creating the store: plan again if another process made the collection meanwhile (a resume)."""
+    if gallery is not None or not store.exists(name):
+        return gallery, todo, stored
+    if ds.living:
+        raise StoreError(f"collection {name!r} was just created by another process: run the command again to sync it")
+    return _plan(ds, record, name, store, report)
+
+
+def _prepare_sync(
+    gallery: Gallery | None, ds: Dataset, record: Record, name: str, relocate: bool, prune: bool, report: IngestReport
+) -> tuple[Gallery | None, Dataset, Record, Plan]:
+    """Plan a folder's sync against its collection and do what needs no embedder, in an order a kill cannot
+    spoil: upgrade a collection of an earlier release, point it at a moved folder, append new labels to the
+    record, remove the files gone (``prune``), refresh touched files' metadata. Returns the plan."""
+    fraction, seed = float(ds.protocol["test_size"]), int(ds.protocol["seed"])
+    if gallery is None:
+        sync = plan_sync(ds, {}, fraction=fraction, seed=seed)
+        return None, ds, replace(record, label_names=ds.label_names), sync
+    have = gallery.record
+    if have.embedder != record.embedder or have.dataset != "folder":
+        have.check_compatible(record, name)  # the embedder's (or the dataset's) one-line refusal
+    old_root, new_root = str(have.protocol.get("root")), str(ds.protocol["root"])
+    if old_root != new_root:
+        if not relocate:
+            raise MismatchError(
+                f"collection {name!r} mirrors the folder {old_root}, not {new_root}: if the folder moved there, pass --relocate "
+                "(nothing is embedded again); else use another --collection NAME"
+            )
+        _check_relocation(gallery, new_root)
+        report.relocated_from = old_root
+    if have.legacy_folder:
+        report.upgraded = upgrade_legacy_folder(gallery, new_root, fraction)
+    ds, new_labels = merge_labels(gallery.record.label_names, ds)
+    report.new_labels = new_labels
+    want = replace(record, label_names=ds.label_names, label_partitions=gallery.record.label_partitions)
+    now = replace(gallery.record, protocol={**gallery.record.protocol, "root": new_root})
+    now.check_compatible(want, name)
+    if now.protocol != gallery.record.protocol or new_labels:
+        gallery.set_record(replace(now, label_names=ds.label_names))  # before any item uses a new label number
+    stored = gallery.catalogue()
+    sync = plan_sync(ds, stored, fraction=fraction, seed=seed)
+    report.unchanged = sync.unchanged + len(sync.refresh)
+    report.already_stored = report.unchanged
+    if prune and sync.gone:
+        gallery.remove(sync.gone)
+        report.removed = list(sync.gone)
+    else:
+        report.gone = list(sync.gone)
+    if sync.refresh:
+        gallery.update_metadatas([it.id for it in sync.refresh], [it.metadata(ds.name, ds.label_names) for it in sync.refresh])
+    log.info(
+        "%s: %d new, %d changed, %d touched, %d unchanged, %d gone",
         name,
-        where,
-        ds.name,
-        spec.describe(),
-        added,
-        len(have),
-        unreadable,
-        stored,
-        seconds,
-        too_large,
-        list(ds.skipped_links),
-        stages["decode"],
-        stages["embed"],
-        stages["write"],
-        ray_workers,
+        len(sync.add),
+        len(sync.update),
+        len(sync.refresh),
+        sync.unchanged,
+        len(sync.gone),
     )
+    return gallery, ds, gallery.record, sync
 
 
-def _plan(ds: Dataset, record: Record, name: str, store: Store | None) -> tuple[Gallery | None, set[str], list]:
-    """(the collection if it exists, the ids it already holds, the items to embed); refuses an incompatible collection."""
+def _check_relocation(gallery: Gallery, new_root: str) -> None:
+    """Refuse to point a collection at a folder that holds none of its files (a wrong path would prune them all)."""
+    stored = gallery.catalogue()
+    paths = [m.get("path") for m in stored.values() if m.get("path")]
+    if paths and not any(Path(new_root, p).is_file() for p in paths[:1000]):
+        raise InputError(f"none of the collection's files is under {new_root}: is it the moved folder? (nothing was changed)")
+
+
+def upgrade_legacy_folder(gallery: Gallery, root: str, fraction: float) -> int:
+    """Give the items of a folder collection written before living folders (ids ``folder:SPLIT:PATH``) their
+    lasting ids (``folder:PATH``), fingerprints and labels numbered by name, keeping each vector and split: no
+    re-embedding. A file stored under both splits keeps its training copy. Kill-safe: new ids are written
+    before the old are removed, and the record says "living" only at the end. Returns the items upgraded."""
+    rec = gallery.record
+    ids, vecs, metas = gallery.collection().scan(vectors=True, dim=rec.embedder.dim)
+    names = list(rec.label_names)
+    chosen: dict[str, int] = {}
+    legacy: list[str] = []
+    for i, id_ in enumerate(ids):
+        kind, _, rest = id_.partition(":")
+        split, _, rel = rest.partition(":")
+        if kind != "folder" or split not in SPLITS or not rel:
+            continue
+        legacy.append(id_)
+        prev = chosen.get(rel)
+        if prev is None or (metas[prev].get("split") != "train" and metas[i].get("split") == "train"):
+            chosen[rel] = i
+    for rel in sorted(chosen):
+        top = rel.split("/", 1)[0]
+        if top not in names:
+            names.append(top)
+    if names != rec.label_names:
+        gallery.set_record(replace(rec, label_names=names))
+    done = gallery.existing_ids([f"folder:{rel}" for rel in chosen])
+    todo = [(rel, i) for rel, i in sorted(chosen.items()) if f"folder:{rel}" not in done]
+    for start in range(0, len(todo), UPGRADE_BATCH):
+        batch = todo[start : start + UPGRADE_BATCH]
+        new_metas = []
+        for rel, i in batch:
+            meta = {k: v for k, v in metas[i].items() if k not in FINGERPRINT_KEYS}
+            top = rel.split("/", 1)[0]
+            meta.update(label=names.index(top), label_name=top, path=rel, dataset="folder")
+            try:
+                st = os.stat(Path(root, rel))
+                meta.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=file_sha256(Path(root, rel)))
+            except OSError:
+                pass  # gone: kept without a fingerprint, reported gone by the sync
+            new_metas.append(meta)
+        gallery.add([f"folder:{rel}" for rel, _ in batch], vecs[[i for _, i in batch]], new_metas)
+    gallery.remove(legacy)
+    protocol = dict(rec.protocol)
+    protocol.update(mode="living", test_size=fraction, root=root, labels=True)
+    gallery.set_record(replace(rec, protocol=protocol, label_names=names, schema=SCHEMA))
+    log.info("upgraded %d items of %r to lasting ids (%d duplicate copies merged)", len(chosen), gallery.name, len(legacy) - len(chosen))
+    return len(chosen)
+
+
+def _plan(
+    ds: Dataset, record: Record, name: str, store: Store | None, report: IngestReport
+) -> tuple[Gallery | None, list, dict[str, dict[str, Any]]]:
+    """A source with fixed items (the array datasets): (the collection if it exists, the items to embed, the
+    stored ones' splits); refuses an incompatible collection."""
     gallery = Gallery(store, name) if store is not None and store.exists(name) else None
     have: set[str] = set()
     if gallery is not None:
@@ -235,7 +396,29 @@ def _plan(ds: Dataset, record: Record, name: str, store: Store | None) -> tuple[
         have = gallery.existing_ids([it.id for it in ds.items])
     todo = [it for it in ds.items if it.id not in have]
     log.info("%s: %d items, %d already stored, %d to embed", name, len(ds.items), len(have), len(todo))
-    return gallery, have, todo
+    report.already_stored = len(have)
+    return gallery, todo, {it.id: {"split": it.split} for it in ds.items if it.id in have}
+
+
+class _Writes:
+    """Writes embedded items to the collection (new ones added, changed ones replaced), counting and timing them."""
+
+    def __init__(self, ds: Dataset, report: IngestReport, replace_ids: set[str], stages: dict[str, float]) -> None:
+        self.ds, self.report, self.replace_ids, self.stages = ds, report, replace_ids, stages
+
+    def __call__(self, gallery: Gallery, items: list, vectors: np.ndarray) -> None:
+        t = time.perf_counter()
+        metas = [it.metadata(self.ds.name, self.ds.label_names) for it in items]
+        new = [j for j, it in enumerate(items) if it.id not in self.replace_ids]
+        changed = [j for j, it in enumerate(items) if it.id in self.replace_ids]
+        if changed:
+            gallery.replace([items[j].id for j in changed], vectors[changed], [metas[j] for j in changed])
+            self.report.updated += len(changed)
+        if new:
+            gallery.add([items[j].id for j in new], vectors[new], [metas[j] for j in new])
+            for j in new:
+                self.report.added[items[j].split] += 1
+        self.stages["write"] += time.perf_counter() - t
 
 
 def _stream_ray(
@@ -249,9 +432,8 @@ def _stream_ray(
     options: Any,
     batch_size: int,
     max_pixels: int | None,
-    added: dict[str, int],
     skipped: list[tuple[str, Unreadable]],
-    stages: dict[str, float],
+    write: _Writes,
     progress: Progress | None,
 ) -> int:
     """Embed ``todo`` on Ray (workers read and embed), write here as batches come back (the collection made at the
@@ -266,6 +448,7 @@ def _stream_ray(
     rows = [(it.id, it.metadata(ds.name, ds.label_names)) for it in todo]
     done = workers = 0
     source_errors: list[str] = []
+    stages = write.stages
     if progress is not None:
         progress(0, len(todo))  # the bar is up while Ray starts
     batches = embed_on_ray(spec.to_dict(), ds.protocol, rows, options=options, batch_size=batch_size, max_pixels=max_pixels)
@@ -285,7 +468,7 @@ def _stream_ray(
             if ok:
                 if gallery is None:
                     gallery = Gallery.create(store, name, record)
-                _write(gallery, ds, [by_id[got.ids[j]] for j in ok], got.vectors[ok], added, stages)
+                write(gallery, [by_id[got.ids[j]] for j in ok], got.vectors[ok])
             done += len(got.ids)
             log.info("stored %d/%d", done, len(todo))
             if progress is not None:
@@ -304,13 +487,13 @@ def _stream(
     gallery: Gallery,
     batch_size: int,
     workers: int | None,
-    added: dict[str, int],
     skipped: list[tuple[str, Unreadable]],
-    stages: dict[str, float],
+    write: _Writes,
     progress: Progress | None,
 ) -> None:
-    """Decode (ahead, on threads), embed and write ``todo`` batch by batch; ``stages`` sums each stage's wall time."""
+    """Decode (ahead, on threads), embed and write ``todo`` batch by batch; ``write.stages`` sums each stage's wall time."""
     done = 0
+    stages = write.stages
     for batch in read_batches(ds, todo, batch_size, workers):
         stages["decode"] += batch.decode_seconds
         ok = [(it, im) for it, im in zip(batch.items, batch.images) if not isinstance(im, Unreadable)]
@@ -319,7 +502,7 @@ def _stream(
             t = time.perf_counter()
             vectors = np.asarray(model.embed([im for _, im in ok]), np.float32)
             stages["embed"] += time.perf_counter() - t
-            _write(gallery, ds, [it for it, _ in ok], vectors, added, stages)
+            write(gallery, [it for it, _ in ok], vectors)
         done += len(batch.items)
         log.info("stored %d/%d", done, len(todo))
         if progress is not None:
@@ -328,10 +511,61 @@ def _stream(
         log.warning("skipped %d images (unreadable or over the pixel limit)", len(skipped))
 
 
-def _write(gallery: Gallery, ds: Dataset, items: list, vectors: np.ndarray, added: dict[str, int], stages: dict[str, float]) -> None:
-    """Store ``items`` with their ``vectors`` and metadata; count them per split, time the write."""
-    t = time.perf_counter()
-    gallery.add([it.id for it in items], vectors, [it.metadata(ds.name, ds.label_names) for it in items])
-    stages["write"] += time.perf_counter() - t
-    for it in items:
-        added[it.split] += 1
+class _LazyEmbedder:
+    """The embedder a record names, built only when something is to be embedded (a sync of an unchanged folder
+    never loads TensorFlow)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self._model: Embedder | None = None
+
+    def embed(self, images: Any) -> np.ndarray:
+        if self._model is None:
+            self._model = build_embedder(self.spec)
+        return self._model.embed(images)
+
+
+def sync(
+    collection: str | None = None,
+    db: str | None = None,
+    *,
+    store: Store | None = None,
+    wait: float | None = None,
+    prune: bool = False,
+    relocate: str | None = None,
+    batch_size: int = 256,
+    max_pixels: int | None = None,
+    decode_workers: int | None = None,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Mirror folder collection ``collection`` (``None``: the store's only one) again, with the embedder, folder
+    and options it recorded: nothing to repeat. ``relocate``: the folder's new place. See :func:`ingest`."""
+    own = store is None
+    st = store if store is not None else Store(db, wait=wait)
+    try:
+        name = st.pick(collection)
+        rec = Gallery(st, name).record
+        if rec.dataset != "folder":
+            raise InputError(
+                f"collection {name!r} holds {rec.dataset}, not a folder: `lookalike sync` mirrors folders; use `lookalike ingest`"
+            )
+        p = rec.protocol
+        return ingest(
+            "folder",
+            relocate or str(p["root"]),
+            limit=p.get("limit"),
+            seed=int(p.get("seed") or 0),
+            embedder=_LazyEmbedder(rec.embedder),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            follow_links=bool(p.get("follow_links")),
+            decode_workers=decode_workers,
+            collection=name,
+            store=st,
+            progress=progress,
+            prune=prune,
+            relocate=relocate is not None,
+        )
+    finally:
+        if own:
+            st.close()

@@ -15,8 +15,8 @@ from typing import Any
 from lookalike.embedder import EmbedderSpec
 from lookalike.errors import MismatchError, StoreError
 
-SCHEMA = 2  # 1: records written before the version field existed (read the same way)
-PROTOCOL_KEYS = ("dataset", "mode", "limit", "test_size", "seed", "root", "source_sha256")
+SCHEMA = 3  # 1: records written before the version field existed (read the same way); 2: before living folders
+PROTOCOL_KEYS = ("dataset", "mode", "limit", "test_size", "seed", "root", "source_sha256", "labels")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,21 @@ class Record:
     @property
     def dataset(self) -> str:
         return str(self.protocol.get("dataset", "?"))
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the collection's items have labels (a folder of images at its root has none)."""
+        return bool(self.label_names) and self.protocol.get("labels", True) is not False
+
+    @property
+    def living(self) -> bool:
+        """Whether the collection mirrors a folder whose files come and go (ids without a split, fingerprints)."""
+        return self.protocol.get("mode") == "living"
+
+    @property
+    def legacy_folder(self) -> bool:
+        """A folder collection written before living folders (ids with the split, no fingerprints): a sync upgrades it."""
+        return self.dataset == "folder" and not self.living
 
     def to_json(self) -> str:
         data = {

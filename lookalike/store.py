@@ -208,12 +208,7 @@ class VectorCollection:
 
     def add_to_partitions(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Add items to the label partitions only (each to its label's; existing ids are skipped)."""
-        labels = np.array([int(m["label"]) for m in metadatas])
-        for label in np.unique(labels):
-            rows = np.flatnonzero(labels == label)
-            part = self.partition(int(label), create=True)
-            assert part is not None
-            part._add([ids[i] for i in rows], vectors[rows], [metadatas[i] for i in rows])
+        self._by_label(ids, metadatas, lambda part, rows: part._add([ids[i] for i in rows], vectors[rows], [metadatas[i] for i in rows]))
 
     def _add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         step = self._store.max_batch
@@ -221,6 +216,66 @@ class VectorCollection:
             for start in range(0, len(ids), step):
                 end = start + step
                 self._c.add(ids=list(ids[start:end]), embeddings=vectors[start:end], metadatas=list(metadatas[start:end]))
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
+        """Add or replace items (vector and metadata), label partitions first (as :meth:`add`): an interrupted
+        replace leaves the main collection's old fingerprint, so the next sync replaces the item again."""
+        if self.partitioned:
+            self._by_label(ids, metadatas, lambda part, rows: part._write("upsert", [ids[i] for i in rows], vectors[rows], rows, metadatas))
+        self._write("upsert", ids, vectors, range(len(ids)), metadatas)
+
+    def update_metadatas(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
+        """Replace the metadata of stored items (vectors kept), label partitions first."""
+        if self.partitioned:
+            self._by_label(ids, metadatas, lambda part, rows: part._write("update", [ids[i] for i in rows], None, rows, metadatas))
+        self._write("update", ids, None, range(len(ids)), metadatas)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove stored items, from their label partitions first: an interrupted delete leaves them in the
+        main collection, so the same delete again completes it (an id not stored is ignored)."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return
+        if self.partitioned:
+            got_ids, _, metas = self.get(ids)
+            for label in sorted({int(m["label"]) for m in metas if isinstance(m.get("label"), int)}):
+                part = self.partition(label)
+                if part is not None:
+                    part.delete([i for i, m in zip(got_ids, metas) if m.get("label") == label])
+        with self._guard():
+            for start in range(0, len(ids), self._store.max_batch):
+                self._c.delete(ids=ids[start : start + self._store.max_batch])
+
+    def _by_label(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]], write: Any) -> None:
+        labels = np.array([int(m["label"]) for m in metadatas])
+        for label in np.unique(labels):
+            if label < 0:
+                continue
+            part = self.partition(int(label), create=True)
+            assert part is not None
+            write(part, np.flatnonzero(labels == label))
+
+    def _write(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, rows: Any, metadatas: Sequence[dict[str, Any]]) -> None:
+        rows = list(rows)
+        metas = [metadatas[i] for i in rows]
+        step = self._store.max_batch
+        with self._guard():
+            call = getattr(self._c, how)
+            for start in range(0, len(ids), step):
+                end = start + step
+                kwargs: dict[str, Any] = {"ids": list(ids[start:end]), "metadatas": metas[start:end]}
+                if vectors is not None:
+                    kwargs["embeddings"] = vectors[start:end]
+                call(**kwargs)
+
+    def set_record(self, text: str) -> None:
+        """Replace the collection's record (its notes are kept)."""
+        with self._guard():
+            fresh = self._store._client.get_collection(self.name, embedding_function=None)
+            meta = dict(fresh.metadata or {})
+            meta[RECORD_KEY] = text
+            fresh.modify(metadata=meta)
+            self._c = self._store._client.get_collection(self.name, embedding_function=None)
 
     def get(self, ids: Sequence[str], *, vectors: bool = False) -> tuple[list[str], np.ndarray | None, list[dict[str, Any]]]:
         """(ids, vectors or None, metadatas) of stored ``ids`` (each once), in the order Chroma returns them."""

@@ -32,9 +32,23 @@ def check_pinned_file(path: Path, sha256: str | None, what: str, fix: str) -> No
         raise EmbedderError(f"{what} {path} changed since the collection was built: restore it or re-ingest into a new collection")
 
 
+UNLABELLED = -1  # the label number of an item in a collection without labels
+UNLABELLED_NAME = "unlabelled"
+
+
 def label_name(names: Sequence[str], label: int) -> str:
-    """The name of integer ``label`` (its number as text when unnamed)."""
+    """The name of integer ``label`` (its number as text when unnamed; "unlabelled" for :data:`UNLABELLED`)."""
+    if label == UNLABELLED:
+        return UNLABELLED_NAME
     return str(names[label]) if 0 <= label < len(names) else str(label)
+
+
+def split_key(seed: int, item_id: str) -> int:
+    """A seeded, uniform 64-bit key of an id (SHA-256 of both): orders items for the hold-out and for samples.
+
+    The same id and seed give the same key in any process and whatever else the source holds.
+    """
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{item_id}".encode()).digest()[:8], "big")
 
 
 def first_line(exc: BaseException, width: int = 120) -> str:

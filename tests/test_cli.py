@@ -350,11 +350,11 @@ def test_a_folder_of_photos_through_the_cli(runner: CliRunner, tmp_path: Path, d
             Image.fromarray(img).save(root / label / f"{i}.jpg", quality=85)
     (root / "day" / "away.png").symlink_to(tmp_path / "photos" / ".." / "elsewhere.png")
     Image.new("RGB", (40, 40)).save(tmp_path / "elsewhere.png")
-    r = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "2", "--db", db])
+    r = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "0.25", "--db", db])
     assert r.exit_code == 0, r.output
     assert "stages  decode" in r.stdout and "embed" in r.stdout
     assert "skipped 1 symbolic links out of the folder (--follow-links): day/away.png" in r.stdout
-    j = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "2", "--db", db, "--json"])
+    j = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "0.25", "--db", db, "--json"])
     assert json.loads(j.stdout)["already_stored"] == 8
     s = runner.invoke(app, ["search", "--image", str(root / "night" / "3.jpg"), "--k", "1", "--db", db, "--json"])
     assert s.exit_code == 0, s.output

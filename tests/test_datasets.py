@@ -104,14 +104,32 @@ def test_folder_reads_labels_from_subfolders(digits_folder: Path) -> None:
     ds = load_dataset("folder", digits_folder, test_size=0.34)
     assert ds.label_names == ["class_0", "class_1", "class_2"]
     assert len(ds.items) == 19  # 18 images and one corrupt file, found by extension
-    assert ds.counts()["test"] == 6
+    assert ds.living and ds.protocol["test_size"] == 0.34 and ds.protocol["labels"] is True
+    assert ds.counts() == {"train": 0, "test": 0}  # a folder's split is given by the catalogue, against what is stored
     by_path = {it.locator: it for it in ds.items}
     assert by_path["class_2/0.png"].label == 2
-    assert by_path["class_2/0.png"].id.startswith("folder:") and by_path["class_2/0.png"].id.endswith(":class_2/0.png")
+    assert by_path["class_2/0.png"].id == "folder:class_2/0.png"  # nothing that can change: no split
+    assert by_path["class_2/0.png"].size == (digits_folder / "class_2/0.png").stat().st_size
     images = ds.load([by_path["class_1/broken.png"], by_path["class_0/1.jpg"], by_path["class_0/0.png"]])
     assert isinstance(images[0], Unreadable) and images[0].reason == "unreadable"
     assert images[1].shape == (36, 40, 3)
     assert images[2].shape == (28, 28)
+
+
+def test_folder_with_images_at_its_root_is_unlabelled(digits_folder: Path) -> None:
+    (digits_folder / "loose.png").write_bytes((digits_folder / "class_0" / "0.png").read_bytes())
+    ds = load_dataset("folder", digits_folder)
+    assert ds.label_names == [] and ds.protocol["labels"] is False
+    assert len(ds.items) == 20 and {it.label for it in ds.items} == {-1}  # every image below the root, subfolders too
+    assert "folder:class_1/3.jpg" in {it.id for it in ds.items}
+    assert ds.items[0].metadata("folder", [])["label_name"] == "unlabelled"
+    labelled = load_dataset("folder", digits_folder, labels=True)  # as a labelled collection records it
+    assert labelled.outside_labels == ["loose.png"] and len(labelled.items) == 19
+
+
+def test_folder_test_size_is_a_fraction(digits_folder: Path) -> None:
+    with pytest.raises(InputError, match="fraction below 1"):
+        load_dataset("folder", digits_folder, test_size=5)
 
 
 def test_empty_or_missing_folder(tmp_path: Path) -> None:

@@ -94,8 +94,9 @@ def test_folder_ingest_skips_and_reports_unreadable_files(digits_folder: Path, d
     assert sum(report.stored.values()) == 18
     col = Gallery.open("pics", db)
     assert col.count() == 18 and col.label_names == ["class_0", "class_1", "class_2"]
-    _, _, metas = col.get(["folder:train:class_2/0.png", "folder:test:class_2/0.png"])
-    assert metas and metas[0]["path"] == "class_2/0.png" and metas[0]["label_name"] == "class_2"
+    _, _, metas = col.get(["folder:class_2/0.png"])
+    assert metas[0]["path"] == "class_2/0.png" and metas[0]["label_name"] == "class_2" and metas[0]["split"] in ("train", "test")
+    assert metas[0]["size"] == (digits_folder / "class_2/0.png").stat().st_size and len(metas[0]["sha256"]) == 64
 
 
 def test_images_over_the_pixel_limit_are_skipped_and_counted(digits_folder: Path, db: str) -> None:
@@ -153,7 +154,7 @@ def test_photos_are_found_by_their_own_file_and_phone_shots_read_upright(tmp_pat
             img[100 + 250 * label : 300 + 250 * label, 100:500] = 220
             img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"c{label}" / f"{i}.jpg", quality=92)
-    report = ingest("folder", str(root), embedder=fake_embedder, test_size=3, db=db)
+    report = ingest("folder", str(root), embedder=fake_embedder, test_size=0.17, db=db)
     assert sum(report.added.values()) == 18 and report.decode_seconds > 0 and report.embed_seconds > 0
     assert report.decode_images_per_s > 0 and report.to_dict()["embed_images_per_s"] == report.embed_images_per_s
     with Gallery.open(db=db) as g:
