@@ -364,9 +364,13 @@ def clusters_page(gallery: Gallery, db: str) -> None:
         return
     report = saved[1]
     cols = st.columns(4)
-    cols[0].metric("cluster accuracy", f"{report.cluster_accuracy:.4f}", help="clusters matched to labels one to one (Hungarian)")
-    cols[1].metric("ARI", f"{report.adjusted_rand:.4f}", help="adjusted Rand index")
-    cols[2].metric("NMI", f"{report.normalized_mutual_info:.4f}", help="normalised mutual information")
+
+    def shown(value: float | None) -> str:
+        return "unlabelled" if value is None else f"{value:.4f}"
+
+    cols[0].metric("cluster accuracy", shown(report.cluster_accuracy), help="clusters matched to labels one to one (Hungarian)")
+    cols[1].metric("ARI", shown(report.adjusted_rand), help="adjusted Rand index")
+    cols[2].metric("NMI", shown(report.normalized_mutual_info), help="normalised mutual information")
     sil = "n/a" if report.silhouette != report.silhouette else f"{report.silhouette:.4f}"
     cols[3].metric("silhouette", sil, help=f"on {report.silhouette_sample:,} items")
     pts = report.points

@@ -32,6 +32,7 @@ import numpy as np
 from lookalike.errors import InputError
 from lookalike.gallery import Gallery
 from lookalike.metrics import duplicate_groups, exact_neighbours, label_issue_scores, outlier_scores
+from lookalike.util import UNLABELLED
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class AuditReport:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     all_scores: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every item, for --csv (not in to_dict)
+    labelled: bool = True  # False: the collection has no labels (or one), so no label issues were looked for
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -163,25 +165,27 @@ def audit(
     t0 = time.perf_counter()
     ids, vecs, metas = gallery.scan()
     timings["read"] = time.perf_counter() - t0
-    labels = np.array([int(m.get("label", -1)) for m in metas], dtype=int)
-    if len(ids) < 2 or (labels < 0).any() or len(np.unique(labels)) < 2:
-        raise InputError(
-            f"collection {gallery.name!r} has {len(np.unique(labels[labels >= 0])) if len(ids) else 0} label(s) over {len(ids)} items: "
-            "the audit compares labels, so it needs at least two labels (ingest a folder with one subfolder per label)"
-        )
+    labels = np.array([int(m.get("label", UNLABELLED)) for m in metas], dtype=int)
+    if len(ids) < 2:
+        raise InputError(f"collection {gallery.name!r} has {len(ids)} item(s): the audit compares items, so it needs at least two")
+    # label issues need labels: two or more (an unlabelled collection gets duplicates, leaks and outliers only)
+    labelled = gallery.record.labelled and not (labels < 0).any() and len(np.unique(labels)) >= 2
     if k >= len(ids):
         raise InputError(f"--k {k} needs more than the {len(ids)} items of {gallery.name!r}: choose a k below {len(ids)}")
     splits = [str(m.get("split", "")) for m in metas]
     names = gallery.label_names
-    n_labels = max(len(names), int(labels.max()) + 1)
+    n_labels = max(len(names), int(labels.max()) + 1, 1)
 
     t0 = time.perf_counter()
     nn, dist = self_neighbours(vecs, k, progress)
     timings["neighbours"] = time.perf_counter() - t0
 
     # label issues
-    score, suggested = label_issue_scores(labels, labels[nn], dist, n_labels, method)
-    other, _ = label_issue_scores(labels, labels[nn], dist, n_labels, "margin" if method == "vote" else "vote")
+    if labelled:
+        score, suggested = label_issue_scores(labels, labels[nn], dist, n_labels, method)
+        other, _ = label_issue_scores(labels, labels[nn], dist, n_labels, "margin" if method == "vote" else "vote")
+    else:
+        score, suggested, other = np.zeros(len(ids)), labels, np.zeros(len(ids))
     order = np.lexsort((np.arange(len(ids)), -other, -score))  # most suspicious first; ties by the other score
 
     def suspect(i: int) -> Suspect:
@@ -240,12 +244,13 @@ def audit(
 
         t0 = time.perf_counter()
         h = held_out(gallery, 1, items=(ids, vecs, metas))  # the vectors already read, not read again
-        right = h.predictions() == h.y_test
-        n_queries = len(right)
-        accuracy = float(right.mean())
+        n_queries = len(h.test_ids)
         copied = np.sqrt(np.maximum(h.exact_d2[:, 0], 0.0)) <= threshold
         leaked = sorted(h.test_ids[i] for i in np.flatnonzero(copied))
-        leak_free = float(right[~copied].mean()) if (~copied).any() else None
+        if labelled:
+            right = h.predictions() == h.y_test
+            accuracy = float(right.mean())
+            leak_free = float(right[~copied].mean()) if (~copied).any() else None
         timings["evaluate"] = time.perf_counter() - t0
 
     # outliers
@@ -276,7 +281,7 @@ def audit(
         n_items=len(ids),
         k=k,
         method=method,
-        suspects=[suspect(int(i)) for i in order[:top]],
+        suspects=[suspect(int(i)) for i in order[:top]] if labelled else [],
         n_disputed=int((score > 0.5).sum()),
         threshold=float(threshold),
         threshold_rule=rule,
@@ -293,6 +298,7 @@ def audit(
         seconds=time.perf_counter() - started,
         timings={key: round(v, 2) for key, v in timings.items()},
         all_scores=all_scores,
+        labelled=labelled,
     )
 
 

@@ -18,10 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.catalogue import fingerprint_missing
 from lookalike.datasets import SPLITS
 from lookalike.errors import StoreError
 from lookalike.gallery import Gallery
 from lookalike.store import Store, VectorCollection
+from lookalike.util import UNLABELLED
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,9 @@ class CheckReport:
         return asdict(self)
 
 
-def check(store: Store, name: str | None = None) -> CheckReport:
-    """Check collection ``name`` (``None``: the store's only one) of ``store``."""
+def check(store: Store, name: str | None = None, *, full: bool = False) -> CheckReport:
+    """Check collection ``name`` (``None``: the store's only one) of ``store``; ``full``: every stored vector
+    must find itself through the index (else a sample of 200 does)."""
     name = store.pick(name)
     try:
         gallery = Gallery(store, name)
@@ -58,12 +61,12 @@ def check(store: Store, name: str | None = None) -> CheckReport:
         return CheckReport(
             name, store.db, False, col.count(), {}, [f"record: {exc}"], f"drop it (`lookalike drop {name}`) and ingest again"
         )
-    return _check(gallery)
+    return _check(gallery, full)
 
 
-def _check(g: Gallery) -> CheckReport:
+def _check(g: Gallery, full: bool = False) -> CheckReport:
     try:
-        return _check_items(g)
+        return _check_items(g, full)
     except StoreError as exc:
         return CheckReport(
             g.name,
@@ -76,16 +79,18 @@ def _check(g: Gallery) -> CheckReport:
         )
 
 
-def _check_items(g: Gallery) -> CheckReport:
+def _check_items(g: Gallery, full: bool = False) -> CheckReport:
     col = g.collection()
     problems: list[str] = []
     ids, _, metas = col.scan(vectors=False)
     counts = dict.fromkeys(SPLITS, 0)
     by_label: dict[int, set[str]] = {}
     bad_meta = 0
+    labelled = g.record.labelled
     for id_, m in zip(ids, metas):
         label, split = m.get("label"), m.get("split")
-        if not isinstance(label, int) or not 0 <= label < max(len(g.label_names), 1) or split not in SPLITS:
+        valid = isinstance(label, int) and (0 <= label < max(len(g.label_names), 1) if labelled else label == UNLABELLED)
+        if not valid or split not in SPLITS:
             bad_meta += 1
             continue
         counts[split] += 1
@@ -94,13 +99,15 @@ def _check_items(g: Gallery) -> CheckReport:
         problems.append(f"{bad_meta} items have metadata without a valid label or split")
     if len(set(ids)) != len(ids):
         problems.append(f"{len(ids) - len(set(ids))} ids are listed twice")
+    catalogue_trouble = _catalogue_problems(g, ids, metas)
+    problems += catalogue_trouble
 
     unreadable = _unreadable_vectors(col, ids, g.record.embedder.dim)
     if unreadable:
         problems.append(f"{len(unreadable)} of {len(ids)} items have no readable vector (e.g. {unreadable[0]!r})")
     bad = set(unreadable)
     readable = [i for i in ids if i not in bad]
-    lost = _self_query(col, readable)
+    lost = _self_query(col, readable, len(readable) if full else SELF_QUERIES)
     if lost:
         problems.append(lost)
 
@@ -113,23 +120,74 @@ def _check_items(g: Gallery) -> CheckReport:
             have = set(part.scan(vectors=False, metadatas=False)[0]) if part is not None else set()
             partitions[g.label_name(label)] = len(have)
             missing, extra = len(want - have), len(have - want)
-            lost_in_part = _self_query(part, sorted(have), PARTITION_SELF_QUERIES) if part is not None else ""
+            n_self = len(have) if full else PARTITION_SELF_QUERIES
+            lost_in_part = _self_query(part, sorted(have), n_self) if part is not None else ""
             if lost_in_part:
                 partition_trouble = True
                 problems.append(f"label partition {g.label_name(label)!r}: {lost_in_part}")
             if missing or extra:
                 partition_trouble = True
                 problems.append(
-                    f"label partition {g.label_name(label)!r} lacks {missing} and has {extra} extra "
-                    f"of the main collection's {len(want)} ids"
+                    f"label partition {g.label_name(label)!r} lacks {missing} of the main collection's {len(want)} items of its "
+                    f"label and has {extra} entries without a main item"
                 )
+        for label in _stray_partitions(g):
+            partition_trouble = True
+            part = col.partition(label)
+            n = part.count() if part is not None else 0
+            problems.append(f"label partition {label} names no label of the record: its {n} entries have no main item")
     fix = ""
     if problems:
-        if partition_trouble and not (unreadable or lost or bad_meta):
-            fix = f"run `lookalike check --collection {g.name} --repair` (it rebuilds the label partitions from the stored vectors)"
+        if (partition_trouble or lost) and not (unreadable or bad_meta or catalogue_trouble):
+            fix = (
+                f"run `lookalike check --collection {g.name} --repair` (it rebuilds the index and the label partitions "
+                "from the stored vectors; nothing is embedded again)"
+            )
+        elif catalogue_trouble and g.record.dataset == "folder" and not (unreadable or lost or bad_meta):
+            fix = f"run `lookalike sync --collection {g.name}` (it upgrades, de-duplicates and fingerprints folder items)"
         else:
             fix = f"drop it (`lookalike drop {g.name}`) and ingest again"
     return CheckReport(g.name, g.db, not problems, len(ids), counts, problems, fix, unreadable[:100], partitions)
+
+
+def _catalogue_problems(g: Gallery, ids: Sequence[str], metas: Sequence[dict[str, Any]]) -> list[str]:
+    """A file stored under two ids, an item whose split breaks the rule, a folder item without its fingerprint."""
+    out: list[str] = []
+    rec = g.record
+    if rec.dataset == "folder":
+        by_path: dict[str, list[str]] = {}
+        for id_, m in zip(ids, metas):
+            by_path.setdefault(str(m.get("path")), []).append(id_)
+        twice = sorted(p for p, got in by_path.items() if len(got) > 1)
+        if twice:
+            out.append(f"{len(twice)} files are stored under two ids or more (e.g. {twice[0]!r}: {', '.join(by_path[twice[0]])})")
+    moved = []
+    for id_, m in zip(ids, metas):
+        parts = id_.split(":", 2)
+        if len(parts) == 3 and parts[1] in SPLITS and parts[1] != m.get("split"):
+            moved.append(id_)  # the split its id was given is not the split it is stored under
+        elif rec.living and len(parts) == 3 and parts[1] in SPLITS:
+            moved.append(id_)  # a lasting folder id never holds the split
+    if moved:
+        out.append(f"{len(moved)} items break the split rule (their id and stored split disagree, e.g. {moved[0]!r})")
+    if rec.living:
+        missing = [i for i, m in zip(ids, metas) if fingerprint_missing(m)]
+        if missing:
+            out.append(f"{len(missing)} folder items have no fingerprint (size, modification time, SHA-256; e.g. {missing[0]!r})")
+    elif rec.legacy_folder:
+        out.append("the folder collection was written by an earlier release (ids with the split, no fingerprints)")
+    return out
+
+
+def _stray_partitions(g: Gallery) -> list[int]:
+    """Label partitions of ``g`` whose label the record does not name."""
+    out = []
+    for part, owner in g.store.all_collections():
+        if owner == g.name:
+            label = int(part.rsplit(".p", 1)[1])
+            if not 0 <= label < len(g.label_names):
+                out.append(label)
+    return sorted(out)
 
 
 def _unreadable_vectors(col: VectorCollection, ids: Sequence[str], dim: int) -> list[str]:
@@ -178,10 +236,13 @@ def _self_query(col: VectorCollection, ids: Sequence[str], n: int = SELF_QUERIES
 
 
 def repair(store: Store, name: str | None = None) -> CheckReport:
-    """Rebuild the label partitions when only they are wrong; returns the check after the repair (or the check alone)."""
-    report = check(store, name)
+    """Rebuild the index (when stored vectors no longer find themselves) and the label partitions, from the stored
+    vectors, when only those are wrong; returns the full check after the repair (or the check alone)."""
+    report = check(store, name, full=True)
     if report.ok or "--repair" not in report.fix:
         return report
+    if any(p.startswith("the index does not find") for p in report.problems):
+        store.rebuild(report.collection)
     gallery = Gallery(store, report.collection)
     if gallery.record.label_partitions:
         store.drop_partitions(gallery.name)
@@ -189,4 +250,4 @@ def repair(store: Store, name: str | None = None) -> CheckReport:
         for page_ids, vecs, metas in fresh.pages(vectors=True):
             assert vecs is not None
             fresh.add_to_partitions(page_ids, vecs, metas)
-    return check(store, gallery.name)
+    return check(store, gallery.name, full=True)

@@ -405,6 +405,15 @@ def evaluate(
         typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(f"collection {r.collection!r}: {r.embedder}")
+    if r.retrieval.get("unlabelled"):
+        typer.echo(f"  {'accuracy':<16} unlabelled: no labels to measure it by ({r.n_queries} held-out queries, {r.n_indexed} indexed)")
+        typer.echo(f"  {'recall@1':<16} {r.recall_at_1:.4f}  (store answer = exact nearest neighbour)")
+        typer.echo(
+            f"  {'recall@' + str(r.retrieval['recall_k']):<16} {r.retrieval['store_recall_at_k']:.4f}  "
+            "(share of the exact nearest the store returns)"
+        )
+        typer.echo(f"  {'speed':<16} {r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)")
+        return
     rows = [
         (f"{r.k}-NN accuracy", f"{r.accuracy:.4f}  ({r.n_queries} held-out queries, {r.n_indexed} indexed)"),
         ("exact accuracy", f"{r.exact_accuracy:.4f}  (brute force over the stored vectors)"),
@@ -596,6 +605,10 @@ def clusters(
         typer.echo(_dumps(r.to_dict()))
         return
     typer.echo(f"collection {r.collection!r}: k-means, k={r.k}, on the {r.on} of {r.n_items} items ({r.seconds:.1f} s)")
+    if r.cluster_accuracy is None:
+        typer.echo(f"  silhouette        {r.silhouette:.4f}  (on {r.silhouette_sample} items)")
+        typer.echo("  against labels    unlabelled: no labels to compare the clusters with")
+        return
     typer.echo(f"  cluster accuracy  {r.cluster_accuracy:.4f}  (clusters matched to labels, Hungarian)")
     typer.echo(f"  silhouette        {r.silhouette:.4f}  (on {r.silhouette_sample} items)")
     typer.echo(f"  adjusted Rand     {r.adjusted_rand:.4f}")
@@ -646,7 +659,12 @@ def audit(
         f"collection {r.collection!r}: {r.n_items:,} items, {r.k} neighbours each ({r.seconds:.1f} s; "
         f"store's answers hold {r.store_recall_at_k:.4f} of the exact {r.k} on {r.store_sample:,} items)"
     )
-    typer.echo(f"label issues ({r.method}): {r.n_disputed:,} items whose neighbours mostly carry another label; the top {len(r.suspects)}:")
+    if not r.labelled:
+        typer.echo("label issues: none looked for (the collection is unlabelled, or has one label)")
+    else:
+        typer.echo(
+            f"label issues ({r.method}): {r.n_disputed:,} items whose neighbours mostly carry another label; the top {len(r.suspects)}:"
+        )
     width = max([len(s.id) for s in r.suspects] + [2])
     for s in r.suspects:
         neighbours = " ".join(s.neighbour_labels)
@@ -762,17 +780,20 @@ def check(
     db: DbOpt = None,
     wait: WaitOpt = None,
     repair: Annotated[
-        bool, typer.Option("--repair", help="Rebuild the label partitions from the stored vectors when only they are wrong")
+        bool,
+        typer.Option("--repair", help="Rebuild the index and the label partitions from the stored vectors when only they are wrong"),
     ] = False,
+    full: Annotated[bool, typer.Option("--full", help="Every stored vector must find itself through the index (else a sample)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a collection: record, every vector, the index, the label partitions, counts per split; exit 1 when damaged."""
+    """Verify a collection: record, every vector, the index, the label partitions, the catalogue, counts per split;
+    exit 1 when damaged."""
     from lookalike.check import check as run_check
     from lookalike.check import repair as run_repair
     from lookalike.store import Store
 
     with Store(db, wait=wait) as store:
-        r = run_repair(store, collection) if repair else run_check(store, collection)
+        r = run_repair(store, collection) if repair else run_check(store, collection, full=full)
     if as_json:
         typer.echo(_dumps(r.to_dict()))
     else:

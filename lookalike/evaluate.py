@@ -155,6 +155,8 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
     if r_sample < 1:
         raise InputError(f"--r-sample must be at least 1, got {r_sample}")
     started = time.perf_counter()
+    if not gallery.record.labelled:
+        return _evaluate_unlabelled(gallery, k, started)
     names = gallery.label_names
     h = held_out(gallery, k, width=max(PRECISION_KS))
     y_test, y_train, store_nn = h.y_test, h.y_train, h.store_nn
@@ -186,6 +188,36 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
             for i in np.flatnonzero(pred != y_test)
         ],
         retrieval=retrieval,
+    )
+
+
+def _evaluate_unlabelled(gallery: Gallery, k: int, started: float) -> EvalReport:
+    """An unlabelled collection has no accuracy to measure: what remains is how well the store answers. Each
+    held-out item's nearest indexed items through the store, against exact search (``recall_at_1``, and in
+    ``retrieval`` the share of the exact ``k`` nearest the store returns: ``store_recall_at_k``)."""
+    width = max(k, max(PRECISION_KS))
+    h = held_out(gallery, k, width=width)
+    hit = recall_hits(h.test_vecs, h.train_vecs, h.store_nn[:, 0], h.exact_d2[:, 0])
+    w = h.store_nn.shape[1]
+    overlap = [len(set(a) & set(b)) / w for a, b in zip(h.store_nn.tolist(), h.exact_nn.tolist())]
+    nan = float("nan")
+    return EvalReport(
+        collection=gallery.name,
+        embedder=gallery.record.embedder.describe(),
+        k=k,
+        n_queries=len(h.test_ids),
+        n_indexed=len(h.train_ids),
+        accuracy=nan,
+        exact_accuracy=nan,
+        recall_at_1=float(hit.mean()),
+        per_class={},
+        confusion=[],
+        label_names=[],
+        queries_per_s=len(h.test_ids) / h.query_seconds if h.query_seconds > 0 else float("inf"),
+        query_seconds=h.query_seconds,
+        seconds=time.perf_counter() - started,
+        accuracy_1nn=nan,
+        retrieval={"unlabelled": True, "store_recall_at_k": float(np.mean(overlap)), "recall_k": w},
     )
 
 
@@ -258,6 +290,9 @@ def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> P
     """Write the confusion matrix of ``report`` as a PNG."""
     from lookalike.plots import confusion_figure, save_figure
 
+    if report.retrieval.get("unlabelled"):
+        raise InputError(f"collection {report.collection!r} is unlabelled: it has no confusion matrix (leave out --plot)")
+
     title = f"{report.k}-NN confusion, {report.collection} ({report.n_queries} held out, accuracy {report.accuracy:.4f})"
     return save_figure(confusion_figure(report.confusion, report.label_names, title), out)
 
@@ -265,6 +300,9 @@ def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> P
 def save_errors_picture(gallery: Gallery, report: EvalReport, out: str | os.PathLike[str], *, limit: int = 32) -> Path:
     """Write a gallery of misclassified held-out items, each beside its nearest indexed item ("true -> predicted")."""
     from lookalike.plots import pairs_figure, save_figure
+
+    if report.retrieval.get("unlabelled"):
+        raise InputError(f"collection {report.collection!r} is unlabelled: it has no misclassified items (leave out --errors)")
 
     shown = report.mistakes[:limit]
     pairs = []

@@ -62,9 +62,9 @@ class ClusterReport:
     n_items: int
     silhouette: float
     silhouette_sample: int
-    adjusted_rand: float
-    normalized_mutual_info: float
-    cluster_accuracy: float
+    adjusted_rand: float | None  # None (and no mapping) for an unlabelled collection
+    normalized_mutual_info: float | None
+    cluster_accuracy: float | None
     mapping: dict[int, int]
     seconds: float
     clusters: np.ndarray = field(repr=False)
@@ -90,6 +90,8 @@ class ClusterReport:
 
     def disagreeing(self) -> np.ndarray:
         """Indices of items whose cluster's matched label differs from their own label."""
+        if not self.mapping:
+            return np.array([], dtype=int)
         matched = np.array([self.mapping.get(int(c), -1) for c in self.clusters])
         return np.flatnonzero(matched != self.points.labels)
 
@@ -301,6 +303,9 @@ def cluster(
     features = project(points.vectors, method, seed) if on == "map" else points.vectors
     clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(features)
     sil, n_sil, ari, nmi, acc, mapping = cluster_scores(features, points.labels, clusters, seed)
+    if not gallery.record.labelled:  # nothing to compare the clusters with: only their own shape (silhouette)
+        ari = nmi = acc = None
+        mapping = {}
     return ClusterReport(
         points.collection, k, on, len(points.ids), sil, n_sil, ari, nmi, acc, mapping, time.perf_counter() - started, clusters, points
     )

@@ -149,6 +149,8 @@ class Gallery:
     def resolve_labels(self, labels: Sequence[int | str]) -> list[int]:
         """Label ints from ints or names (``3``, ``"3"``, ``"Sneaker"``); unknown ones raise InputError listing the choices."""
         names = self.record.label_names
+        if labels and not self.record.labelled:
+            raise InputError(f"collection {self.name!r} is unlabelled: leave out --label (filter by --split, or search it all)")
         out: list[int] = []
         for lab in labels:
             text = str(lab).strip()

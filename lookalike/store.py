@@ -50,6 +50,8 @@ META_RESULTS = 32_000
 PROBE = 100  # neighbours asked unfiltered before falling back to a ``where`` query
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
+REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: the collection it will replace
+REBUILD_SUFFIX = ".rebuild"
 MAX_PARTITIONS = 100  # collections with more labels than this get no label partitions
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 _PARTITION_NAME = re.compile(r"\.p\d+$")
@@ -494,6 +496,8 @@ class Store:
         try:
             with _chroma(self.db):
                 self.max_batch = int(self._client.get_max_batch_size())
+            if self._lock is not None:
+                self._finish_rebuilds()  # only under the lock: on a server another process may be rebuilding now
         except BaseException:
             self.close()
             raise
@@ -531,7 +535,7 @@ class Store:
         with _chroma(self.db):
             for c in self._client.list_collections():
                 meta = getattr(c, "metadata", None) or {}
-                out.append((c.name if hasattr(c, "name") else str(c), meta.get(PARTITION_KEY)))
+                out.append((c.name if hasattr(c, "name") else str(c), meta.get(PARTITION_KEY) or meta.get(REBUILD_KEY)))
         return out
 
     def exists(self, name: str) -> bool:
@@ -579,6 +583,52 @@ class Store:
             raise _chroma_error(exc, self.db, name) from None
         self.drop_partitions(name)
         return VectorCollection(col, self, partitioned)
+
+    def rebuild(self, name: str) -> int:
+        """Rebuild collection ``name``'s index from its stored vectors and metadata (nothing is embedded): copy every
+        item into a new collection, then put it in the old one's place. Chroma only marks deleted nodes of its
+        HNSW graph, and after many deletes and replacements some live items can no longer be reached by a query
+        (measured: docs/living-collections.md); a rebuilt index reaches them all again.
+
+        Kill-safe: until the copy is complete the original is untouched (an unfinished copy is dropped the
+        next time the store is opened); once the original is dropped, opening the store finishes the swap.
+        Returns the items copied.
+        """
+        tmp = name + REBUILD_SUFFIX
+        with _chroma(self.db, name):
+            src = self._client.get_collection(name, embedding_function=None)
+            meta = dict(src.metadata or {})
+            with contextlib.suppress(Exception):
+                self._client.delete_collection(tmp)
+            dst = self._client.create_collection(
+                tmp, configuration={"hnsw": dict(HNSW)}, metadata={**meta, REBUILD_KEY: name}, embedding_function=None
+            )
+            copied = 0
+            for ids, vecs, metas in VectorCollection(src, self).pages(vectors=True):
+                for start in range(0, len(ids), self.max_batch):
+                    end = start + self.max_batch
+                    dst.add(ids=ids[start:end], embeddings=vecs[start:end], metadatas=metas[start:end])  # type: ignore[index]
+                copied += len(ids)
+            if dst.count() != src.count():
+                raise DamagedError(f"rebuilding {name!r} copied {dst.count()} of its {src.count()} items: run `lookalike check` again")
+            self._client.delete_collection(name)
+            dst.modify(name=name, metadata=meta)
+        return copied
+
+    def _finish_rebuilds(self) -> None:
+        """Complete or undo a rebuild a killed process left: the copy replaces a dropped original, or is dropped."""
+        for c in self._client.list_collections():
+            target = (getattr(c, "metadata", None) or {}).get(REBUILD_KEY)
+            if not target:
+                continue
+            names = {x.name for x in self._client.list_collections()}
+            if target in names:
+                log.warning("dropping the unfinished rebuild of %r (the collection itself is untouched)", target)
+                self._client.delete_collection(c.name)
+            else:
+                log.warning("finishing the rebuild of %r that a stopped process left", target)
+                col = self._client.get_collection(c.name, embedding_function=None)
+                col.modify(name=target, metadata={k: v for k, v in (col.metadata or {}).items() if k != REBUILD_KEY})
 
     def drop(self, name: str) -> None:
         """Delete collection ``name`` and its label partitions (partitions first: a crash leaves the main one listed)."""
