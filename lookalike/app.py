@@ -154,7 +154,11 @@ def filters(gallery: Gallery, key: str) -> tuple[list[str], str | None, int]:
     names = gallery.label_names or []
     preset = [x for x in (param("labels", "") or "").split(",") if x in names]
     c1, c2, c3 = st.columns([3, 1, 2])
-    labels = c1.multiselect("labels", names, default=preset, key=f"{key}-labels", help="keep only items of these labels")
+    if gallery.record.labelled:
+        labels = c1.multiselect("labels", names, default=preset, key=f"{key}-labels", help="keep only items of these labels")
+    else:
+        labels = []
+        c1.caption("unlabelled collection: no label filter")
     splits = ["any", "train", "test"]
     wanted = param("split", "any")
     split = c2.selectbox("split", splits, index=splits.index(wanted) if wanted in splits else 0, key=f"{key}-split")
@@ -284,6 +288,15 @@ def evaluation_page(gallery: Gallery) -> None:
             with st.spinner("querying the store with every held-out item…"):
                 save_report(gallery, evaluate(gallery, k=int(k)))
             st.rerun()
+        return
+    if report.get("retrieval", {}).get("unlabelled"):
+        cols = st.columns(4)
+        ret = report["retrieval"]
+        cols[0].metric("recall@1", f"{report['recall_at_1']:.4f}", help="how often the store's first answer is an exact nearest neighbour")
+        cols[1].metric(f"recall@{ret['recall_k']}", f"{ret['store_recall_at_k']:.4f}", help="share of the exact nearest the store returns")
+        cols[2].metric("held-out queries", f"{report['n_queries']:,}")
+        cols[3].metric("indexed items", f"{report['n_indexed']:,}")
+        st.caption(f"{report['embedder']} · saved {report.get('saved_at', '')} · unlabelled: no accuracy to measure")
         return
     cols = st.columns(6)
     cols[0].metric(f"{report['k']}-NN accuracy", f"{report['accuracy']:.4f}")

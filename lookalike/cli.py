@@ -254,6 +254,11 @@ def _print_ingest(report: Any, as_json: bool) -> None:
             typer.echo(f"  gone    {len(report.gone)} files no longer in the folder, still stored (--prune removes them): {shown}")
         if report.new_labels:
             typer.echo(f"  labels  new: {', '.join(report.new_labels)}")
+        if report.updated or report.removed:
+            typer.echo(
+                f"  note    Chroma's index can lose items after replacements and removals: `lookalike check --full --collection "
+                f"{report.collection}` finds them, --repair rebuilds the index (docs/living-collections.md)"
+            )
     else:
         typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
@@ -761,7 +766,8 @@ def collections(db: DbOpt = None, wait: WaitOpt = None, as_json: JsonOpt = False
     if not infos:
         typer.echo("no collections")
     for i in infos:
-        typer.echo(f"{i.name:<30} {i.count:>8}  {i.dataset:<14} {i.embedder}")
+        labels = f"{len(i.label_names)} labels" if i.labelled else "unlabelled"
+        typer.echo(f"{i.name:<30} {i.count:>8}  {i.dataset:<14} {labels:<12} {i.embedder}")
 
 
 @command()

@@ -50,6 +50,7 @@ class CollectionInfo:
     embedder: str
     label_names: list[str] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict, repr=False)
+    labelled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class CollectionInfo:
             "dataset": self.dataset,
             "embedder": self.embedder,
             "label_names": self.label_names,
+            "labelled": self.labelled,
             "record": self.record,
         }
 
@@ -144,7 +146,9 @@ class Gallery:
 
     def info(self) -> CollectionInfo:
         rec = self.record
-        return CollectionInfo(self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(rec.to_json()))
+        return CollectionInfo(
+            self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(rec.to_json()), rec.labelled
+        )
 
     def resolve_labels(self, labels: Sequence[int | str]) -> list[int]:
         """Label ints from ints or names (``3``, ``"3"``, ``"Sneaker"``); unknown ones raise InputError listing the choices."""

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import InputError
+from lookalike.util import label_name
 
 
 def _figure(width: float, height: float) -> Any:
@@ -66,12 +67,12 @@ def map_figure(coords: np.ndarray, labels: np.ndarray, label_names: Sequence[str
     fig = _figure(9, 7.5)
     ax = fig.subplots()
     present = sorted(set(int(v) for v in labels))
-    colours = _label_colours(max(present) + 1 if present else 1)
+    colours = _label_colours(max(max(present) + 1, 1) if present else 1)
     size = 4 if len(coords) > 5000 else 9
     for lab in present:
         pts = coords[labels == lab]
-        name = label_names[lab] if lab < len(label_names) else str(lab)
-        ax.scatter(pts[:, 0], pts[:, 1], s=size, color=colours[lab], label=name, alpha=0.7, linewidths=0)
+        name = label_name(label_names, lab)  # "unlabelled" for an unlabelled collection's items
+        ax.scatter(pts[:, 0], pts[:, 1], s=size, color=colours[max(lab, 0)], label=name, alpha=0.7, linewidths=0)
     ax.legend(title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=3, fontsize=9, frameon=False)
     ax.set_title(title, fontsize=11)
     ax.set_xlabel("component 1")

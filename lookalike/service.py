@@ -168,9 +168,16 @@ class Service:
         return chosen
 
     def collections(self) -> list[dict[str, Any]]:
-        """Each collection's name, count, dataset, embedder and label names (no server paths)."""
+        """Each collection's name, count, dataset, embedder, label names and whether it has labels (no server paths)."""
         return [
-            {"name": c.name, "count": c.count, "dataset": c.dataset, "embedder": c.embedder, "label_names": c.label_names}
+            {
+                "name": c.name,
+                "count": c.count,
+                "dataset": c.dataset,
+                "embedder": c.embedder,
+                "label_names": c.label_names,
+                "labelled": c.labelled,
+            }
             for c in list_collections(self.store)
         ]
 

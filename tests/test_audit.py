@@ -81,8 +81,9 @@ def test_bad_options_and_unlabelled_collections(planted: str, tmp_path: Path, fa
     for i in range(6):
         Image.fromarray(make_digits(6, seed=4)[0][i]).save(folder / f"{i}.png")
     ingest("folder", str(tmp_path / "one-label"), embedder=fake_embedder, db=planted, collection="cats")
-    with Gallery.open("cats", planted) as g, pytest.raises(InputError, match="at least two labels"):
-        audit(g)
+    with Gallery.open("cats", planted) as g:  # one label: no label issues, but duplicates and outliers
+        report = audit(g, k=2, n_outliers=2)
+        assert not report.labelled and report.suspects == [] and len(report.outliers) == 2
 
 
 def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> None:

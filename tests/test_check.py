@@ -34,7 +34,8 @@ def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
         part.delete(ids=lost)
         r = check(store)
         assert not r.ok and r.problems == [
-            f"label partition '3' lacks 2 and has 0 extra of the main collection's {r.partitions['3'] + 2} ids"
+            f"label partition '3' lacks 2 of the main collection's {r.partitions['3'] + 2} items of its label "
+            "and has 0 entries without a main item"
         ]
         assert "--repair" in r.fix
         mended = repair(store)

@@ -141,6 +141,9 @@ def test_an_unlabelled_folder_is_ingested_searched_audited_and_mapped(
         assert np.isnan(ev.accuracy) and ev.recall_at_1 == 1.0 and ev.retrieval["unlabelled"]
         result = embedding_map(g, method="pca")
         assert len(result.points.ids) == 61
+        from lookalike.explore import save_map_picture
+
+        assert save_map_picture(result, tmp_path / "map.png").stat().st_size > 5000
         clusters = cluster(g, k=3)
         assert clusters.clusters.shape == (61,) and clusters.adjusted_rand is None
     out = runner.invoke(app, ["search", "--id", "folder:00.png" if (root / "00.png").exists() else "folder:01.png", "--db", db])
@@ -341,3 +344,49 @@ def test_churn_keeps_every_item_findable_or_check_says_so_and_repair_mends_it(
         assert check(store, full=True).ok
     with Gallery.open(db=db) as g:
         assert g.count() == 180 and g.record.living
+
+
+def test_an_unlabelled_collection_in_the_service_and_the_app(
+    tmp_path: Path, db: str, fake_embedder: PixelEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from streamlit.testing.v1 import AppTest
+
+    import lookalike.app as app_module
+    from lookalike.errors import InputError
+    from lookalike.service import Service
+
+    root = tmp_path / "album"
+    x, _ = make_digits(30, seed=5)
+    root.mkdir()
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(root / f"{i:02d}.png")
+    ingest("folder", str(root), embedder=fake_embedder, db=db, collection="album")
+    with Gallery.open("album", db) as g:
+        from lookalike.evaluate import save_report
+
+        save_report(g, evaluate(g))
+    buf = io.BytesIO()
+    Image.fromarray(x[4]).save(buf, format="PNG")
+    with Service(db) as service:
+        (info,) = service.collections()
+        assert info["labelled"] is False and info["label_names"] == []
+        answer = service.search("album", image=buf.getvalue(), k=3)
+        assert answer.hits[0].id == "folder:04.png" and answer.hits[0].label_name == "unlabelled"
+        assert service.item("album", "folder:04.png").label_name == "unlabelled"
+        with pytest.raises(InputError, match="unlabelled"):
+            service.search("album", id="folder:04.png", k=3, labels=["1"])
+    monkeypatch.setenv("LOOKALIKE_DB", db)
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    for page in ("Search", "Map", "Evaluation", "Clusters", "Audit"):
+        at = AppTest.from_file(str(Path(app_module.__file__)), default_timeout=120)
+        at.query_params["page"] = page
+        if page == "Search":
+            at.query_params["id"] = "folder:04.png"
+        at.run()
+        assert not at.exception, (page, at.exception)
+        if page == "Search":
+            assert any("unlabelled collection" in c.value for c in at.caption) and at.get("image")
+        if page == "Evaluation":
+            assert {m.label for m in at.metric} >= {"recall@1", "held-out queries"}
