@@ -12,6 +12,7 @@ apply its own log, and every later read fails): drop it and ingest again.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -164,10 +165,11 @@ def _catalogue_problems(g: Gallery, ids: Sequence[str], metas: Sequence[dict[str
     moved = []
     for id_, m in zip(ids, metas):
         parts = id_.split(":", 2)
-        if len(parts) == 3 and parts[1] in SPLITS and parts[1] != m.get("split"):
+        if rec.living:
+            if id_ != f"folder:{m.get('path')}":
+                moved.append(id_)  # a lasting folder id is its path and nothing else (no split)
+        elif len(parts) == 3 and parts[1] in SPLITS and parts[1] != m.get("split"):
             moved.append(id_)  # the split its id was given is not the split it is stored under
-        elif rec.living and len(parts) == 3 and parts[1] in SPLITS:
-            moved.append(id_)  # a lasting folder id never holds the split
     if moved:
         out.append(f"{len(moved)} items break the split rule (their id and stored split disagree, e.g. {moved[0]!r})")
     if rec.living:
@@ -183,8 +185,8 @@ def _stray_partitions(g: Gallery) -> list[int]:
     """Label partitions of ``g`` whose label the record does not name."""
     out = []
     for part, owner in g.store.all_collections():
-        if owner == g.name:
-            label = int(part.rsplit(".p", 1)[1])
+        if owner == g.name and part.startswith(g.name) and re.fullmatch(r"\.p\d+", part[len(g.name) :]):
+            label = int(part[len(g.name) + 2 :])
             if not 0 <= label < len(g.label_names):
                 out.append(label)
     return sorted(out)
@@ -241,7 +243,7 @@ def repair(store: Store, name: str | None = None) -> CheckReport:
     report = check(store, name, full=True)
     if report.ok or "--repair" not in report.fix:
         return report
-    if any(p.startswith("the index does not find") for p in report.problems):
+    if any(p.startswith(("the index does not find", "the index fails to answer")) for p in report.problems):
         store.rebuild(report.collection)
     gallery = Gallery(store, report.collection)
     if gallery.record.label_partitions:

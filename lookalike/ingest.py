@@ -82,7 +82,7 @@ class IngestReport:
         return self._rate(self.embed_seconds)
 
     def _rate(self, seconds: float) -> float:
-        n = sum(self.added.values())
+        n = sum(self.added.values()) + self.updated
         return n / seconds if seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,11 +296,21 @@ def _prepare_sync(
         _check_relocation(gallery, new_root)
         report.relocated_from = old_root
     if have.legacy_folder:
+        # refused before anything is rewritten: what the earlier release recorded must still hold
+        legacy = {"limit": have.protocol.get("limit"), "seed": have.protocol.get("seed"), "labels": True}
+        asked = {k: ds.protocol.get(k) for k in legacy}
+        if asked != legacy:
+            shown = ", ".join(f"{k}={legacy[k]!r} not {asked[k]!r}" for k in legacy if legacy[k] != asked[k])
+            raise MismatchError(f"collection {name!r} holds another dataset protocol ({shown}): use another --collection NAME")
         report.upgraded = upgrade_legacy_folder(gallery, new_root, fraction)
     ds, new_labels = merge_labels(gallery.record.label_names, ds)
     report.new_labels = new_labels
     want = replace(record, label_names=ds.label_names, label_partitions=gallery.record.label_partitions)
-    now = replace(gallery.record, protocol={**gallery.record.protocol, "root": new_root})
+    protocol = {**gallery.record.protocol, "root": new_root}
+    protocol.pop("follow_links", None)
+    if ds.protocol.get("follow_links"):
+        protocol["follow_links"] = True  # as this ingest listed the folder: what `sync` repeats
+    now = replace(gallery.record, protocol=protocol)
     now.check_compatible(want, name)
     if now.protocol != gallery.record.protocol or new_labels:
         gallery.set_record(replace(now, label_names=ds.label_names))  # before any item uses a new label number

@@ -55,6 +55,7 @@ REBUILD_SUFFIX = ".rebuild"
 MAX_PARTITIONS = 100  # collections with more labels than this get no label partitions
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 _PARTITION_NAME = re.compile(r"\.p\d+$")
+_RESERVED_NAME = re.compile(r"\.(p\d+|rebuild)$")
 
 
 def default_db() -> str:
@@ -209,8 +210,9 @@ class VectorCollection:
         self._add(ids, vectors, metadatas)
 
     def add_to_partitions(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
-        """Add items to the label partitions only (each to its label's; existing ids are skipped)."""
-        self._by_label(ids, metadatas, lambda part, rows: part._add([ids[i] for i in rows], vectors[rows], [metadatas[i] for i in rows]))
+        """Write items to the label partitions only (each to its label's), replacing what a killed write left there:
+        the main collection decides what is stored, so a partition entry always follows the item written now."""
+        self._by_label(ids, metadatas, lambda part, rows: part._write("upsert", [ids[i] for i in rows], vectors[rows], rows, metadatas))
 
     def _add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         step = self._store.max_batch
@@ -496,8 +498,8 @@ class Store:
         try:
             with _chroma(self.db):
                 self.max_batch = int(self._client.get_max_batch_size())
-            if self._lock is not None:
-                self._finish_rebuilds()  # only under the lock: on a server another process may be rebuilding now
+            with _chroma(self.db):
+                self._finish_rebuilds()
         except BaseException:
             self.close()
             raise
@@ -616,15 +618,18 @@ class Store:
         return copied
 
     def _finish_rebuilds(self) -> None:
-        """Complete or undo a rebuild a killed process left: the copy replaces a dropped original, or is dropped."""
+        """Complete or undo a rebuild a killed process left: the copy replaces a dropped original (also on a server:
+        there is nothing else to do with it), or an unfinished copy beside its original is dropped (only under a local
+        store's lock: on a server another process may be copying now; its next rebuild starts afresh)."""
         for c in self._client.list_collections():
             target = (getattr(c, "metadata", None) or {}).get(REBUILD_KEY)
             if not target:
                 continue
             names = {x.name for x in self._client.list_collections()}
             if target in names:
-                log.warning("dropping the unfinished rebuild of %r (the collection itself is untouched)", target)
-                self._client.delete_collection(c.name)
+                if self._lock is not None:
+                    log.warning("dropping the unfinished rebuild of %r (the collection itself is untouched)", target)
+                    self._client.delete_collection(c.name)
             else:
                 log.warning("finishing the rebuild of %r that a stopped process left", target)
                 col = self._client.get_collection(c.name, embedding_function=None)
@@ -649,8 +654,11 @@ def check_name(name: str) -> None:
         raise InputError(
             f"invalid collection name {name!r}: use 3-512 letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
         )
-    if _PARTITION_NAME.search(name):
-        raise InputError(f"invalid collection name {name!r}: names ending in .pN are kept for label partitions; choose another")
+    if _RESERVED_NAME.search(name):
+        raise InputError(
+            f"invalid collection name {name!r}: names ending in .pN or .rebuild are kept for label partitions and index rebuilds; "
+            "choose another"
+        )
 
 
 def _local_dir(path: Path, create: bool) -> Path:

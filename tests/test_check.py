@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lookalike.check import check, repair
@@ -59,3 +60,33 @@ def test_a_damaged_index_is_reported_with_the_fix(tmp_path: Path, db: str, fake_
     assert ev.returncode == 1 and "lookalike check --collection mnist" in one_line_error(ev)
     plain = run_cli("check", "--db", stored)
     assert plain.returncode == 1 and "DAMAGED" in plain.stdout and "Traceback" not in plain.stderr
+
+
+def test_a_rebuild_killed_at_either_moment_is_finished_or_undone_at_the_next_open(stored: str) -> None:
+    """``check --repair`` rebuilds an index by copying into ``NAME.rebuild`` then swapping it in: a kill before the
+    swap leaves the original (the copy is dropped), a kill after the original was dropped leaves the copy (it is
+    put in the original's place)."""
+    from lookalike.gallery import Gallery
+    from lookalike.store import REBUILD_KEY, check_name
+
+    with pytest.raises(Exception, match="kept for label partitions and index rebuilds"):
+        check_name("mnist.rebuild")
+    with Gallery.open("mnist", stored) as g:
+        want_ids, want_vecs, _ = g.collection().scan(vectors=True, dim=g.record.embedder.dim)
+    for dropped in (False, True):
+        with Store(stored) as store:
+            src = store._client.get_collection("mnist", embedding_function=None)
+            meta = dict(src.metadata or {})
+            got = src.get(include=["embeddings", "metadatas"])
+            copy = store._client.create_collection("mnist.rebuild", metadata={**meta, REBUILD_KEY: "mnist"}, embedding_function=None)
+            copy.add(ids=got["ids"], embeddings=got["embeddings"], metadatas=got["metadatas"])
+            if dropped:
+                store._client.delete_collection("mnist")
+            assert store.names() == ([] if dropped else ["mnist"])  # the copy is never listed
+        with Store(stored) as store:  # the next open finishes (or undoes) it
+            assert store.names() == ["mnist"] and [n for n, _ in store.all_collections() if n.endswith(".rebuild")] == []
+            assert REBUILD_KEY not in (store._client.get_collection("mnist").metadata or {})
+            assert check(store, full=True).ok
+        with Gallery.open("mnist", stored) as g:
+            ids, vecs, _ = g.collection().scan(vectors=True, dim=g.record.embedder.dim)
+            assert sorted(ids) == sorted(want_ids) and np.allclose(vecs[np.argsort(ids)], want_vecs[np.argsort(want_ids)])

@@ -29,7 +29,8 @@ from lookalike.ingest import ingest, sync
 from lookalike.record import Record
 from lookalike.search import search
 from lookalike.store import Store
-from tests.conftest import make_digits, one_line_error
+
+from .conftest import make_digits, one_line_error
 
 
 def write_digits(root: Path, per_label: int, start: int = 0, labels: tuple[int, ...] = (0, 1, 2), seed: int = 3) -> None:
@@ -218,6 +219,10 @@ def test_a_collection_of_the_earlier_release_answers_then_upgrades_in_place(tmp_
     with Store(db) as store:
         before = check(store, "old")
         assert not before.ok and any("two ids" in p for p in before.problems) and "lookalike sync" in before.fix
+    with pytest.raises(MismatchError, match="limit=None not 5"):  # refused before anything is rewritten
+        ingest("folder", str(root), embedder=fake_embedder, db=db, collection="old", limit=5)
+    with Gallery.open("old", db) as g:
+        assert g.record.legacy_folder and g.count() == 31
     report = sync("old", db)
     assert report.upgraded == 30 and sum(report.added.values()) == 0 and report.updated == 0 and report.unchanged == 30
     with Gallery.open("old", db) as g:
