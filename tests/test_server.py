@@ -300,7 +300,10 @@ def test_sixteen_concurrent_clients_get_the_sequential_answers(served: Served) -
     for j, (kind, key, _) in enumerate(jobs):
         status, got = results[j]
         assert status == 200
-        assert got["hits"] == (served.by_image[key] if kind == "image" else served.by_id[key])
+        want = served.by_image[key] if kind == "image" else served.by_id[key]
+        # the same hits; a distance may differ in the last float bits when Chroma answers a batch (2.5e-07 seen for 0.0)
+        assert [{**h, "distance": None} for h in got["hits"]] == [{**h, "distance": None} for h in want]
+        assert [h["distance"] for h in got["hits"]] == pytest.approx([h["distance"] for h in want], abs=1e-5)
     stats = json.loads(served.call("GET", "/stats")[2])["collections"]["digits"]
     assert stats["items"] >= 16 and stats["largest"] >= 1
 
