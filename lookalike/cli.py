@@ -319,6 +319,13 @@ def search(
     k: Annotated[int, typer.Option("--k", "-k", help="Number of neighbours")] = 5,
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Keep only this label (repeatable; int or name)")] = None,
     split: Annotated[Optional[str], typer.Option(help="Keep only train (indexed) or test (held-out) items")] = None,
+    where: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--where",
+            help="Keep only items whose metadata match: 'width >= 1000', 'camera = \"Pixel 7\"', 'split in [train]' (repeatable: AND)",
+        ),
+    ] = None,
     collection: CollectionOpt = None,
     db: DbOpt = None,
     wait: WaitOpt = None,
@@ -346,17 +353,19 @@ def search(
 
         client = Client(server, api_key=read_api_key(api_key_file))
         name = client.pick(collection)
-        hits = client.search(name, image=image, id=id, k=k, labels=label, split=split)
+        hits = client.search(name, image=image, id=id, k=k, labels=label, split=split, where=where)
         if save:
             path = save_remote(client, name, hits, save, image=image, id=id)
     else:
         if api_key_file is not None:
             raise InputError("--api-key-file goes with --server URL")
+        from lookalike.filters import parse_where
         from lookalike.search import save_picture
         from lookalike.search import search as run_search
 
+        filt = parse_where(where)  # a bad expression fails before the store is opened
         with _open(collection, db, wait, max_pixels) as gallery:
-            hits = run_search(gallery, image=image, id=id, k=k, labels=label, split=split)
+            hits = run_search(gallery, image=image, id=id, k=k, labels=label, split=split, where=filt)
             if save:
                 path = save_picture(gallery, hits, save, image=image, id=id)
     if as_json:

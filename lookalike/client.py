@@ -88,8 +88,9 @@ class Client:
         k: int = 5,
         labels: Sequence[int | str] | None = None,
         split: str | None = None,
+        where: Sequence[str] | None = None,
     ) -> list[Hit]:
-        """The service's hits for an image file (uploaded) or a stored id."""
+        """The service's hits for an image file (uploaded) or a stored id; ``where``: ``--where`` expressions."""
         path = f"/collections/{quote(collection, safe='')}/search"
         if (image is None) == (id is None):
             raise InputError("give exactly one query: --image FILE or --id ID")
@@ -100,6 +101,7 @@ class Client:
             fields: list[tuple[str, str]] = [("k", str(k)), *(("labels", str(lab)) for lab in labels or ())]
             if split is not None:
                 fields.append(("split", split))
+            fields += [("where", w) for w in where or ()]
             body, ctype = multipart_body(fields, "image", p.name, p.read_bytes())
         else:
             payload: dict[str, Any] = {"id": id, "k": k}
@@ -107,6 +109,8 @@ class Client:
                 payload["labels"] = list(labels)
             if split is not None:
                 payload["split"] = split
+            if where:
+                payload["where"] = list(where)
             body, ctype = json.dumps(payload).encode(), "application/json"
         answer = self._json("POST", path, body, ctype)
         names = [f.name for f in dataclasses.fields(Hit)]

@@ -30,6 +30,7 @@ import numpy as np
 from lookalike.datasets import SPLITS, stored_pixels
 from lookalike.embedder import Embedder, build_embedder
 from lookalike.errors import InputError, NotFoundError, StoreError, TooLargeError
+from lookalike.filters import check_fields, combine, matches
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
@@ -86,6 +87,7 @@ class Gallery:
         self.max_pixels = check_max_pixels(max_pixels)
         self._embedder: Embedder | None = None
         self._embed_lock = threading.Lock()
+        self._fields: list[str] | None = None
 
     # -- opening and closing -------------------------------------------------------------------------
 
@@ -288,18 +290,40 @@ class Gallery:
         split: str | None = None,
         exclude: Collection[str] = (),
         metadata: bool = True,
+        where: dict[str, Any] | None = None,
     ) -> list[list[Neighbor]]:
         """The ``k`` nearest stored items to each row of ``vectors`` ``(n, dim)``, nearest first.
 
-        Only items with one of ``labels`` (ints or names) and of ``split``, never those in
-        ``exclude``. ``metadata=False`` returns ids and distances only (faster, for evaluation).
+        Only items with one of ``labels`` (ints or names) and of ``split`` that match ``where`` (Chroma's
+        dict form, see :mod:`lookalike.filters`), never those in ``exclude``. ``metadata=False`` returns ids
+        and distances only (faster, for evaluation).
         """
         if k < 1:
             raise InputError(f"--k must be at least 1, got {k}")
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.record.embedder.dim:
             raise InputError(f"query vectors must be (n, {self.record.embedder.dim}) for {self.name!r}, got shape {vectors.shape}")
-        return self._col.query(vectors, k, self.where(labels, split), exclude=exclude, metadata=metadata)
+        self.check_where(where)
+        return self._col.query(vectors, k, combine(self.where(labels, split), where), exclude=exclude, metadata=metadata)
+
+    def fields(self) -> list[str]:
+        """The metadata fields of the collection's items (read from its first 5,000 items, once)."""
+        if self._fields is None:
+            _, _, metas = self._col.get_page(0, 5000)
+            self._fields = sorted({key for m in metas for key in m})
+        return self._fields
+
+    def check_where(self, where: dict[str, Any] | None) -> None:
+        """InputError naming the collection's fields when ``where`` filters on another, or uses an unknown operator."""
+        if not where:
+            return
+        try:
+            matches({}, where)
+        except ValueError as exc:
+            raise InputError(f"unknown filter operator {exc}: use $eq $ne $in $nin $gt $gte $lt $lte $and $or") from None
+        except (AttributeError, TypeError):
+            raise InputError("a filter is a dict like {'width': {'$gte': 1000}} (Chroma's where form)") from None
+        check_fields(where, self.fields(), self.name)
 
     # -- notes kept with the collection -------------------------------------------------------------
 

@@ -56,17 +56,21 @@ def search(
     k: int = 5,
     labels: Sequence[int | str] | None = None,
     split: str | None = None,
+    where: dict[str, Any] | None = None,
 ) -> list[Hit]:
     """The ``k`` nearest items to ``image`` (a file path or a uint8 array), to stored ``id``, or to ``vector``.
 
     ``labels`` keeps only those labels (ints, or label names); ``split`` only ``"train"`` or
-    ``"test"`` items. Nearest first.
+    ``"test"`` items; ``where`` only items whose metadata match it (Chroma's dict form, or
+    :func:`lookalike.filters.parse_where` of ``--where`` expressions): exact at any selectivity.
+    Nearest first; a filter that matches nothing gives no hits.
     """
     if sum(q is not None for q in (image, id, vector)) != 1:
         raise InputError("give exactly one query: --image FILE or --id ID")
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
-    gallery.where(labels, split)  # bad labels or split fail before any work (TensorFlow's start included)
+    gallery.where(labels, split)  # bad labels, split or filter fail before any work (TensorFlow's start included)
+    gallery.check_where(where)
     if id is not None:
         query = gallery.vector(id)
     elif vector is not None:
@@ -75,7 +79,7 @@ def search(
             raise InputError("a query vector must hold finite numbers (no NaN or infinity)")
     else:
         query = gallery.embed([gallery.read_query_image(image)])
-    (neighbours,) = gallery.neighbours(query, k, labels=labels, split=split, exclude={id} if id is not None else ())
+    (neighbours,) = gallery.neighbours(query, k, labels=labels, split=split, exclude={id} if id is not None else (), where=where)
     return [
         Hit(
             rank,

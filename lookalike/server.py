@@ -42,7 +42,7 @@ KEY_ENV = "LOOKALIKE_API_KEY"
 MIN_KEY_LENGTH = 16
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one request body
 DRAIN_CAP = 64 * 1024 * 1024  # bytes of a refused body read (and dropped) before the answer, so that the client hears it
-SEARCH_FIELDS = ("id", "vector", "k", "labels", "label", "split")
+SEARCH_FIELDS = ("id", "vector", "k", "labels", "label", "split", "where")
 KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))' > lookalike.key"
 
 
@@ -139,6 +139,10 @@ def _search_docs() -> dict[str, Any]:
         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
         "labels": {"type": "array", "items": {"type": "string"}, "description": "keep only these labels (ints or names)"},
         "split": {"type": "string", "enum": ["train", "test"]},
+        "where": {
+            "description": 'a metadata filter: ["width >= 1000", "camera = \\"Pixel 7\\""] (the CLI\'s --where, ANDed) or Chroma\'s '
+            'where object {"width": {"$gte": 1000}}; in a form, repeat the field with one expression each',
+        },
     }
     return {
         "requestBody": {
@@ -298,15 +302,17 @@ async def _form_query(request: Any) -> dict[str, Any]:
     await upload.close()
     unknown = sorted(set(form.keys()) - {"image", *SEARCH_FIELDS} - {"id", "vector"})
     if unknown:
-        raise InputError(f"unknown form field {unknown[0]!r}: the fields are image, k, labels, split")
+        raise InputError(f"unknown form field {unknown[0]!r}: the fields are image, k, labels, split, where")
     labels = [str(v) for v in [*form.getlist("labels"), *form.getlist("label")]]
     split = form.get("split")
+    where = [str(v) for v in form.getlist("where")]
     return {
         "image": data,
         "image_name": f"the upload {getattr(upload, 'filename', None) or ''}".strip(),
         "k": form.get("k", 5),
         "labels": labels or None,
         "split": str(split) if split not in (None, "") else None,
+        "where": where or None,
     }
 
 
@@ -333,7 +339,14 @@ async def _json_query(request: Any) -> dict[str, Any]:
         raise InputError("split must be 'train' or 'test'")
     if body.get("id") is None and body.get("vector") is None:
         raise InputError('give "id" (a stored item) or "vector" in the JSON body, or upload an image as multipart/form-data')
-    return {"id": body.get("id"), "vector": body.get("vector"), "k": body.get("k", 5), "labels": labels or None, "split": split}
+    return {
+        "id": body.get("id"),
+        "vector": body.get("vector"),
+        "k": body.get("k", 5),
+        "labels": labels or None,
+        "split": split,
+        "where": body.get("where"),
+    }
 
 
 class _Gate:

@@ -209,8 +209,10 @@ class Service:
         k: Any = 5,
         labels: Sequence[int | str] | None = None,
         split: str | None = None,
+        where: Any = None,
     ) -> SearchAnswer:
-        """:func:`lookalike.search.search` on ``collection``, an uploaded ``image`` embedded in a shared batch."""
+        """:func:`lookalike.search.search` on ``collection``, an uploaded ``image`` embedded in a shared batch.
+        ``where``: a metadata filter, Chroma's dict form or a list of ``--where`` expressions (strings)."""
         started = time.perf_counter()
         k = check_k(k)
         if sum(q is not None for q in (image, id, vector)) != 1:
@@ -218,19 +220,21 @@ class Service:
         g = self.gallery(collection)
         resolved = g.resolve_labels(labels) if labels else None
         g.where(labels, split)  # a bad split fails before any work
+        where = as_where(where)
+        g.check_where(where)
         if image is not None:
             query: dict[str, Any] = {"kind": "image", "bytes": len(image)}
             pixels = g.read_query_image(image, name=image_name)
             vec = self.batcher(collection)(pixels)
-            hits = search(g, vector=vec, k=k, labels=labels, split=split)
+            hits = search(g, vector=vec, k=k, labels=labels, split=split, where=where)
         elif id is not None:
             if not isinstance(id, str) or not id:
                 raise InputError("id must be a non-empty string")
             query = {"kind": "id", "id": id}
-            hits = search(g, id=id, k=k, labels=labels, split=split)
+            hits = search(g, id=id, k=k, labels=labels, split=split, where=where)
         else:
             query = {"kind": "vector"}
-            hits = search(g, vector=_as_vector(vector, g.record.embedder.dim), k=k, labels=labels, split=split)
+            hits = search(g, vector=_as_vector(vector, g.record.embedder.dim), k=k, labels=labels, split=split, where=where)
         return SearchAnswer(collection, query, k, resolved, split, hits, time.perf_counter() - started)
 
     def item(self, collection: str, item_id: str) -> ItemInfo:
@@ -282,3 +286,18 @@ def _as_vector(vector: Any, dim: int) -> np.ndarray:
     if v.ndim != 1 or v.shape[0] != dim:
         raise InputError(f"vector must be a list of {dim} numbers, got shape {list(v.shape)}")
     return v
+
+
+def as_where(where: Any) -> dict[str, Any] | None:
+    """A request's filter: None, Chroma's dict form, one ``--where`` expression or a list of them; InputError otherwise."""
+    from lookalike.filters import parse_where
+
+    if where is None or where == "" or where == []:
+        return None
+    if isinstance(where, dict):
+        return where
+    if isinstance(where, str):
+        return parse_where([where])
+    if isinstance(where, list) and all(isinstance(w, str) for w in where):
+        return parse_where(where)
+    raise InputError('where must be a filter object such as {"width": {"$gte": 1000}}, or a list of expressions such as ["width >= 1000"]')

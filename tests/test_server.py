@@ -510,3 +510,22 @@ def test_the_client_does_not_carry_the_key_through_a_redirect() -> None:
     finally:
         srv.shutdown()
     assert seen == [("/collections", f"Bearer {KEY}")]
+
+
+def test_a_where_filter_over_http_in_json_and_in_a_form(served: Served) -> None:
+    as_dict = {"$and": [{"index": {"$lt": 30}}, {"source": "x_train"}]}
+    status, want = served.search(json.dumps({"id": "mnist:test:2", "k": 4, "where": as_dict}).encode(), "application/json", "pixels")
+    assert status == 200 and len(want["hits"]) == 4
+    assert all(h["metadata"]["index"] < 30 and h["metadata"]["source"] == "x_train" for h in want["hits"])
+    body = json.dumps({"id": "mnist:test:2", "k": 4, "where": ["index < 30", "source = x_train"]}).encode()
+    status, got = served.search(body, "application/json", collection="pixels")
+    assert status == 200 and got["hits"] == want["hits"]
+    form, ctype = multipart([("k", "4"), ("where", "index < 30"), ("where", "source = x_train")], png(served.x_test[2]))
+    status, got = served.search(form, ctype, collection="pixels")
+    assert status == 200 and len(got["hits"]) == 4
+    assert all(h["metadata"]["index"] < 30 and h["metadata"]["source"] == "x_train" for h in got["hits"])
+    status, err = served.search(json.dumps({"id": "mnist:test:2", "where": ["nope ~ 1"]}).encode(), "application/json", "pixels")
+    assert status == 422 and "unknown operator" in err["error"]
+    nothing = json.dumps({"id": "mnist:test:2", "where": {"index": {"$gt": 10**9}}}).encode()
+    status, got = served.search(nothing, "application/json", "pixels")
+    assert status == 200 and got["hits"] == []  # a filter that matches nothing: no hits, no error

@@ -1,0 +1,119 @@
+"""Metadata filters: the --where language, the client-side matcher against Chroma's own, and exact filtered search
+at every selectivity (against brute force over the matching items)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lookalike.cli import app
+from lookalike.errors import InputError
+from lookalike.filters import matches, parse_where
+from lookalike.gallery import Gallery
+from lookalike.ingest import ingest
+from lookalike.search import search
+
+from .conftest import make_digits, one_line_error, write_npz
+
+
+def test_expressions_parse_to_chromas_where_form() -> None:
+    assert parse_where(["width >= 1000"]) == {"width": {"$gte": 1000}}
+    assert parse_where(['camera = "Pixel 7"', "split in [train, test]"]) == {
+        "$and": [{"camera": {"$eq": "Pixel 7"}}, {"split": {"$in": ["train", "test"]}}]
+    }
+    assert parse_where(["path not in ['a b.png', c]"]) == {"path": {"$nin": ["a b.png", "c"]}}
+    assert parse_where(["size between 10 and 2.5e3"]) == {"$and": [{"size": {"$gte": 10}}, {"size": {"$lte": 2500.0}}]}
+    day = parse_where(["taken between 2024-01-01 and 2024-01-01"])  # both days included: the whole day
+    assert day == {"$and": [{"taken": {"$gte": 1704067200}}, {"taken": {"$lte": 1704067200 + 86399}}]}
+    assert parse_where(["ok = true", "n != -3"]) == {"$and": [{"ok": {"$eq": True}}, {"n": {"$ne": -3}}]}
+    assert parse_where(["名前 = 猫"]) == {"名前": {"$eq": "猫"}}
+    assert parse_where([]) is None
+    for bad in ("width", "width >= big", "w ~ 3", "x in 3", "x between 1 2", "= 3", "x = ", 'x = "open'):
+        with pytest.raises(InputError):
+            parse_where([bad])
+
+
+def test_the_matcher_agrees_with_chroma(tmp_path: Path, db: str, fake_embedder) -> None:
+    """The store filters a probe's answers itself (see VectorCollection.query): it must keep exactly what Chroma would."""
+    path = write_npz(tmp_path / "d.npz", make_digits(120, seed=1), make_digits(30, seed=2))
+    ingest("mnist", source=str(path), embedder=fake_embedder, db=db)
+    filters = [
+        {"index": {"$lt": 17}},
+        {"index": {"$gte": 100}},
+        {"$and": [{"label": {"$in": [1, 2, 3]}}, {"split": "train"}]},
+        {"$or": [{"label_name": {"$eq": "4"}}, {"index": {"$lte": 2}}]},
+        {"source": {"$ne": "x_test"}},
+        {"label": {"$nin": [0, 9]}},
+        {"index": {"$gt": 5.5}},
+    ]
+    with Gallery.open(db=db) as g:
+        col = g.collection()
+        ids, _, metas = col.scan(vectors=False)
+        for where in filters:
+            chroma = set(col._c.get(where=where, include=[])["ids"])
+            ours = {i for i, m in zip(ids, metas) if matches(m, where)}
+            assert ours == chroma, where
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from lookalike.embedder import PixelEmbedder, make_spec
+
+    root = tmp_path_factory.mktemp("filters")
+    path = write_npz(root / "d.npz", make_digits(2000, seed=7), make_digits(40, seed=8))
+    db = str(root / "db")
+    ingest("mnist", source=str(path), embedder=PixelEmbedder(make_spec("pixels", input_size=8, normalize="l2")), db=db)
+    return db
+
+
+@pytest.mark.parametrize("share", [0.5, 0.1, 0.01, 0.001])
+def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float) -> None:
+    """The k nearest among the matching items, as brute force over them finds them; fewer than k when fewer match."""
+    n_match = max(1, round(share * 2000))
+    where = {"$and": [{"source": "x_train"}, {"index": {"$lt": n_match}}]}
+    with Gallery.open(db=big) as g:
+        ids, vecs, metas = g.collection().scan(vectors=True, dim=g.record.embedder.dim)
+        rows = [i for i, m in enumerate(metas) if matches(m, where)]
+        assert len(rows) == n_match
+        for q_id in [f"mnist:test:{i}" for i in range(0, 40, 4)]:
+            queries = g.vector(q_id)
+            d = np.sqrt(((vecs[rows] - queries) ** 2).sum(1))
+            want = [ids[rows[j]] for j in np.lexsort((np.array([ids[r] for r in rows]), d))[:10]]
+            got = search(g, id=q_id, k=10, where=where)
+            assert [h.id for h in got] == want, (share, q_id)
+            assert len(got) == min(10, n_match)
+        # the same through a label partition (label filter plus a metadata filter)
+        label_rows = [i for i in rows if metas[i]["label"] == 3]
+        got = search(g, id="mnist:test:1", k=5, labels=[3], where=where)
+        q = g.vector("mnist:test:1")
+        d = np.sqrt(((vecs[label_rows] - q) ** 2).sum(1)) if label_rows else np.zeros(0)
+        assert [h.id for h in got] == [ids[label_rows[j]] for j in np.argsort(d, kind="stable")[:5]]
+
+
+def test_where_in_the_cli_and_the_service(big: str) -> None:
+    from lookalike.service import Service
+
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["search", "--id", "mnist:test:3", "--k", "3", "--where", "index < 5", "--where", "source = x_train", "--db", big]
+    )
+    assert r.exit_code == 0, r.output
+    shown = [line.split()[1] for line in r.stdout.splitlines()[1:]]
+    assert len(shown) == 3 and all(int(i.rsplit(":", 1)[1]) < 5 for i in shown)
+    none = runner.invoke(app, ["search", "--id", "mnist:test:3", "--where", "index > 99999", "--db", big])
+    assert none.exit_code == 0 and "no items match the filters" in none.stdout  # matching nothing is no error
+    bad = runner.invoke(app, ["search", "--id", "mnist:test:3", "--where", "camera = x", "--db", big])
+    assert bad.exit_code == 2 and "has no field 'camera'" in one_line_error(bad) and "index" in one_line_error(bad)
+    bad = runner.invoke(app, ["search", "--id", "mnist:test:3", "--where", "index <", "--db", big])
+    assert bad.exit_code == 2 and "--where" in one_line_error(bad)
+    with Service(big) as service:
+        a = service.search("mnist", id="mnist:test:3", k=3, where=["index < 5", "source = x_train"])
+        b = service.search("mnist", id="mnist:test:3", k=3, where={"$and": [{"index": {"$lt": 5}}, {"source": "x_train"}]})
+        assert [h.id for h in a.hits] == [h.id for h in b.hits] == shown
+        with pytest.raises(InputError, match="where must be"):
+            service.search("mnist", id="mnist:test:3", k=3, where=5)
+        with pytest.raises(InputError, match="unknown filter operator"):
+            service.search("mnist", id="mnist:test:3", k=3, where={"index": {"$regex": "1"}})
