@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lookalike.datasets import SPLITS, Dataset, Item
+from lookalike.images import image_fields
 from lookalike.util import UNLABELLED, file_sha256, split_key
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,12 @@ def plan(ds: Dataset, stored: dict[str, dict[str, Any]], *, fraction: float, see
             to_hash.append(it)
             continue
         kept.append((it.label, str(meta.get("split", ""))))
-        if meta.get("size") == it.size and meta.get("mtime_ns") == it.mtime_ns and meta.get("sha256"):
+        same = meta.get("size") == it.size and meta.get("mtime_ns") == it.mtime_ns and meta.get("sha256")
+        if same and "format" in meta:
             out.unchanged += 1
         else:
-            to_hash.append(it)
-    hashes = _hash_files(root, to_hash, workers)
+            to_hash.append(it)  # (an item stored before files' own fields were kept gets them once: a refresh)
+    hashes, fields = _hash_files(root, to_hash, workers, gps=bool(ds.protocol.get("gps")))
     for it in to_hash:
         digest = hashes.get(it.id)
         if digest is None:
@@ -107,12 +109,12 @@ def plan(ds: Dataset, stored: dict[str, dict[str, Any]], *, fraction: float, see
         meta = stored.get(it.id)
         if meta is None:
             continue  # new: split given below
-        done = replace(it, split=str(meta.get("split", "")), sha256=digest)
+        done = replace(it, split=str(meta.get("split", "")), sha256=digest, fields=fields[it.id])
         if meta.get("sha256") in (digest, None, ""):  # the same content (or a migrated item that had none): metadata only
             out.refresh.append(done)
         else:
             out.update.append(done)
-    readable_new = [replace(it, sha256=hashes[it.id]) for it in new if it.id in hashes]
+    readable_new = [replace(it, sha256=hashes[it.id], fields=fields[it.id]) for it in new if it.id in hashes]
     out.add = assign_splits(readable_new, kept, fraction=fraction, seed=seed)
     present = {it.id for it in ds.items}
     out.gone = sorted(i for i in stored if i not in present)
@@ -162,17 +164,22 @@ def valid_split(split: Any) -> bool:
     return split in SPLITS
 
 
-def _hash_files(root: str, items: Sequence[Item], workers: int) -> dict[str, str]:
-    """id -> SHA-256 of each item's file (absent when it cannot be read)."""
+def _hash_files(
+    root: str, items: Sequence[Item], workers: int, gps: bool = False
+) -> tuple[dict[str, str], dict[str, tuple[tuple[str, Any], ...]]]:
+    """(id -> SHA-256 of each item's file, absent when it cannot be read; id -> the file's own fields)."""
     if not items:
-        return {}
+        return {}, {}
 
-    def one(it: Item) -> tuple[str, str | None]:
+    def one(it: Item) -> tuple[str, str | None, tuple[tuple[str, Any], ...]]:
+        path = f"{root}/{it.locator}"
         try:
-            return it.id, file_sha256(f"{root}/{it.locator}")
+            digest = file_sha256(path)
         except OSError as exc:
             log.warning("cannot read %s: %s", it.locator, exc.strerror or exc)
-            return it.id, None
+            return it.id, None, ()
+        return it.id, digest, tuple(sorted(image_fields(path, gps).items()))
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
-        return {i: d for i, d in pool.map(one, items) if d is not None}
+        got = list(pool.map(one, items))
+    return {i: d for i, d, _ in got if d is not None}, {i: f for i, d, f in got if d is not None}

@@ -191,6 +191,7 @@ def ingest(
     relocate: Annotated[
         bool, typer.Option("--relocate", help="Folder: the collection's folder moved to PATH (same relative paths); nothing re-embedded")
     ] = False,
+    gps: Annotated[bool, typer.Option("--gps", help="Folder: also store each photo's GPS position (personal data)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a collection; resumable. A folder is mirrored: new files added, changed ones replaced,
@@ -229,6 +230,7 @@ def ingest(
             labels=False if no_labels else None,
             prune=prune,
             relocate=relocate,
+            gps=gps,
         )
     _print_ingest(report, as_json)
 

@@ -62,6 +62,7 @@ class Item:
     size: int = -1  # folder files: bytes and modification time (ns) when listed, the fast change check
     mtime_ns: int = -1
     sha256: str = ""  # folder files: the content's SHA-256, the truth (filled in by the catalogue's plan)
+    fields: tuple[tuple[str, Any], ...] = ()  # folder files: width, height, format, EXIF (images.image_fields)
 
     def metadata(self, dataset: str, label_names: Sequence[str]) -> dict[str, Any]:
         """The metadata stored beside the vector in the collection."""
@@ -75,6 +76,7 @@ class Item:
             meta["path"] = self.locator
             if self.sha256:
                 meta.update(size=self.size, mtime_ns=self.mtime_ns, sha256=self.sha256)
+            meta.update(self.fields)
         else:
             array, index = self.locator.split("/")
             meta["source"] = array
@@ -127,6 +129,7 @@ def load_dataset(
     decode_size: int | None = None,
     follow_links: bool = False,
     labels: bool | None = None,
+    gps: bool = False,
 ) -> Dataset:
     """Open a dataset by name and apply the hold-out protocol.
 
@@ -159,7 +162,12 @@ def load_dataset(
         return _mnist_sample(limit, test_size, seed)
     if path is None:
         raise InputError("dataset 'folder' needs a PATH: lookalike ingest folder PATH (one subfolder per label)")
-    return _folder(Path(path), limit, test_size, seed, max_pixels, decode_size, follow_links, labels)
+    if gps and name != "folder":
+        raise InputError("--gps is for folders (it reads the GPS position of each image file)")
+    ds = _folder(Path(path), limit, test_size, seed, max_pixels, decode_size, follow_links, labels)
+    if gps:
+        ds.protocol["gps"] = True  # recorded for `lookalike sync` (not compared)
+    return ds
 
 
 def stored_pixels(

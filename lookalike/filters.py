@@ -164,8 +164,10 @@ def _parse_one(text: str) -> dict[str, Any]:
     field, rest = toks[0][1], toks[1:]
     head = rest[0][1].lower() if rest[0][0] == "word" else rest[0][1]
     if rest[0][0] == "op":
+        if len(rest) > 2 and OPERATORS[rest[0][1]] in ("$eq", "$ne") and all(kind == "word" for kind, _ in rest[1:]):
+            return {field: {OPERATORS[rest[0][1]]: " ".join(w for _, w in rest[1:])}}  # camera = Pixel 7: words, one string
         if len(rest) != 2:
-            raise InputError(f"cannot read --where {text!r}: one value after {rest[0][1]!r}, {HELP}")
+            raise InputError(f"cannot read --where {text!r}: one value after {rest[0][1]!r} (quote a text with spaces), {HELP}")
         op = OPERATORS[rest[0][1]]
         value = _value(*rest[1])
         if op in ("$lt", "$lte", "$gt", "$gte"):

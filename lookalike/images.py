@@ -139,6 +139,61 @@ def _allow(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = (limit + 1) // 2
 
 
+def image_fields(path: str | os.PathLike[str], gps: bool = False) -> dict[str, Any]:
+    """Metadata of an image file from its header alone (no decoding): ``width``, ``height`` (as stored),
+    ``format``, and from EXIF where present ``taken`` (capture time, seconds since 1970 read as UTC: cameras
+    record local time without a zone) with ``taken_at`` (its text), ``camera_make``, ``camera_model``,
+    ``orientation``; ``latitude``/``longitude`` only with ``gps`` (personal data). ``{"format": "?"}`` for a file
+    Pillow cannot open. Every value is one Chroma can store (no None)."""
+    from datetime import UTC, datetime
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            out: dict[str, Any] = {"width": int(im.width), "height": int(im.height), "format": str(im.format or "?")}
+            try:
+                exif = im.getexif()
+                sub = exif.get_ifd(0x8769)  # the Exif IFD: DateTimeOriginal lives there
+            except Exception:  # a damaged EXIF block: the header's fields only
+                return out
+            when = str(sub.get(0x9003) or exif.get(0x0132) or "").strip("\x00 ")
+            try:
+                stamp = datetime.strptime(when, "%Y:%m:%d %H:%M:%S").replace(tzinfo=UTC)
+                out.update(taken=int(stamp.timestamp()), taken_at=stamp.strftime("%Y-%m-%dT%H:%M:%S"))
+            except ValueError:
+                pass
+            for tag, key in ((0x010F, "camera_make"), (0x0110, "camera_model")):
+                text = str(exif.get(tag) or "").strip("\x00 ")
+                if text:
+                    out[key] = text
+            if exif.get(0x0112):
+                out["orientation"] = int(exif.get(0x0112))
+            if gps:
+                out.update(_gps(exif))
+            return out
+    except Exception:  # not an image Pillow can open (the decoder reports it as unreadable)
+        return {"format": "?"}
+
+
+def _gps(exif: Any) -> dict[str, float]:
+    try:
+        info = exif.get_ifd(0x8825)
+        lat, lat_ref, lon, lon_ref = info[2], info.get(1, "N"), info[4], info.get(3, "E")
+    except Exception:
+        return {}
+
+    def degrees(dms: Any, ref: str) -> float:
+        d, m, sec = (float(x) for x in dms)
+        value = d + m / 60 + sec / 3600
+        return -value if str(ref).upper().startswith(("S", "W")) else value
+
+    try:
+        return {"latitude": round(degrees(lat, lat_ref), 6), "longitude": round(degrees(lon, lon_ref), 6)}
+    except (TypeError, ValueError, ZeroDivisionError):
+        return {}
+
+
 # EXIF orientation -> the transposition that makes the picture upright (as ImageOps.exif_transpose)
 _UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 

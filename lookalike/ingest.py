@@ -127,6 +127,7 @@ def ingest(
     labels: bool | None = None,
     prune: bool = False,
     relocate: bool = False,
+    gps: bool = False,
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
@@ -156,8 +157,8 @@ def ingest(
     check_max_pixels(max_pixels)
     if decode_workers is not None and decode_workers < 1:
         raise InputError(f"--decode-workers must be at least 1, got {decode_workers}")
-    if dataset != "folder" and (labels is not None or prune or relocate):
-        raise InputError("--no-labels, --prune and --relocate are for folders")
+    if dataset != "folder" and (labels is not None or prune or relocate or gps):
+        raise InputError("--no-labels, --prune, --relocate and --gps are for folders")
     ray_options = None
     if ray or ray_address is not None:
         from lookalike.scaleout import RayOptions, require_ray
@@ -209,6 +210,7 @@ def ingest(
             decode_size=spec.input_size,
             follow_links=follow_links,
             labels=labels,
+            gps=gps,
         )
         record = Record(spec, ds.protocol, ds.label_names)
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
@@ -307,9 +309,10 @@ def _prepare_sync(
     report.new_labels = new_labels
     want = replace(record, label_names=ds.label_names, label_partitions=gallery.record.label_partitions)
     protocol = {**gallery.record.protocol, "root": new_root}
-    protocol.pop("follow_links", None)
-    if ds.protocol.get("follow_links"):
-        protocol["follow_links"] = True  # as this ingest listed the folder: what `sync` repeats
+    for key in ("follow_links", "gps"):  # as this ingest listed and read the folder: what `sync` repeats
+        protocol.pop(key, None)
+        if ds.protocol.get(key):
+            protocol[key] = True
     now = replace(gallery.record, protocol=protocol)
     now.check_compatible(want, name)
     if now.protocol != gallery.record.protocol or new_labels:
@@ -569,6 +572,7 @@ def sync(
             batch_size=batch_size,
             max_pixels=max_pixels,
             follow_links=bool(p.get("follow_links")),
+            gps=bool(p.get("gps")),
             decode_workers=decode_workers,
             collection=name,
             store=st,

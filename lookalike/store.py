@@ -127,6 +127,7 @@ class VectorCollection:
         self.name: str = collection.name
         self.partitioned = partitioned
         self._parts: dict[int, VectorCollection] = {}
+        self.plan_counts = {"brute": 0, "where": 0}  # short probes answered by brute force / by Chroma's where
 
     @property
     def raw_record(self) -> str | None:
@@ -399,9 +400,11 @@ class VectorCollection:
             log.debug("%d of %d queries had fewer than %d matches among %d neighbours", len(short), len(out), k, probe)
             allowed = self._matching_ids(where, EXACT_MAX + 1) if where is not None else None
             if allowed is not None and len(allowed) <= EXACT_MAX:  # a narrow filter: exact, over the matching items alone
+                self.plan_counts["brute"] += len(short)
                 for i, row in zip(short, self._exact(vectors[short], k, allowed, excluded, with_meta)):
                     out[i] = row
             else:
+                self.plan_counts["where"] += len(short)
                 for i, row in zip(short, self._query(vectors[short], k + len(excluded), where, with_meta)):
                     out[i] = keep(row)
         return out

@@ -117,3 +117,51 @@ def test_where_in_the_cli_and_the_service(big: str) -> None:
             service.search("mnist", id="mnist:test:3", k=3, where=5)
         with pytest.raises(InputError, match="unknown filter operator"):
             service.search("mnist", id="mnist:test:3", k=3, where={"index": {"$regex": "1"}})
+
+
+def _photo(path: Path, shade: int, when: str | None, model: str, gps: tuple[float, float] | None = None) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(np.full((30, 40, 3), shade, np.uint8))
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0112] = "Google", model, 1
+    if when:
+        exif.get_ifd(0x8769)[0x9003] = when
+    if gps:
+        ifd = exif.get_ifd(0x8825)
+        ifd[1], ifd[2], ifd[3], ifd[4] = "N", (gps[0], 0.0, 0.0), "E", (gps[1], 0.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, exif=exif, quality=95)
+
+
+def test_a_folders_own_fields_are_stored_and_filtered_on(tmp_path: Path, db: str, fake_embedder) -> None:
+    root = tmp_path / "photos"
+    _photo(root / "a.jpg", 40, "2024:03:05 10:20:30", "Pixel 7", gps=(52.0, 4.0))
+    _photo(root / "b.jpg", 90, "2024:07:01 08:00:00", "Pixel 7")
+    _photo(root / "c.jpg", 140, "2023:12:31 23:59:59", "Pixel 6")
+    _photo(root / "d.jpg", 200, None, "Pixel 6")
+    ingest("folder", str(root), embedder=fake_embedder, db=db, collection="photos")
+    with Gallery.open("photos", db) as g:
+        items = g.catalogue()
+        a = items["folder:a.jpg"]
+        assert (a["width"], a["height"], a["format"], a["camera_model"], a["taken_at"]) == (
+            40,
+            30,
+            "JPEG",
+            "Pixel 7",
+            "2024-03-05T10:20:30",
+        )
+        assert "latitude" not in a and "taken" not in items["folder:d.jpg"]  # GPS only when asked; no time, no field
+
+        def ids(*where: str) -> list[str]:
+            return sorted(h.id for h in search(g, id="folder:d.jpg", k=10, where=parse_where(list(where))))
+
+        assert ids('camera_model = "Pixel 7"') == ["folder:a.jpg", "folder:b.jpg"]
+        assert ids("taken between 2024-01-01 and 2024-06-30") == ["folder:a.jpg"]
+        assert ids("taken <= 2023-12-31") == ["folder:c.jpg"]  # the whole day
+        assert ids("width >= 40", "camera_model != Pixel 7") == ["folder:c.jpg"]
+    with pytest.raises(InputError, match="--gps are for folders"):
+        ingest("mnist-sample", embedder=fake_embedder, db=db, collection="s", gps=True)
+    ingest("folder", str(root), embedder=fake_embedder, db=db, collection="with-gps", gps=True)
+    with Gallery.open("with-gps", db) as g:
+        assert g.catalogue()["folder:a.jpg"]["latitude"] == 52.0 and g.record.protocol["gps"] is True
