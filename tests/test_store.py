@@ -107,12 +107,18 @@ def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch:
         return real(vectors, k, where, metadata)
 
     monkeypatch.setattr(col, "_query", spy)
-    for i in range(10):  # the probe (32 of 60) often holds fewer than 4 of a label: then Chroma's where answers
+    for i in range(10):  # the probe (32 of 60) often holds fewer than 4 of a label: then brute force over its 6 items answers
         want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
         (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
         assert [int(n.id.rsplit(":", 1)[1]) for n in row] == want
     assert calls[0] == (32, None)  # the unfiltered probe of max(4k + 16, PROBE)
-    assert any(where is not None for _, where in calls)  # and the where fallback answered some
+    assert col.plan_counts["brute"] > 0 and all(where is None for _, where in calls)
+    monkeypatch.setattr(store_mod, "EXACT_MAX", 3)  # a filter matching more than that: Chroma's where answers
+    for i in range(10):
+        want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
+        (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
+        assert [int(n.id.rsplit(":", 1)[1]) for n in row] == want
+    assert col.plan_counts["where"] > 0 and any(where is not None for _, where in calls)
 
 
 def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,8 +178,9 @@ def test_matches_and_label_filter() -> None:
     meta = {"label": 3, "split": "train"}
     assert store_mod.matches(meta, {"$and": [{"label": {"$in": [1, 3]}}, {"split": {"$ne": "test"}}]})
     assert not store_mod.matches(meta, {"$or": [{"label": 4}, {"split": {"$eq": "test"}}]})
+    assert store_mod.matches(meta, {"label": {"$gt": 1}}) and not store_mod.matches(meta, {"split": {"$gt": 1}})
     with pytest.raises(ValueError):
-        store_mod.matches(meta, {"label": {"$gt": 1}})
+        store_mod.matches(meta, {"label": {"$regex": "3"}})
     assert store_mod.label_filter({"label": 3}) == ([3], None)
     assert store_mod.label_filter({"$and": [{"split": "train"}, {"label": {"$in": [1, 2]}}]}) == ([1, 2], {"split": "train"})
     assert store_mod.label_filter({"split": "train"}) is None
