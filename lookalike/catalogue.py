@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from lookalike.datasets import SPLITS, Dataset, Item
+from lookalike.datasets import Dataset, Item
 from lookalike.images import image_fields
 from lookalike.util import UNLABELLED, file_sha256, split_key
 
@@ -54,7 +54,6 @@ class Plan:
     unchanged: int = 0
     gone: list[str] = field(default_factory=list)  # stored ids whose file is no longer in the source
     unreadable: list[str] = field(default_factory=list)  # files that could not be hashed (gone while listed, no permission)
-    label_names: list[str] = field(default_factory=list)  # the collection's, with new labels appended
     stored: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # the stored side it was made from
 
     @property
@@ -84,7 +83,7 @@ def plan(ds: Dataset, stored: dict[str, dict[str, Any]], *, fraction: float, see
     """Compare the source's items ``ds.items`` (labels numbered as stored: :func:`merge_labels`) with ``stored``
     (id -> metadata of what the collection holds) and plan the sync; new items get their split here."""
     root = ds.protocol["root"]
-    out = Plan(label_names=list(ds.label_names), stored=stored)
+    out = Plan(stored=stored)
     new: list[Item] = []
     to_hash: list[Item] = []
     kept: list[tuple[int, str]] = []  # (label, split) of stored items still in the source
@@ -158,10 +157,6 @@ def balance(items: Iterable[tuple[int, str]]) -> dict[int, tuple[int, int]]:
 def fingerprint_missing(meta: dict[str, Any]) -> bool:
     """Whether a stored folder item lacks its fingerprint (size, modification time, SHA-256)."""
     return any(meta.get(k) in (None, "") for k in FINGERPRINT_KEYS)
-
-
-def valid_split(split: Any) -> bool:
-    return split in SPLITS
 
 
 def _hash_files(

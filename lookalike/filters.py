@@ -74,6 +74,29 @@ def check_fields(where: dict[str, Any] | None, known: Iterable[str], collection:
         raise InputError(f"collection {collection!r} has no field {unknown[0]!r}: filter on one of {', '.join(sorted(have))}")
 
 
+COMPARISONS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte")
+
+
+def validate(where: Any) -> None:
+    """InputError unless ``where`` is a filter :func:`matches` (and Chroma) can apply: every clause, every operator."""
+    if not isinstance(where, dict) or not where:
+        raise InputError("a filter is a dict like {'width': {'$gte': 1000}} (Chroma's where form)")
+    for key, cond in where.items():
+        if key in ("$and", "$or"):
+            if not isinstance(cond, list) or not cond:
+                raise InputError(f"{key} takes a list of filters")
+            for c in cond:
+                validate(c)
+        elif key.startswith("$"):
+            raise InputError(f"unknown filter operator {key!r}: use {' '.join(COMPARISONS)} $and $or")
+        elif isinstance(cond, dict):
+            for op, value in cond.items():
+                if op not in COMPARISONS:
+                    raise InputError(f"unknown filter operator {op!r}: use {' '.join(COMPARISONS)} $and $or")
+                if op in ("$in", "$nin") and not isinstance(value, list):
+                    raise InputError(f"{op} takes a list of values")
+
+
 def matches(meta: dict[str, Any], where: dict[str, Any]) -> bool:
     """Whether metadata ``meta`` satisfies a Chroma ``where`` filter (ValueError for an operator it does not know)."""
     for key, cond in where.items():

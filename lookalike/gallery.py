@@ -30,7 +30,7 @@ import numpy as np
 from lookalike.datasets import SPLITS, stored_pixels
 from lookalike.embedder import Embedder, build_embedder
 from lookalike.errors import InputError, NotFoundError, StoreError, TooLargeError
-from lookalike.filters import check_fields, combine, matches
+from lookalike.filters import check_fields, combine, validate
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
@@ -317,12 +317,7 @@ class Gallery:
         """InputError naming the collection's fields when ``where`` filters on another, or uses an unknown operator."""
         if not where:
             return
-        try:
-            matches({}, where)
-        except ValueError as exc:
-            raise InputError(f"unknown filter operator {exc}: use $eq $ne $in $nin $gt $gte $lt $lte $and $or") from None
-        except (AttributeError, TypeError):
-            raise InputError("a filter is a dict like {'width': {'$gte': 1000}} (Chroma's where form)") from None
+        validate(where)
         check_fields(where, self.fields(), self.name)
 
     # -- notes kept with the collection -------------------------------------------------------------

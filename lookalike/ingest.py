@@ -217,10 +217,12 @@ def ingest(
         if ds.living:
             gallery, ds, record, sync = _prepare_sync(gallery, ds, record, name, relocate, prune, report)
             todo, replace_ids, stored = sync.embed, {it.id for it in sync.update}, sync.stored
+            unhashed = sync.unreadable
         else:
             gallery, todo, stored = _plan(ds, record, name, store, report)
-            replace_ids = set()
-        skipped: list[tuple[str, Unreadable]] = []
+            replace_ids, unhashed = set(), []
+        # files that could not even be read to hash them are skipped as unreadable files are
+        skipped: list[tuple[str, Unreadable]] = [(loc, Unreadable(loc, "unreadable", "cannot be read")) for loc in unhashed]
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
         started = time.perf_counter()
         writes = _Writes(ds, report, replace_ids, stages)

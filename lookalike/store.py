@@ -58,7 +58,6 @@ REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: 
 REBUILD_SUFFIX = ".rebuild"
 MAX_PARTITIONS = 100  # collections with more labels than this get no label partitions
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
-_PARTITION_NAME = re.compile(r"\.p\d+$")
 _RESERVED_NAME = re.compile(r"\.(p\d+|rebuild)$")
 
 
@@ -208,36 +207,29 @@ class VectorCollection:
         """Add vectors ``(n, dim)`` float32 in batches Chroma accepts (existing ids are skipped).
 
         Label partitions are written first: an interrupted add leaves the main collection without
-        the batch, so a resumed ingest re-adds it everywhere (partitions skip what they hold).
+        the batch, so a resumed ingest writes it everywhere again (the partitions' entries replaced).
         """
         if self.partitioned:
             self.add_to_partitions(ids, vectors, metadatas)
-        self._add(ids, vectors, metadatas)
+        self._write("add", ids, vectors, metadatas)
 
     def add_to_partitions(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Write items to the label partitions only (each to its label's), replacing what a killed write left there:
         the main collection decides what is stored, so a partition entry always follows the item written now."""
-        self._by_label(ids, metadatas, lambda part, rows: part._write("upsert", [ids[i] for i in rows], vectors[rows], rows, metadatas))
-
-    def _add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
-        step = self._store.max_batch
-        with self._guard():
-            for start in range(0, len(ids), step):
-                end = start + step
-                self._c.add(ids=list(ids[start:end]), embeddings=vectors[start:end], metadatas=list(metadatas[start:end]))
+        self._write_partitions("upsert", ids, vectors, metadatas)
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Add or replace items (vector and metadata), label partitions first (as :meth:`add`): an interrupted
         replace leaves the main collection's old fingerprint, so the next sync replaces the item again."""
         if self.partitioned:
-            self._by_label(ids, metadatas, lambda part, rows: part._write("upsert", [ids[i] for i in rows], vectors[rows], rows, metadatas))
-        self._write("upsert", ids, vectors, range(len(ids)), metadatas)
+            self._write_partitions("upsert", ids, vectors, metadatas)
+        self._write("upsert", ids, vectors, metadatas)
 
     def update_metadatas(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
         """Replace the metadata of stored items (vectors kept), label partitions first."""
         if self.partitioned:
-            self._by_label(ids, metadatas, lambda part, rows: part._write("update", [ids[i] for i in rows], None, rows, metadatas))
-        self._write("update", ids, None, range(len(ids)), metadatas)
+            self._write_partitions("update", ids, None, metadatas)
+        self._write("update", ids, None, metadatas)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove stored items, from their label partitions first: an interrupted delete leaves them in the
@@ -255,24 +247,25 @@ class VectorCollection:
             for start in range(0, len(ids), self._store.max_batch):
                 self._c.delete(ids=ids[start : start + self._store.max_batch])
 
-    def _by_label(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]], write: Any) -> None:
+    def _write_partitions(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
+        """``how`` (add, upsert, update) each item in its label's partition (an unlabelled item has none)."""
         labels = np.array([int(m["label"]) for m in metadatas])
         for label in np.unique(labels):
             if label < 0:
                 continue
+            rows = np.flatnonzero(labels == label)
             part = self.partition(int(label), create=True)
             assert part is not None
-            write(part, np.flatnonzero(labels == label))
+            part._write(how, [ids[i] for i in rows], None if vectors is None else vectors[rows], [metadatas[i] for i in rows])
 
-    def _write(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, rows: Any, metadatas: Sequence[dict[str, Any]]) -> None:
-        rows = list(rows)
-        metas = [metadatas[i] for i in rows]
+    def _write(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
+        """Chroma's ``add``, ``upsert`` or ``update`` (no vectors) in batches it accepts."""
         step = self._store.max_batch
         with self._guard():
             call = getattr(self._c, how)
             for start in range(0, len(ids), step):
                 end = start + step
-                kwargs: dict[str, Any] = {"ids": list(ids[start:end]), "metadatas": metas[start:end]}
+                kwargs: dict[str, Any] = {"ids": list(ids[start:end]), "metadatas": list(metadatas[start:end])}
                 if vectors is not None:
                     kwargs["embeddings"] = vectors[start:end]
                 call(**kwargs)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _counters(col: Any) -> tuple[int, int]:
-    return getattr(col, "plan_counts", {}).get("brute", 0), getattr(col, "plan_counts", {}).get("where", 0)
+    return col.plan_counts["brute"], col.plan_counts["where"]
 
 
 def _plan(col: Any, before: tuple[int, int]) -> str:

@@ -117,6 +117,8 @@ def test_where_in_the_cli_and_the_service(big: str) -> None:
             service.search("mnist", id="mnist:test:3", k=3, where=5)
         with pytest.raises(InputError, match="unknown filter operator"):
             service.search("mnist", id="mnist:test:3", k=3, where={"index": {"$regex": "1"}})
+        with pytest.raises(InputError, match="unknown filter operator"):  # checked in every clause, not only the first
+            service.search("mnist", id="mnist:test:3", k=3, where={"$and": [{"index": {"$gt": 10**9}}, {"index": {"$regex": "1"}}]})
 
 
 def _photo(path: Path, shade: int, when: str | None, model: str, gps: tuple[float, float] | None = None) -> None:

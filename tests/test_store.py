@@ -127,15 +127,16 @@ def test_partitions_are_completed_by_a_resumed_add(db: str, monkeypatch: pytest.
     vecs = rng.random((20, 8), dtype=np.float32)
     ids = [f"mnist:train:{i}" for i in range(20)]
     metas = [{"label": i % 2, "label_name": str(i % 2), "split": "train"} for i in range(20)]
-    real_add = col._add
+    real_write = col._write  # the main collection's own write (each partition is another object)
 
     def crash(*a: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(col, "_add", crash)  # dies after the partitions, before the main collection
+    monkeypatch.setattr(col, "_write", crash)  # dies after the partitions, before the main collection
     with pytest.raises(KeyboardInterrupt):
         col.add(ids, vecs, metas)
-    monkeypatch.setattr(col, "_add", real_add)
+    monkeypatch.setattr(col, "_write", real_write)
+    assert col.partition(1) is not None and col.partition(1).count() == 10  # the partitions were written
     assert col.existing_ids(ids) == set()  # not committed: a resumed ingest adds the batch again
     col.add(ids, vecs, metas)
     assert col.count() == 20
