@@ -54,6 +54,7 @@ class Plan:
     unchanged: int = 0
     gone: list[str] = field(default_factory=list)  # stored ids whose file is no longer in the source
     unreadable: list[str] = field(default_factory=list)  # files that could not be hashed (gone while listed, no permission)
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # a sidecar's fields by id (see lookalike.sidecar)
     stored: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)  # the stored side it was made from
 
     @property

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from lookalike.catalogue import fingerprint_missing
-from lookalike.datasets import SPLITS
+from lookalike.datasets import ADDED_PREFIX as ADDED
+from lookalike.datasets import FOLDER_PREFIX, SPLITS
 from lookalike.errors import StoreError
 from lookalike.gallery import Gallery
 from lookalike.store import Store, VectorCollection
@@ -155,6 +156,11 @@ def _catalogue_problems(g: Gallery, ids: Sequence[str], metas: Sequence[dict[str
     """A file stored under two ids, an item whose split breaks the rule, a folder item without its fingerprint."""
     out: list[str] = []
     rec = g.record
+    added = [(i, m) for i, m in zip(ids, metas) if i.startswith(ADDED)]  # images added one by one (lookalike.items)
+    wrong = [i for i, m in added if i != ADDED + str(m.get("sha256", ""))[:16] or not m.get("file")]
+    if wrong:
+        out.append(f"{len(wrong)} added images have an id that is not their content's, or no kept file (e.g. {wrong[0]!r})")
+    ids, metas = zip(*[(i, m) for i, m in zip(ids, metas) if not i.startswith(ADDED)]) if len(added) < len(ids) else ((), ())
     if rec.dataset == "folder":
         by_path: dict[str, list[str]] = {}
         for id_, m in zip(ids, metas):
@@ -166,7 +172,7 @@ def _catalogue_problems(g: Gallery, ids: Sequence[str], metas: Sequence[dict[str
     for id_, m in zip(ids, metas):
         parts = id_.split(":", 2)
         if rec.living:
-            if id_ != f"folder:{m.get('path')}":
+            if id_ != f"{FOLDER_PREFIX}{m.get('path')}":
                 moved.append(id_)  # a lasting folder id is its path and nothing else (no split)
         elif len(parts) == 3 and parts[1] in SPLITS and parts[1] != m.get("split"):
             moved.append(id_)  # the split its id was given is not the split it is stored under

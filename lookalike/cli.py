@@ -192,6 +192,10 @@ def ingest(
         bool, typer.Option("--relocate", help="Folder: the collection's folder moved to PATH (same relative paths); nothing re-embedded")
     ] = False,
     gps: Annotated[bool, typer.Option("--gps", help="Folder: also store each photo's GPS position (personal data)")] = False,
+    metadata: Annotated[
+        Optional[str],
+        typer.Option("--metadata", help="Folder: a CSV or JSON Lines FILE of fields keyed by path (recorded; edit it and sync again)"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed a dataset into a collection; resumable. A folder is mirrored: new files added, changed ones replaced,
@@ -231,6 +235,7 @@ def ingest(
             prune=prune,
             relocate=relocate,
             gps=gps,
+            metadata=metadata,
         )
     _print_ingest(report, as_json)
 
@@ -256,6 +261,8 @@ def _print_ingest(report: Any, as_json: bool) -> None:
             typer.echo(f"  gone    {len(report.gone)} files no longer in the folder, still stored (--prune removes them): {shown}")
         if report.new_labels:
             typer.echo(f"  labels  new: {', '.join(report.new_labels)}")
+        if report.metadata_updated:
+            typer.echo(f"  fields  updated from the metadata file on {report.metadata_updated} items (nothing re-embedded)")
         if report.updated or report.removed:
             typer.echo(
                 f"  note    Chroma's index can lose items after replacements and removals: `lookalike check --full --collection "
@@ -789,6 +796,62 @@ def drop(name: Annotated[str, typer.Argument(help="Collection to delete")], db: 
     with Store(db, wait=wait) as store:
         store.drop(name)
     typer.echo(f"dropped {name!r}")
+
+
+@command()
+def add(
+    files: Annotated[list[str], typer.Argument(help="Image files to add")],
+    label: Annotated[Optional[str], typer.Option("--label", help="Their label (labelled collections; a new name is added)")] = None,
+    meta: Annotated[
+        Optional[list[str]], typer.Option("--meta", help='A field for each image: KEY=VALUE, typed (4, 2.5, true, text, ["a","b"])')
+    ] = None,
+    files_dir: Annotated[
+        Optional[str], typer.Option("--files", help="Keep the added images in this directory [default: beside a local store]")
+    ] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed single images into a collection (kept in a content-addressed folder; the same image twice is stored once)."""
+    from lookalike.items import add_images
+
+    with _open(collection, db, wait, max_pixels) as g:
+        r = add_images(g, files, label=label, metadata=list(meta or []), files=files_dir)
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    for f, i in zip(files, r.ids):
+        typer.echo(f"{i}  {f}" + ("  (already stored)" if i in r.already_stored else ""))
+    extra = f"; new label {', '.join(r.new_labels)}" if r.new_labels else ""
+    typer.echo(f"added {len(r.added)} to {r.collection!r}{extra}")
+
+
+@command()
+def remove(
+    ids: Annotated[Optional[list[str]], typer.Argument(help="Ids of the items to remove")] = None,
+    where: Annotated[
+        Optional[list[str]], typer.Option("--where", help="Remove every item whose metadata match (repeatable: AND), e.g. 'album = old'")
+    ] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove items (by id or --where) from a collection and its label partitions; run again after an interruption."""
+    from lookalike.items import remove_items
+
+    with _open(collection, db, wait) as g:
+        r = remove_items(g, list(ids or []), where=list(where or []) or None)
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    typer.echo(f"removed {len(r.removed)} from {r.collection!r}")
+    if r.missing:
+        typer.echo(f"  not stored: {', '.join(r.missing[:10])}" + (" ..." if len(r.missing) > 10 else ""))
+    if r.still_in_folder:
+        typer.echo(f"  {len(r.still_in_folder)} still in the folder: the next sync adds them again unless their files are deleted")
 
 
 @command()

@@ -48,6 +48,8 @@ FASHION_NAMES = [
     "Bag",
     "Ankle boot",
 ]
+FOLDER_PREFIX = "folder:"  # a folder item's id: this and its path below the folder
+ADDED_PREFIX = "added:"  # an image added one by one (lookalike.items): this and its content's SHA-256 (16 hex digits)
 DEFAULT_HOLDOUT = 0.2  # fraction held out when a source has no official split
 
 
@@ -178,14 +180,19 @@ def stored_pixels(
     ``decode_size``: decode files to about this side, as ingest does (a Ray worker reads its items so).
     """
     dataset = protocol["dataset"]
-    if dataset == "folder":
-        root = Path(protocol["root"])
-        return [read_image(root / m["path"], max_pixels, decode_size) for m in metadatas]
-    if dataset == "mnist-sample":
-        arrays = _sample_arrays()
-    else:
-        arrays = _read_arrays(dataset, protocol.get("source_file"))
-    return [arrays[m["source"]][int(m["index"])] for m in metadatas]
+    kept = Path(protocol["files"]) if protocol.get("files") else None  # images added one by one (lookalike.items)
+    out: list[np.ndarray | Unreadable] = []
+    arrays: dict[str, np.ndarray] | None = None
+    for m in metadatas:
+        if m.get("file") and kept is not None:
+            out.append(read_image(kept / str(m["file"]), max_pixels, decode_size))
+        elif dataset == "folder":
+            out.append(read_image(Path(protocol["root"]) / m["path"], max_pixels, decode_size))
+        else:
+            if arrays is None:
+                arrays = _sample_arrays() if dataset == "mnist-sample" else _read_arrays(dataset, protocol.get("source_file"))
+            out.append(arrays[m["source"]][int(m["index"])])
+    return out
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -447,7 +454,7 @@ def _folder(
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:  # gone since it was listed: it reads as unreadable later
             size = mtime = -1
-        items.append(Item(f"folder:{rel}", lab, "", rel, size, mtime))
+        items.append(Item(FOLDER_PREFIX + rel, lab, "", rel, size, mtime))
     protocol = {
         "dataset": "folder",
         "mode": "living",

@@ -4,6 +4,7 @@ One expression per ``--where``; several are combined with AND::
 
     camera = "Pixel 7"          label_name != cat          width >= 1000
     split in [train, test]      path not in ["a/1.png"]    size between 1000 and 50000
+    tags has beach              (a list field holds the value)
     taken between 2024-01-01 and 2024-06-30   (dates: seconds since 1970, UTC, as stored; both days included)
 
 Values: a quoted string ("..." or '...'), a number, ``true``/``false``, a date ``YYYY-MM-DD`` (read
@@ -12,7 +13,7 @@ as its UTC midnight in seconds), or a bare word (a string). Chroma compares numb
 collection's fields when a filter asks for another.
 
 :func:`matches` applies the same dict to one item's metadata (the store's client-side filter), for
-every operator the language produces: ``$eq $ne $in $nin $gt $gte $lt $lte $and $or``.
+every operator the language produces: ``$eq $ne $in $nin $gt $gte $lt $lte $contains $and $or``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def check_fields(where: dict[str, Any] | None, known: Iterable[str], collection:
         raise InputError(f"collection {collection!r} has no field {unknown[0]!r}: filter on one of {', '.join(sorted(have))}")
 
 
-COMPARISONS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte")
+COMPARISONS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte", "$contains")
 
 
 def validate(where: Any) -> None:
@@ -133,6 +134,8 @@ def _compare(have: Any, op: str, value: Any) -> bool:
         if not isinstance(have, (int, float)) or isinstance(have, bool):
             return False  # a missing field or another type never matches a range
         return {"$gt": have > value, "$gte": have >= value, "$lt": have < value, "$lte": have <= value}[op]
+    if op == "$contains":  # a list field (tags) holding the value
+        return isinstance(have, list) and any(_same(h, value) for h in have)
     raise ValueError(op)
 
 
@@ -196,6 +199,10 @@ def _parse_one(text: str) -> dict[str, Any]:
         if op in ("$lt", "$lte", "$gt", "$gte"):
             value = _number(value, text) + (DAY_END if op in ("$lte", "$gt") and _is_date(rest[1]) else 0)
         return {field: {op: value}}
+    if head == "has":
+        if len(rest) != 2:
+            raise InputError(f"cannot read --where {text!r}: write FIELD has VALUE (one tag; quote one with spaces)")
+        return {field: {"$contains": _value(*rest[1])}}
     if head == "between":
         words = rest[1:]
         if len(words) != 3 or words[1][0] != "word" or words[1][1].lower() != "and":
@@ -216,4 +223,4 @@ def _parse_one(text: str) -> dict[str, Any]:
             raise InputError(f"--where {text!r}: the list is empty")
         return {field: {"$nin" if negate else "$in": values}}
     ops = ", ".join(sorted(set(OPERATORS)))
-    raise InputError(f"--where {text!r}: unknown operator {rest[0][1]!r}: use one of {ops}, in, not in, between")
+    raise InputError(f"--where {text!r}: unknown operator {rest[0][1]!r}: use one of {ops}, in, not in, between, has")

@@ -22,13 +22,14 @@ import numpy as np
 
 from lookalike.catalogue import FINGERPRINT_KEYS, Plan, merge_labels
 from lookalike.catalogue import plan as plan_sync
-from lookalike.datasets import SPLITS, Dataset, load_dataset
+from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.gallery import Gallery
 from lookalike.images import Unreadable, check_max_pixels
 from lookalike.reader import read_batches
 from lookalike.record import SCHEMA, Record
+from lookalike.sidecar import OWN_FIELDS, read_sidecar
 from lookalike.store import Store, check_name, default_db
 from lookalike.util import file_sha256
 
@@ -62,6 +63,7 @@ class IngestReport:
     # included: their metadata refreshed), gone from the folder (``removed`` with prune, else only listed in ``gone``)
     updated: int = 0
     unchanged: int = 0
+    metadata_updated: int = 0  # stored items whose sidecar fields changed (nothing embedded)
     removed: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     new_labels: list[str] = field(default_factory=list)
@@ -128,6 +130,7 @@ def ingest(
     prune: bool = False,
     relocate: bool = False,
     gps: bool = False,
+    metadata: str | None = None,
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
@@ -145,6 +148,9 @@ def ingest(
     (and removed with ``prune``). ``labels``: False for an unlabelled folder (default: unlabelled when
     images lie at its root; an existing collection keeps what it recorded). ``relocate``: the
     collection's folder moved to ``path`` (the same relative paths): nothing is embedded again.
+    ``metadata``: a sidecar file of fields keyed by relative path (:mod:`lookalike.sidecar`), checked
+    whole before anything is written and recorded for later syncs (default: the one recorded); it owns
+    the folder items' fields beyond lookalike's own, so an edited sidecar updates them (nothing embedded).
     A folder collection written before living folders is upgraded in place first.
 
     ``ray`` (or a ``ray_address``: ``auto``, ``ray://HOST:PORT``) embeds on a Ray Data actor pool
@@ -157,8 +163,8 @@ def ingest(
     check_max_pixels(max_pixels)
     if decode_workers is not None and decode_workers < 1:
         raise InputError(f"--decode-workers must be at least 1, got {decode_workers}")
-    if dataset != "folder" and (labels is not None or prune or relocate or gps):
-        raise InputError("--no-labels, --prune, --relocate and --gps are for folders")
+    if dataset != "folder" and (labels is not None or prune or relocate or gps or metadata):
+        raise InputError("--no-labels, --prune, --relocate, --gps and --metadata are for folders")
     ray_options = None
     if ray or ray_address is not None:
         from lookalike.scaleout import RayOptions, require_ray
@@ -215,7 +221,9 @@ def ingest(
         record = Record(spec, ds.protocol, ds.label_names)
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
         if ds.living:
-            gallery, ds, record, sync = _prepare_sync(gallery, ds, record, name, relocate, prune, report)
+            recorded_sidecar = gallery.record.protocol.get("metadata") if gallery is not None else None
+            sidecar = _read_sidecar(metadata or recorded_sidecar, ds, given=metadata is not None)
+            gallery, ds, record, sync = _prepare_sync(gallery, ds, record, name, relocate, prune, report, sidecar)
             todo, replace_ids, stored = sync.embed, {it.id for it in sync.update}, sync.stored
             unhashed = sync.unreadable
         else:
@@ -225,7 +233,7 @@ def ingest(
         skipped: list[tuple[str, Unreadable]] = [(loc, Unreadable(loc, "unreadable", "cannot be read")) for loc in unhashed]
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
         started = time.perf_counter()
-        writes = _Writes(ds, report, replace_ids, stages)
+        writes = _Writes(ds, report, replace_ids, stages, sync.extra if ds.living else {}, stored)
         if todo and ray_options is not None:
             if store is None:
                 store = Store(db, create=True, wait=wait)
@@ -277,15 +285,44 @@ def _replan(
     return _plan(ds, record, name, store, report)
 
 
+def _read_sidecar(path: str | None, ds: Dataset, given: bool) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """(the sidecar's path, id -> its fields) for the folder's items, checked whole; None without one."""
+    if not path:
+        return None
+    if not given and not Path(path).is_file():
+        raise InputError(f"the metadata file {path} this collection recorded is gone: pass --metadata FILE (its new place)")
+    sidecar = read_sidecar(path)
+    return str(Path(sidecar.path).resolve()), sidecar.for_items(it.id for it in ds.items)
+
+
+def _own_fields(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """An item's stored metadata as a sidecar wants it: its own fields, the sidecar's, and None (Chroma: remove the key)
+    for every other field it has now (the sidecar owns the fields that are not lookalike's own)."""
+    return {**{k: None for k in meta if k not in OWN_FIELDS and k not in extra}, **extra}
+
+
 def _prepare_sync(
-    gallery: Gallery | None, ds: Dataset, record: Record, name: str, relocate: bool, prune: bool, report: IngestReport
+    gallery: Gallery | None,
+    ds: Dataset,
+    record: Record,
+    name: str,
+    relocate: bool,
+    prune: bool,
+    report: IngestReport,
+    sidecar: tuple[str, dict[str, dict[str, Any]]] | None = None,
 ) -> tuple[Gallery | None, Dataset, Record, Plan]:
     """Plan a folder's sync against its collection and do what needs no embedder, in an order a kill cannot
     spoil: upgrade a collection of an earlier release, point it at a moved folder, append new labels to the
-    record, remove the files gone (``prune``), refresh touched files' metadata. Returns the plan."""
+    record, remove the files gone (``prune``), refresh touched files' metadata and the sidecar's fields.
+    Returns the plan (``extra``: the sidecar's fields of the items to embed)."""
     fraction, seed = float(ds.protocol["test_size"]), int(ds.protocol["seed"])
+    extra = sidecar[1] if sidecar else {}
+    if sidecar:
+        ds.protocol["metadata"] = sidecar[0]  # recorded for `lookalike sync` (not compared)
     if gallery is None:
         sync = plan_sync(ds, {}, fraction=fraction, seed=seed)
+        sync.extra = extra
+        record = replace(record, protocol=ds.protocol)
         return None, ds, replace(record, label_names=ds.label_names), sync
     have = gallery.record
     if have.embedder != record.embedder or have.dataset != "folder":
@@ -311,16 +348,17 @@ def _prepare_sync(
     report.new_labels = new_labels
     want = replace(record, label_names=ds.label_names, label_partitions=gallery.record.label_partitions)
     protocol = {**gallery.record.protocol, "root": new_root}
-    for key in ("follow_links", "gps"):  # as this ingest listed and read the folder: what `sync` repeats
+    for key in ("follow_links", "gps", "metadata"):  # as this ingest listed and read the folder: what `sync` repeats
         protocol.pop(key, None)
         if ds.protocol.get(key):
-            protocol[key] = True
+            protocol[key] = ds.protocol[key]
     now = replace(gallery.record, protocol=protocol)
     now.check_compatible(want, name)
     if now.protocol != gallery.record.protocol or new_labels:
         gallery.set_record(replace(now, label_names=ds.label_names))  # before any item uses a new label number
-    stored = gallery.catalogue()
+    stored = {i: m for i, m in gallery.catalogue().items() if i.startswith(FOLDER_PREFIX)}  # (not images added one by one)
     sync = plan_sync(ds, stored, fraction=fraction, seed=seed)
+    sync.extra = extra
     report.unchanged = sync.unchanged + len(sync.refresh)
     report.already_stored = report.unchanged
     if prune and sync.gone:
@@ -328,8 +366,18 @@ def _prepare_sync(
         report.removed = list(sync.gone)
     else:
         report.gone = list(sync.gone)
-    if sync.refresh:
-        gallery.update_metadatas([it.id for it in sync.refresh], [it.metadata(ds.name, ds.label_names) for it in sync.refresh])
+    updates = {it.id: _replacing(it.metadata(ds.name, ds.label_names), stored[it.id]) for it in sync.refresh}
+    if sidecar:
+        embedded = {it.id for it in sync.embed}
+        for item_id, meta in stored.items():
+            if item_id in embedded or (item_id in sync.gone and prune):
+                continue
+            want = _own_fields(meta, extra.get(item_id, {}))
+            if item_id in updates or any(meta.get(k) != v for k, v in want.items()):
+                updates[item_id] = {**updates.get(item_id, {}), **want}
+        report.metadata_updated = len(updates) - len(sync.refresh)
+    if updates:
+        gallery.update_metadatas(list(updates), list(updates.values()))
     log.info(
         "%s: %d new, %d changed, %d touched, %d unchanged, %d gone",
         name,
@@ -415,15 +463,32 @@ def _plan(
     return gallery, todo, {it.id: {"split": it.split} for it in ds.items if it.id in have}
 
 
-class _Writes:
-    """Writes embedded items to the collection (new ones added, changed ones replaced), counting and timing them."""
+def _replacing(meta: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` as a write that replaces ``old`` (Chroma merges metadata: the keys ``meta`` lacks are set to None,
+    which removes them)."""
+    return {**{k: None for k in old if k not in meta}, **meta}
 
-    def __init__(self, ds: Dataset, report: IngestReport, replace_ids: set[str], stages: dict[str, float]) -> None:
+
+class _Writes:
+    """Writes embedded items to the collection (new ones added, changed ones replaced), counting and timing them;
+    ``extra``: fields of a sidecar by id; ``stored``: the replaced items' metadata now."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        report: IngestReport,
+        replace_ids: set[str],
+        stages: dict[str, float],
+        extra: dict[str, dict[str, Any]] | None = None,
+        stored: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.ds, self.report, self.replace_ids, self.stages = ds, report, replace_ids, stages
+        self.extra, self.stored = extra or {}, stored or {}
 
     def __call__(self, gallery: Gallery, items: list, vectors: np.ndarray) -> None:
         t = time.perf_counter()
-        metas = [it.metadata(self.ds.name, self.ds.label_names) for it in items]
+        metas = [{**it.metadata(self.ds.name, self.ds.label_names), **self.extra.get(it.id, {})} for it in items]
+        metas = [_replacing(m, self.stored.get(it.id, {})) if it.id in self.replace_ids else m for it, m in zip(items, metas)]
         new = [j for j, it in enumerate(items) if it.id not in self.replace_ids]
         changed = [j for j, it in enumerate(items) if it.id in self.replace_ids]
         if changed:

@@ -31,6 +31,7 @@ import numpy as np
 from lookalike.errors import DamagedError, InputError, LookalikeError, NotFoundError, StoreError
 from lookalike.filters import matches
 from lookalike.lock import StoreLock
+from lookalike.mirror import Mirror
 from lookalike.util import first_line
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ PROBE = 100  # neighbours asked unfiltered before falling back to a ``where`` qu
 # a filter that the probe finds too rarely and that matches at most this many items is answered exactly, by brute
 # force over the matching items (their ids from SQLite, their vectors by id); a wider one by Chroma's ``where``
 EXACT_MAX = 2000
+# a warm collection (see VectorCollection.keep_warm) plans each filtered query from its in-memory mirror:
+BROAD = 0.05  # a filter matching at least this share of the items: over-fetch unfiltered, then keep the matches
+OVERFETCH = 3.0  # ... asking OVERFETCH x k / share neighbours (+ PROBE_MIN), at most PROBE_MAX
+PROBE_MIN, PROBE_MAX = 16, 1000
+MIRROR_VECTORS_MB = int(os.environ.get("LOOKALIKE_MIRROR_MB", "1024"))  # vectors mirrored when they fit in this many MB
+FETCH_MAX = 200  # without mirrored vectors: brute force over at most this many matching vectors read by id, else Chroma's id allow-list
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
 REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: the collection it will replace
@@ -126,7 +133,31 @@ class VectorCollection:
         self.name: str = collection.name
         self.partitioned = partitioned
         self._parts: dict[int, VectorCollection] = {}
-        self.plan_counts = {"brute": 0, "where": 0}  # short probes answered by brute force / by Chroma's where
+        # how filtered queries were answered (cold: short probes by brute force / by Chroma's where; warm: the plans)
+        self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "fetch": 0, "allow-list": 0}
+        self.warm = False
+        self._mirror: Mirror | None = None
+
+    def keep_warm(self) -> None:
+        """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
+        ``LOOKALIKE_MIRROR_MB``), loaded on the first filtered query (or by :meth:`mirror`) and kept current by
+        this object's own writes. For long-lived processes (the service, the app) on a local store, whose lock
+        keeps every other writer out; a server's collection stays cold (other processes may write to it)."""
+        self.warm = not is_server(self._store.db)
+
+    def mirror(self) -> Mirror:
+        """The loaded mirror (read now, page by page, when not loaded yet)."""
+        if self._mirror is None:
+            count = self.count()
+            mir: Mirror | None = None
+            for ids, vecs, metas in self.pages(vectors=True):
+                if mir is None:
+                    dim = vecs.shape[1] if vecs is not None and vecs.ndim == 2 else 0
+                    mir = Mirror(dim, vectors=count * dim * 4 <= MIRROR_VECTORS_MB * 2**20)
+                mir.put(ids, vecs if mir.keeps_vectors else None, metas)
+            self._mirror = mir or Mirror(0, vectors=False)
+            log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
+        return self._mirror
 
     @property
     def raw_record(self) -> str | None:
@@ -243,13 +274,21 @@ class VectorCollection:
                 part = self.partition(label)
                 if part is not None:
                     part.delete([i for i, m in zip(got_ids, metas) if m.get("label") == label])
+        mir, self._mirror = self._mirror, None
         with self._guard():
             for start in range(0, len(ids), self._store.max_batch):
                 self._c.delete(ids=ids[start : start + self._store.max_batch])
+        if mir is not None:
+            mir.remove(ids)
+            self._mirror = mir
 
     def _write_partitions(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
         """``how`` (add, upsert, update) each item in its label's partition (an unlabelled item has none)."""
-        labels = np.array([int(m["label"]) for m in metadatas])
+        known = {ids[i]: m["label"] for i, m in enumerate(metadatas) if "label" in m}
+        if len(known) < len(ids):  # an update of some fields only: each item's partition is its stored label's
+            got_ids, _, got_metas = self.get([i for i in ids if i not in known])
+            known.update((i, m.get("label", -1)) for i, m in zip(got_ids, got_metas))
+        labels = np.array([int(known.get(i, -1)) for i in ids])
         for label in np.unique(labels):
             if label < 0:
                 continue
@@ -259,7 +298,15 @@ class VectorCollection:
             part._write(how, [ids[i] for i in rows], None if vectors is None else vectors[rows], [metadatas[i] for i in rows])
 
     def _write(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
-        """Chroma's ``add``, ``upsert`` or ``update`` (no vectors) in batches it accepts."""
+        """Chroma's ``add``, ``upsert`` or ``update`` (no vectors) in batches it accepts; the mirror follows a write
+        that succeeded (one that failed drops it: it is read again when next needed)."""
+        mir, self._mirror = self._mirror, None
+        if mir is not None and how == "add":  # Chroma skips ids already stored; update touches stored ids only
+            new = [i for i, x in enumerate(ids) if len(mir.rows([x])) == 0]
+        elif mir is not None and how == "update":
+            new = [i for i, x in enumerate(ids) if len(mir.rows([x])) == 1]
+        else:
+            new = list(range(len(ids)))
         step = self._store.max_batch
         with self._guard():
             call = getattr(self._c, how)
@@ -269,6 +316,10 @@ class VectorCollection:
                 if vectors is not None:
                     kwargs["embeddings"] = vectors[start:end]
                 call(**kwargs)
+        if mir is not None:
+            vecs = vectors[new] if vectors is not None and mir.keeps_vectors else None
+            mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
+            self._mirror = mir
 
     def set_record(self, text: str) -> None:
         """Replace the collection's record (its notes are kept)."""
@@ -374,6 +425,8 @@ class VectorCollection:
                         row.extend(got)
             return [sorted(row, key=lambda n: n.distance)[:k] for row in rows]
         excluded = set(exclude)
+        if where is not None and self.warm:
+            return self._planned(vectors, k, where, excluded, metadata)
         if where is None:
             # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
             share = min(1.0, len(excluded) / max(self.count() - len(excluded), 1)) if k > EXTRA and excluded else 0.0
@@ -389,6 +442,8 @@ class VectorCollection:
         out = [keep(row) for row in raw]
         # a short row whose probe came back full may have more matches further out: ask again
         short = [i for i, row in enumerate(out) if len(row) < k and len(raw[i]) == probe]
+        if where is not None:
+            self.plan_counts["probe"] += len(out) - len(short)
         if short:
             log.debug("%d of %d queries had fewer than %d matches among %d neighbours", len(short), len(out), k, probe)
             allowed = self._matching_ids(where, EXACT_MAX + 1) if where is not None else None
@@ -400,6 +455,49 @@ class VectorCollection:
                 self.plan_counts["where"] += len(short)
                 for i, row in zip(short, self._query(vectors[short], k + len(excluded), where, with_meta)):
                     out[i] = keep(row)
+        return out
+
+    def _planned(self, vectors: np.ndarray, k: int, where: dict[str, Any], excluded: set[str], metadata: bool) -> list[list[Neighbor]]:
+        """A warm collection's filtered query, planned from the mirror's exact count of matching items:
+        a broad filter (``BROAD`` of the items or more) over-fetches unfiltered neighbours and keeps the matches
+        (rows left short are answered by the next plan); a narrower one is answered by brute force over the
+        matching vectors (mirrored, or read by id when at most ``FETCH_MAX``), or else by Chroma's search
+        restricted to the matching ids. Every plan is exact up to the HNSW index's own recall."""
+        mir = self.mirror()
+        mask = mir.mask(where)
+        if excluded:
+            mask[mir.rows(excluded)] = False
+        rows = np.flatnonzero(mask)
+        out: list[list[Neighbor]] = [[] for _ in range(len(vectors))]
+        if len(rows) == 0:
+            return out
+        todo = list(range(len(vectors)))
+        share = len(rows) / max(len(mir), 1)
+        if share >= BROAD:
+            probe = int(min(PROBE_MAX, OVERFETCH * k / share + PROBE_MIN + min(len(excluded), EXTRA)))
+            for i, got in enumerate(self._query(vectors, probe, None, False)):
+                out[i] = [n for n in got if (r := mir.row(n.id)) is not None and mask[r]][:k]
+            todo = [i for i, row in enumerate(out) if len(row) < min(k, len(rows))]
+            self.plan_counts["overfetch"] += len(vectors) - len(todo)
+        if todo:
+            ids = mir.ids[rows]
+            if mir.vectors is not None:
+                self.plan_counts["mirror"] += len(todo)
+                for i, got in zip(todo, _nearest(vectors[todo], mir.vectors[rows], ids, k)):
+                    out[i] = got
+            elif len(rows) <= FETCH_MAX:
+                self.plan_counts["fetch"] += len(todo)
+                for i, got in zip(todo, self._exact(vectors[todo], k, list(ids), excluded, False)):
+                    out[i] = got
+            else:
+                self.plan_counts["allow-list"] += len(todo)
+                allowed = list(ids)
+                with self._guard():
+                    for i in todo:
+                        got = self._c.query(query_embeddings=vectors[i : i + 1], n_results=k, ids=allowed, include=["distances"])
+                        out[i] = [Neighbor(x, float(np.sqrt(max(d, 0.0))), {}) for x, d in zip(got["ids"][0], got["distances"][0])]
+        if metadata:
+            out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row] for row in out]
         return out
 
     def _matching_ids(self, where: dict[str, Any], limit: int) -> list[str]:
@@ -449,6 +547,21 @@ class VectorCollection:
                         metas = [{}] * len(ids)
                     out.append([Neighbor(i, float(np.sqrt(max(d, 0.0))), m) for i, d, m in zip(ids, got["distances"][row], metas)])
         return out
+
+
+def _nearest(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int) -> list[list[Neighbor]]:
+    """The exact ``k`` nearest rows of ``base`` to each query (float64; ties by id), without metadata."""
+    q = np.asarray(queries, np.float64)
+    b = base.astype(np.float64)
+    d2 = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :]
+    out = []
+    for row in d2:
+        top = np.argpartition(row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+        cut = row[top].max()
+        near = np.flatnonzero(row <= cut)  # every row tied at the cut, so that ties go by id
+        order = near[np.lexsort((ids[near].astype(str), row[near]))][:k]
+        out.append([Neighbor(str(ids[j]), float(np.sqrt(max(row[j], 0.0))), {}) for j in order])
+    return out
 
 
 def label_filter(where: dict[str, Any]) -> tuple[list[int], dict[str, Any] | None] | None:
