@@ -226,18 +226,22 @@ class Gallery:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Add items to the index (and their label partitions); ids already stored are skipped."""
+        self._fields = None
         self._col.add(ids, vectors, metadatas)
 
     def replace(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Add or replace items (vector and metadata) in the index and their label partitions."""
+        self._fields = None
         self._col.upsert(ids, vectors, metadatas)
 
     def update_metadatas(self, ids: Sequence[str], metadatas: Sequence[dict[str, Any]]) -> None:
-        """New metadata for stored items (their vectors kept)."""
+        """New metadata for stored items (their vectors kept): the keys given replace theirs, a None value removes one."""
+        self._fields = None
         self._col.update_metadatas(ids, metadatas)
 
     def remove(self, ids: Sequence[str]) -> None:
         """Remove items from the index and their label partitions (ids not stored are ignored)."""
+        self._fields = None
         self._col.delete(ids)
 
     def set_record(self, record: Record) -> None:

@@ -62,7 +62,7 @@ def test_a_sidecar_is_stored_filtered_on_and_edits_need_no_embedding(tmp_path: P
     root = tmp_path / "F"
     write_digits(root, 4)
     side = tmp_path / "meta.csv"
-    side.write_text("path,album,rating,tags\n0/000.png,Beach,5,\"[\"\"sea\"\", \"\"sun\"\"]\"\n1/001.png,Home,2,\n")
+    side.write_text('path,album,rating,tags\n0/000.png,Beach,5,"[""sea"", ""sun""]"\n1/001.png,Home,2,\n')
     ingest("folder", str(root), embedder=fake_embedder, db=db, collection="live", metadata=str(side))
     with Gallery.open("live", db) as g:
         meta, _ = g.item("folder:0/000.png")
@@ -89,7 +89,7 @@ def test_a_sidecar_is_stored_filtered_on_and_edits_need_no_embedding(tmp_path: P
     assert sync("live", db).metadata_updated == 0  # unchanged: nothing to write
     # a row naming no image: one line, nothing written
     side.write_text("path,album\n0/000.png,X\nnope/1.png,Y\n")
-    with pytest.raises(InputError, match="line 3: 'nope/1.png' names no image of the folder"):
+    with pytest.raises(InputError, match=r"line 3: 'nope/1\.png' names no image of the folder"):
         sync("live", db)
     assert snapshot(db, "live")["metas"] == after["metas"]
     with pytest.raises(InputError, match="--metadata are for folders"):
