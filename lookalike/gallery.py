@@ -312,16 +312,16 @@ class Gallery:
 
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the items (for long-lived processes on a local
-        store: the service, the app); ``load``: read it now rather than at the first filtered query."""
-        self._col.keep_warm()
-        if load and self._col.warm:
-            self._col.mirror()
+        store: the service, the app); ``load``: read it now, else in the background."""
+        self._col.keep_warm(load)
 
     def fields(self) -> list[str]:
         """The metadata fields of the collection's items: a warm collection's all, else those of its first 5,000
         items (read once)."""
-        if self._col.warm:
-            return self._col.mirror().fields()
+        mir = self._col.warm and self._col._mirror
+        if mir:
+            with self._col._mirror_lock:
+                return mir.fields()
         if self._fields is None:
             _, _, metas = self._col.get_page(0, 5000)
             self._fields = sorted({key for m in metas for key in m})

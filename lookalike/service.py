@@ -26,6 +26,7 @@ from lookalike import __version__
 from lookalike.batching import DynamicBatcher
 from lookalike.errors import InputError, NotFoundError
 from lookalike.gallery import Gallery, list_collections
+from lookalike.items import AddReport, RemoveReport, add_images, remove_items
 from lookalike.search import Hit, search
 from lookalike.store import Store
 
@@ -106,6 +107,7 @@ class Service:
         max_pixels: int | None = None,
         window: float = DEFAULT_WINDOW,
         max_batch: int = DEFAULT_MAX_BATCH,
+        files: str | None = None,
     ) -> None:
         if not 0 <= window <= 1:  # (also refuses NaN and infinity)
             raise InputError(f"--batch-window-ms must be between 0 and 1000, got {window * 1000:g}")
@@ -115,10 +117,12 @@ class Service:
         self.max_pixels = max_pixels
         self.window = window
         self.max_batch = max_batch
+        self.files = files  # where images added over HTTP are kept (default: beside a local store; see lookalike.items)
         self.started = time.time()
         self._galleries: dict[str, Gallery] = {}
         self._batchers: dict[str, DynamicBatcher[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one write at a time (a write's record and vectors go together)
 
     def close(self) -> None:
         """Stop the batchers and release the store (and its lock)."""
@@ -146,6 +150,7 @@ class Service:
                 if name not in names:  # (the store's own message names its directory: not for a client)
                     raise NotFoundError(f"no collection {name!r} here: the collections are {', '.join(names) or 'none'}")
                 g = Gallery(self.store, name, max_pixels=self.max_pixels)
+                g.keep_warm()  # filtered queries planned from an in-memory mirror (read in the background), kept current
                 self._galleries[name] = g
             return g
 
@@ -159,13 +164,35 @@ class Service:
                 self._batchers[name] = b
             return b
 
-    def warm(self, names: Sequence[str] | None = None) -> list[str]:
-        """Build the embedders of ``names`` (default: every collection) now rather than on their first image query."""
+    def warm(self, names: Sequence[str] | None = None, *, mirrors: bool = False) -> list[str]:
+        """Build the embedders of ``names`` (default: every collection) now rather than on their first image query;
+        ``mirrors``: read their filter mirrors now too."""
         chosen = list(names) if names is not None else self.store.names()
         for name in chosen:
-            _ = self.gallery(name).embedder
+            g = self.gallery(name)
+            _ = g.embedder
+            if mirrors:
+                g.keep_warm(load=True)
             log.info("embedder of %r ready", name)
         return chosen
+
+    # -- writes ----------------------------------------------------------------------------------------
+
+    def add(self, collection: str, images: Sequence[tuple[str, bytes]], *, label: str | None = None, metadata: Any = None) -> AddReport:
+        """Embed and add uploaded images (``(filename, bytes)``), kept in the service's files folder; see
+        :func:`lookalike.items.add_images`. The collection's cached Gallery (and its filter mirror) sees the write."""
+        g = self.gallery(collection)
+        with self._write_lock:
+            return add_images(g, images, label=label, metadata=metadata, files=self.files)
+
+    def remove(self, collection: str, ids: Sequence[str]) -> RemoveReport:
+        """Remove stored items by id (and their kept files); NotFoundError when none of them is stored."""
+        g = self.gallery(collection)
+        with self._write_lock:
+            report = remove_items(g, ids)
+        if not report.removed:
+            raise NotFoundError(f"no item {ids[0]!r} in collection {collection!r}")
+        return report
 
     def collections(self) -> list[dict[str, Any]]:
         """Each collection's name, count, dataset, embedder, label names and whether it has labels (no server paths)."""

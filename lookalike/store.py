@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import re
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,17 +138,38 @@ class VectorCollection:
         self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "fetch": 0, "allow-list": 0}
         self.warm = False
         self._mirror: Mirror | None = None
+        self._mirror_lock = threading.RLock()  # the mirror changes (writes) and is read (queries) from several threads
+        self._generation = 0  # writes so far (a mirror read while one happened is read again)
+        self._loader: threading.Thread | None = None
 
-    def keep_warm(self) -> None:
+    def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
-        ``LOOKALIKE_MIRROR_MB``), loaded on the first filtered query (or by :meth:`mirror`) and kept current by
-        this object's own writes. For long-lived processes (the service, the app) on a local store, whose lock
-        keeps every other writer out; a server's collection stays cold (other processes may write to it)."""
-        self.warm = not is_server(self._store.db)
+        ``LOOKALIKE_MIRROR_MB``), kept current by this object's own writes: for long-lived processes (the service,
+        the app) on a local store, whose lock keeps every other writer out (a server's collection stays cold: other
+        processes may write to it). The mirror is read now with ``load``, else in the background (queries go
+        the cold way until it is ready)."""
+        if is_server(self._store.db):
+            return
+        self.warm = True
+        if load:
+            self.mirror()
+        elif self._mirror is None and self._loader is None:
+            self._loader = threading.Thread(target=self._load_quietly, name=f"mirror-{self.name}", daemon=True)
+            self._loader.start()
+
+    def _load_quietly(self) -> None:
+        try:
+            self.mirror()
+        except Exception:  # a store that fails now fails again, loudly, in the query that needs it
+            log.warning("could not mirror %r; its filtered queries go the cold way", self.name, exc_info=True)
 
     def mirror(self) -> Mirror:
-        """The loaded mirror (read now, page by page, when not loaded yet)."""
-        if self._mirror is None:
+        """The mirror (read now, page by page, when not loaded yet; again when a write happened meanwhile)."""
+        for _ in range(5):
+            with self._mirror_lock:
+                if self._mirror is not None:
+                    return self._mirror
+                generation = self._generation
             count = self.count()
             mir: Mirror | None = None
             for ids, vecs, metas in self.pages(vectors=True):
@@ -155,9 +177,12 @@ class VectorCollection:
                     dim = vecs.shape[1] if vecs is not None and vecs.ndim == 2 else 0
                     mir = Mirror(dim, vectors=count * dim * 4 <= MIRROR_VECTORS_MB * 2**20)
                 mir.put(ids, vecs if mir.keeps_vectors else None, metas)
-            self._mirror = mir or Mirror(0, vectors=False)
-            log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
-        return self._mirror
+            with self._mirror_lock:
+                if self._generation == generation:  # no write while it was read: it is the collection now
+                    self._mirror = mir or Mirror(0, vectors=False)
+                    log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
+                    return self._mirror
+        raise StoreError(f"collection {self.name!r} kept changing while it was read: run the query again")
 
     @property
     def raw_record(self) -> str | None:
@@ -274,13 +299,17 @@ class VectorCollection:
                 part = self.partition(label)
                 if part is not None:
                     part.delete([i for i, m in zip(got_ids, metas) if m.get("label") == label])
-        mir, self._mirror = self._mirror, None
+        with self._mirror_lock:
+            self._generation += 1
+            mir, self._mirror = self._mirror, None
         with self._guard():
             for start in range(0, len(ids), self._store.max_batch):
                 self._c.delete(ids=ids[start : start + self._store.max_batch])
         if mir is not None:
-            mir.remove(ids)
-            self._mirror = mir
+            with self._mirror_lock:
+                mir.remove(ids)
+                self._generation += 1
+                self._mirror = mir
 
     def _write_partitions(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
         """``how`` (add, upsert, update) each item in its label's partition (an unlabelled item has none)."""
@@ -300,7 +329,9 @@ class VectorCollection:
     def _write(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
         """Chroma's ``add``, ``upsert`` or ``update`` (no vectors) in batches it accepts; the mirror follows a write
         that succeeded (one that failed drops it: it is read again when next needed)."""
-        mir, self._mirror = self._mirror, None
+        with self._mirror_lock:
+            self._generation += 1
+            mir, self._mirror = self._mirror, None
         if mir is not None and how == "add":  # Chroma skips ids already stored; update touches stored ids only
             new = [i for i, x in enumerate(ids) if len(mir.rows([x])) == 0]
         elif mir is not None and how == "update":
@@ -318,8 +349,10 @@ class VectorCollection:
                 call(**kwargs)
         if mir is not None:
             vecs = vectors[new] if vectors is not None and mir.keeps_vectors else None
-            mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
-            self._mirror = mir
+            with self._mirror_lock:
+                mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
+                self._generation += 1
+                self._mirror = mir
 
     def set_record(self, text: str) -> None:
         """Replace the collection's record (its notes are kept)."""
@@ -425,8 +458,9 @@ class VectorCollection:
                         row.extend(got)
             return [sorted(row, key=lambda n: n.distance)[:k] for row in rows]
         excluded = set(exclude)
-        if where is not None and self.warm:
-            return self._planned(vectors, k, where, excluded, metadata)
+        mir = self._mirror if self.warm else None
+        if where is not None and mir is not None:
+            return self._planned(mir, vectors, k, where, excluded, metadata)
         if where is None:
             # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
             share = min(1.0, len(excluded) / max(self.count() - len(excluded), 1)) if k > EXTRA and excluded else 0.0
@@ -457,33 +491,37 @@ class VectorCollection:
                     out[i] = keep(row)
         return out
 
-    def _planned(self, vectors: np.ndarray, k: int, where: dict[str, Any], excluded: set[str], metadata: bool) -> list[list[Neighbor]]:
+    def _planned(
+        self, mir: Mirror, vectors: np.ndarray, k: int, where: dict[str, Any], excluded: set[str], metadata: bool
+    ) -> list[list[Neighbor]]:
         """A warm collection's filtered query, planned from the mirror's exact count of matching items:
         a broad filter (``BROAD`` of the items or more) over-fetches unfiltered neighbours and keeps the matches
         (rows left short are answered by the next plan); a narrower one is answered by brute force over the
         matching vectors (mirrored, or read by id when at most ``FETCH_MAX``), or else by Chroma's search
         restricted to the matching ids. Every plan is exact up to the HNSW index's own recall."""
-        mir = self.mirror()
-        mask = mir.mask(where)
-        if excluded:
-            mask[mir.rows(excluded)] = False
-        rows = np.flatnonzero(mask)
+        with self._mirror_lock:  # a consistent view: the matching rows, their ids and vectors
+            mask = mir.mask(where)
+            if excluded:
+                mask[mir.rows(excluded)] = False
+            rows = np.flatnonzero(mask)
+            ids = mir.ids[rows]
+            base = mir.vectors[rows] if mir.vectors is not None else None
+            live = len(mir)
         out: list[list[Neighbor]] = [[] for _ in range(len(vectors))]
         if len(rows) == 0:
             return out
         todo = list(range(len(vectors)))
-        share = len(rows) / max(len(mir), 1)
+        share = len(rows) / max(live, 1)
         if share >= BROAD:
             probe = int(min(PROBE_MAX, OVERFETCH * k / share + PROBE_MIN + min(len(excluded), EXTRA)))
             for i, got in enumerate(self._query(vectors, probe, None, False)):
-                out[i] = [n for n in got if (r := mir.row(n.id)) is not None and mask[r]][:k]
+                out[i] = [n for n in got if (r := mir.row(n.id)) is not None and r < len(mask) and mask[r]][:k]
             todo = [i for i, row in enumerate(out) if len(row) < min(k, len(rows))]
             self.plan_counts["overfetch"] += len(vectors) - len(todo)
         if todo:
-            ids = mir.ids[rows]
-            if mir.vectors is not None:
+            if base is not None:
                 self.plan_counts["mirror"] += len(todo)
-                for i, got in zip(todo, _nearest(vectors[todo], mir.vectors[rows], ids, k)):
+                for i, got in zip(todo, _nearest(vectors[todo], base, ids, k)):
                     out[i] = got
             elif len(rows) <= FETCH_MAX:
                 self.plan_counts["fetch"] += len(todo)
@@ -497,7 +535,8 @@ class VectorCollection:
                         got = self._c.query(query_embeddings=vectors[i : i + 1], n_results=k, ids=allowed, include=["distances"])
                         out[i] = [Neighbor(x, float(np.sqrt(max(d, 0.0))), {}) for x, d in zip(got["ids"][0], got["distances"][0])]
         if metadata:
-            out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row] for row in out]
+            with self._mirror_lock:  # (an item removed since is left out)
+                out = [[Neighbor(n.id, n.distance, m) for n in row if (m := mir.metadata(n.id))] for row in out]
         return out
 
     def _matching_ids(self, where: dict[str, Any], limit: int) -> list[str]:

@@ -84,7 +84,7 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
         monkeypatch.setattr(store_mod, "FETCH_MAX", 10)  # the 1% filter (20 items) goes to the allow-list
     with Gallery.open(db=big) as g:
         if warm != "cold":
-            g.keep_warm()
+            g.keep_warm(load=True)
         ids, vecs, metas = g.collection().scan(vectors=True, dim=g.record.embedder.dim)
         rows = [i for i, m in enumerate(metas) if matches(m, where)]
         assert len(rows) == n_match
@@ -178,7 +178,7 @@ def test_a_folders_own_fields_are_stored_and_filtered_on(tmp_path: Path, db: str
         assert ids("taken between 2024-01-01 and 2024-06-30") == ["folder:a.jpg"]
         assert ids("taken <= 2023-12-31") == ["folder:c.jpg"]  # the whole day
         assert ids("width >= 40", "camera_model != Pixel 7") == ["folder:c.jpg"]
-    with pytest.raises(InputError, match="--gps are for folders"):
+    with pytest.raises(InputError, match="--gps and --metadata are for folders"):
         ingest("mnist-sample", embedder=fake_embedder, db=db, collection="s", gps=True)
     ingest("folder", str(root), embedder=fake_embedder, db=db, collection="with-gps", gps=True)
     with Gallery.open("with-gps", db) as g:

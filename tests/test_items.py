@@ -45,7 +45,7 @@ def test_add_then_remove_single_images(tmp_path: Path, db: str, fake_embedder: P
     f = tmp_path / "new one.png"
     f.write_bytes(_png(img))
     with Gallery.open("live", db) as g:
-        g.keep_warm()
+        g.keep_warm(load=True)
         assert "album" not in g.fields()  # (the mirror is loaded now: the writes below must reach it)
         r = add_images(g, [f, ("again.png", _png(img))], label="1", metadata=["album=Trip", "rating=4"])
         (item_id,) = set(r.ids)
