@@ -502,6 +502,13 @@ def serve(
         Optional[str], typer.Option("--api-key-file", help="File holding the API key clients must send [default: $LOOKALIKE_API_KEY]")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Serve a non-loopback --host without any key (anyone may query)")] = False,
+    write_key_file: Annotated[
+        Optional[str],
+        typer.Option("--write-key-file", help="File holding the key that may add and remove items (else no writes) [$LOOKALIKE_WRITE_KEY]"),
+    ] = None,
+    files: Annotated[
+        Optional[str], typer.Option("--files", help="Keep images added over HTTP in this directory [default: beside a local store]")
+    ] = None,
     wait: WaitOpt = None,
     max_pixels: MaxPixelsOpt = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB (larger: 413)")] = 10.0,
@@ -517,28 +524,31 @@ def serve(
 ) -> None:
     """Serve the store's collections over HTTP (JSON; docs at /docs) with warm embedders: pip install 'lookalike[serve]'."""
     from lookalike.errors import InputError
-    from lookalike.server import bind, check_exposure, read_api_key, require_extra
+    from lookalike.server import WRITE_KEY_ENV, bind, check_exposure, read_api_key, require_extra
     from lookalike.server import serve as run_server
     from lookalike.service import DEFAULT_MAX_BATCH, DEFAULT_WINDOW, Service
 
     require_extra()
     key = read_api_key(api_key_file)
+    write_key = read_api_key(write_key_file, "--write-key-file", WRITE_KEY_ENV)
+    if write_key is not None and write_key == key:
+        raise InputError("the write key is the API (read) key: give the write key its own file")
     check_exposure(host, key, insecure)
     if not 0.001 <= max_upload_mb <= 1024:  # (also refuses NaN and infinity)
         raise InputError(f"--max-upload-mb must be between 0.001 and 1024, got {max_upload_mb}")
     window = DEFAULT_WINDOW if batch_window_ms is None else batch_window_ms / 1000
     batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
-    with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=batch) as service:
+    with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=batch, files=files) as service:
         sock = bind(host, port)
         names = service.warm() if preload else service.store.names()
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{sock.getsockname()[1]}"
         typer.echo(
             f"serving {len(names)} collection(s) of {service.store.db} at {url} (docs: {url}/docs); "
-            f"API key {'required' if key else 'not required'}; Ctrl-C stops",
+            f"API key {'required' if key else 'not required'}; writes {'with the write key' if write_key else 'off'}; Ctrl-C stops",
             err=True,
         )
-        run_server(service, sock, api_key=key, max_upload=int(max_upload_mb * 1024 * 1024), access_log=access_log)
+        run_server(service, sock, api_key=key, write_key=write_key, max_upload=int(max_upload_mb * 1024 * 1024), access_log=access_log)
     typer.echo("stopped", err=True)
 
 

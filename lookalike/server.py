@@ -9,6 +9,11 @@ Security: the service binds 127.0.0.1 unless told otherwise, and any other addre
 but ``/health`` (the API's description, ``/docs`` and ``/openapi.json``, is then not served at all)
 needs ``Authorization: Bearer KEY``, compared in constant time (before any of the body is read); a
 missing or wrong key gets 401 and nothing else.
+
+Writes (``POST /collections/{name}/items``, ``DELETE /collections/{name}/items/{id}``) have their own
+key (``--write-key-file``): it may also read; the read key on a write route gets 403, and with no
+write key configured the write routes answer 403 naming the option. Limits of an upload: the body's
+size (413), ``MAX_ADD_FILES`` images, metadata of ``MAX_METADATA_BYTES`` and ``MAX_METADATA_FIELDS``.
 """
 
 import hmac
@@ -39,10 +44,15 @@ log = logging.getLogger(__name__)
 
 EXTRA = "the service needs its extra: pip install 'lookalike[serve]'"
 KEY_ENV = "LOOKALIKE_API_KEY"
+WRITE_KEY_ENV = "LOOKALIKE_WRITE_KEY"
 MIN_KEY_LENGTH = 16
 MAX_UPLOAD = 10 * 1024 * 1024  # bytes of one request body
 DRAIN_CAP = 64 * 1024 * 1024  # bytes of a refused body read (and dropped) before the answer, so that the client hears it
 SEARCH_FIELDS = ("id", "vector", "k", "labels", "label", "split", "where")
+ADD_FIELDS = ("image", "label", "metadata")
+MAX_ADD_FILES = 16  # images in one POST of items
+MAX_METADATA_BYTES = 16 * 1024  # of an upload's metadata JSON
+MAX_METADATA_FIELDS = 64
 KEY_HINT = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))' > lookalike.key"
 
 
@@ -75,22 +85,22 @@ def status_of(exc: LookalikeError) -> int:
 # -- exposure and keys ---------------------------------------------------------------------------------
 
 
-def read_api_key(path: str | os.PathLike[str] | None) -> str | None:
-    """The API key from ``path`` (its first line), else ``$LOOKALIKE_API_KEY``, else None; InputError on a bad key."""
+def read_api_key(path: str | os.PathLike[str] | None, option: str = "--api-key-file", env: str = KEY_ENV) -> str | None:
+    """The key from ``path`` (its first line), else ``$env``, else None; InputError on a bad key."""
     if path is not None:
         p = Path(path).expanduser()
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read --api-key-file {p} ({type(exc).__name__}): {KEY_HINT}") from None
-        key, source = (text.splitlines() or [""])[0].strip(), f"--api-key-file {p}"
+            raise InputError(f"cannot read {option} {p} ({type(exc).__name__}): {KEY_HINT}") from None
+        key, source = (text.splitlines() or [""])[0].strip(), f"{option} {p}"
         try:
             if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
                 log.warning("%s is readable by other users: chmod 600 %s", p, p)
         except OSError:
             pass
-    elif os.environ.get(KEY_ENV):  # set and not empty
-        key, source = os.environ[KEY_ENV].strip(), f"${KEY_ENV}"
+    elif os.environ.get(env):  # set and not empty
+        key, source = os.environ[env].strip(), f"${env}"
     else:
         return None
     if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
@@ -172,8 +182,9 @@ def _search_docs() -> dict[str, Any]:
     }
 
 
-def create_app(service: Service, *, api_key: str | None = None, max_upload: int = MAX_UPLOAD) -> Any:
-    """The FastAPI app serving ``service`` (``api_key``: required on every endpoint but /health)."""
+def create_app(service: Service, *, api_key: str | None = None, write_key: str | None = None, max_upload: int = MAX_UPLOAD) -> Any:
+    """The FastAPI app serving ``service`` (``api_key``: required on every endpoint but /health; ``write_key``: the one
+    key of the write routes, off without it)."""
     try:
         from fastapi import APIRouter, FastAPI, Request
         from fastapi.concurrency import run_in_threadpool
@@ -272,6 +283,22 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
         """A stored item's label, split and metadata."""
         return service.item(name, item_id).to_dict()
 
+    @api.post("/collections/{name}/items", tags=["items"], status_code=201)
+    async def add_items(name: str, request: Request) -> Any:
+        """Add images (multipart: `image` file fields, optional `label`, optional `metadata` JSON object); answers
+        `{"id": ...}` (the first image's; `ids` for each), 201 when something was added, 200 when all were stored already.
+        The write key is needed."""
+        images, label, metadata = await _add_form(request)
+        report = await run_in_threadpool(lambda: service.add(name, images, label=label, metadata=metadata))
+        body = {"id": report.ids[0], **report.to_dict()}
+        return JSONResponse(body, status_code=201 if report.added else 200)
+
+    @api.delete("/collections/{name}/items/{item_id:path}", tags=["items"])
+    def remove_item(name: str, item_id: str) -> Any:
+        """Remove a stored item (and its kept image); 404 when it is not stored. The write key is needed."""
+        report = service.remove(name, [item_id])
+        return {"removed": report.removed[0], "still_in_folder": bool(report.still_in_folder)}
+
     @api.get("/collections/{name}/evaluation", tags=["collections"])
     def evaluation(name: str) -> Any:
         """The last `lookalike evaluate` report saved with the collection (404 when none was)."""
@@ -283,8 +310,54 @@ def create_app(service: Service, *, api_key: str | None = None, max_upload: int 
         return service.audit(name)
 
     app.include_router(api)
-    app.add_middleware(_Gate, max_bytes=max_upload, api_key=api_key)
+    app.add_middleware(_Gate, max_bytes=max_upload, api_key=api_key, write_key=write_key)
     return app
+
+
+async def _add_form(request: Any) -> tuple[list[tuple[str, bytes]], str | None, dict[str, Any] | None]:
+    """(images, label, metadata) of a POST of items, within the limits; InputError/TooLargeError naming the fix."""
+    import json
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise InputError('send multipart/form-data: "image" file fields, optional "label" and "metadata" (a JSON object)')
+    try:
+        form = await request.form(max_files=MAX_ADD_FILES + 1, max_fields=16)
+    except TooLargeError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "Too many files" in text:
+            raise TooLargeError(f"at most {MAX_ADD_FILES} images in one request: send the rest in another") from None
+        raise InputError(f"the form could not be read ({text}): send multipart/form-data with 'image' file fields") from None
+    unknown = sorted(set(form.keys()) - set(ADD_FIELDS))
+    if unknown:
+        raise InputError(f"unknown form field {unknown[0]!r}: the fields are image (repeatable), label, metadata")
+    uploads = form.getlist("image")
+    if not uploads or any(isinstance(u, str) for u in uploads):
+        raise InputError("send each image as a file field named 'image'")
+    if len(uploads) > MAX_ADD_FILES:
+        raise TooLargeError(f"at most {MAX_ADD_FILES} images in one request: send the rest in another")
+    images = []
+    for u in uploads:
+        images.append((getattr(u, "filename", None) or "upload", await u.read()))
+        await u.close()
+    label = form.get("label")
+    raw = form.get("metadata")
+    metadata = None
+    if raw not in (None, ""):
+        text = raw if isinstance(raw, str) else (await raw.read()).decode("utf-8", "replace")
+        if len(text.encode()) > MAX_METADATA_BYTES:
+            raise TooLargeError(f"the metadata is over {MAX_METADATA_BYTES:,} bytes: send fewer or shorter fields")
+        try:
+            metadata = json.loads(text)
+        except ValueError:
+            raise InputError('metadata must be a JSON object such as {"album": "Trip", "rating": 4}') from None
+        if not isinstance(metadata, dict):
+            raise InputError('metadata must be a JSON object such as {"album": "Trip", "rating": 4}')
+        if len(metadata) > MAX_METADATA_FIELDS:
+            raise TooLargeError(f"the metadata has {len(metadata)} fields, over the limit of {MAX_METADATA_FIELDS}: send fewer")
+    return images, (str(label) if label not in (None, "") else None), metadata
 
 
 async def _form_query(request: Any) -> dict[str, Any]:
@@ -354,10 +427,11 @@ class _Gate:
     gets 401 (compared in constant time, before the body is read); a body over ``max_bytes`` gets 413 (from
     Content-Length before reading, or while it is read)."""
 
-    def __init__(self, app: Any, max_bytes: int, api_key: str | None = None) -> None:
+    def __init__(self, app: Any, max_bytes: int, api_key: str | None = None, write_key: str | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.writer = f"Bearer {write_key}".encode() if write_key else None
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Any) -> None:
         if scope["type"] != "http":
@@ -365,12 +439,22 @@ class _Gate:
             return
         limit = self.max_bytes
         message = f"the request body is over the limit of {limit:,} bytes: send a smaller image"
-        if self.expected is not None and scope.get("path") != "/health":  # no key, no reading of the body (nor its size)
-            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                await _drain(receive, cap=1024 * 1024)
-                await _send_json(send, 401, {"error": "unauthorized", "status": 401}, {b"www-authenticate": b"Bearer"})
-                return
+        given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        writer = self.writer is not None and hmac.compare_digest(given, self.writer)
+        reader = writer or (self.expected is not None and hmac.compare_digest(given, self.expected))
+        refusal: tuple[int, str] | None = None  # no key, no reading of the body (nor its size)
+        if is_write(scope.get("method", ""), scope.get("path", "")):
+            if self.writer is None:
+                refusal = (403, "writes are off: start the service with --write-key-file FILE to allow them")
+            elif not writer:
+                refusal = (403, "this key may only read: send the write key") if reader else (401, "unauthorized")
+        elif self.expected is not None and scope.get("path") != "/health" and not reader:
+            refusal = (401, "unauthorized")
+        if refusal is not None:
+            await _drain(receive, cap=1024 * 1024)
+            extra = {b"www-authenticate": b"Bearer"} if refusal[0] == 401 else {}
+            await _send_json(send, refusal[0], {"error": refusal[1], "status": refusal[0]}, extra)
+            return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _drain(receive)  # (read, not kept: a client still sending would otherwise see a broken pipe)
@@ -403,6 +487,14 @@ class _Gate:
                 await _send_json(send, 413, {"error": message, "status": 413})
 
 
+def is_write(method: str, path: str) -> bool:
+    """Whether a request is one of the write routes (adding or removing items)."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 3 or parts[0] != "collections" or parts[2] != "items":
+        return False
+    return (method == "POST" and len(parts) == 3) or (method == "DELETE" and len(parts) >= 4)
+
+
 async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], cap: int = DRAIN_CAP) -> None:
     """Read and drop the rest of a refused request's body (at most ``cap`` bytes; past that the connection just closes)."""
     dropped = 0
@@ -433,6 +525,7 @@ def serve(
     sock: socket.socket,
     *,
     api_key: str | None = None,
+    write_key: str | None = None,
     max_upload: int = MAX_UPLOAD,
     access_log: bool = False,
 ) -> None:
@@ -446,7 +539,7 @@ def serve(
     def stop(signum: int, frame: Any) -> None:  # uvicorn re-raises SIGTERM once it has shut down: end like Ctrl-C
         raise KeyboardInterrupt
 
-    app = create_app(service, api_key=api_key, max_upload=max_upload)
+    app = create_app(service, api_key=api_key, write_key=write_key, max_upload=max_upload)
     config = uvicorn.Config(app, log_level="warning", access_log=access_log, server_header=False, timeout_graceful_shutdown=5)
     previous = signal.signal(signal.SIGTERM, stop)
     try:

@@ -529,3 +529,84 @@ def test_a_where_filter_over_http_in_json_and_in_a_form(served: Served) -> None:
     nothing = json.dumps({"id": "mnist:test:2", "where": {"index": {"$gt": 10**9}}}).encode()
     status, got = served.search(nothing, "application/json", "pixels")
     assert status == 200 and got["hits"] == []  # a filter that matches nothing: no hits, no error
+
+
+WRITE_KEY = "wr1te-key-for-the-tests-0123456789"
+
+
+def _upload(images: list[tuple[str, bytes]], fields: list[tuple[str, str]] = ()) -> tuple[bytes, str]:
+    b = "testboundary9c1e"
+    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields]
+    for name, data in images:
+        head = f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\nContent-Type: image/png\r\n\r\n'
+        parts.append(head.encode() + data + b"\r\n")
+    parts.append(f"--{b}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={b}"
+
+
+def test_items_added_and_removed_over_http_with_scoped_keys_and_limits(tmp_path: Path, tiny_npz: Path, fake_embedder) -> None:
+    """POST and DELETE of items: the write key only (the read key: 403; writes off without a write key: 403), the
+    limits (count, metadata size and fields), the upload kept and served as a thumbnail, a filter that sees it at once."""
+    from .conftest import make_digits
+
+    db = str(tmp_path / "db")
+    ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="pixels", db=db)
+    (tmp_path / "key").write_text(KEY)
+    (tmp_path / "wkey").write_text(WRITE_KEY)
+    x, _ = make_digits(20, seed=31)
+    one = png(x[0])
+    body, ctype = _upload([("mine.png", one)], [("label", "4"), ("metadata", json.dumps({"album": "Trip", "名前": "猫"}))])
+    off = ServiceProcess("--db", db, "--api-key-file", str(tmp_path / "key"))
+    try:  # no write key configured: the write routes are off
+        status, _, data = off.call("POST", "/collections/pixels/items", body, ctype, key=KEY)
+        assert status == 403 and "--write-key-file" in json.loads(data)["error"]
+        assert off.call("DELETE", "/collections/pixels/items/mnist:train:0", key=KEY)[0] == 403
+    finally:
+        off.stop()
+    files = tmp_path / "kept"
+    keys = ["--api-key-file", str(tmp_path / "key"), "--write-key-file", str(tmp_path / "wkey")]
+    server = ServiceProcess("--db", db, *keys, "--files", str(files))
+    try:
+        status, _, data = server.call("POST", "/collections/pixels/items", body, ctype, key=KEY)
+        assert status == 403 and "may only read" in json.loads(data)["error"]  # the read key cannot write
+        assert server.call("POST", "/collections/pixels/items", body, ctype, key=None)[0] == 401
+        warm = json.dumps({"id": "mnist:test:0", "k": 3, "where": ["album = Trip"]}).encode()
+        status, _, data = server.call("POST", "/collections/pixels/search", warm, "application/json", key=KEY)
+        assert status == 422  # no item has the field yet
+        status, _, data = server.call("POST", "/collections/pixels/items", body, ctype, key=WRITE_KEY)
+        added = json.loads(data)
+        assert status == 201 and added["id"].startswith("added:") and added["added"] == [added["id"]], added
+        status, _, data = server.call("POST", "/collections/pixels/items", body, ctype, key=WRITE_KEY)
+        assert status == 200 and json.loads(data)["already_stored"] == [added["id"]]  # the same image again: stored once
+        status, _, data = server.call("POST", "/collections/pixels/search", warm, "application/json", key=KEY)  # the write key reads too
+        assert status == 200 and [h["id"] for h in json.loads(data)["hits"]] == [added["id"]]
+        status, _, data = server.call("GET", f"/collections/pixels/items/{added['id']}", key=KEY)
+        assert status == 200 and json.loads(data)["metadata"]["名前"] == "猫" and json.loads(data)["label"] == 4
+        status, _, data = server.call("GET", f"/collections/pixels/items/{added['id']}/image", key=KEY)
+        assert status == 200 and data[:4] == b"\x89PNG"
+        kept = list(files.rglob("*.png"))
+        assert len(kept) == 1 and kept[0].read_bytes() == one
+        limits = [
+            (_upload([(f"{i}.png", png(x[i])) for i in range(17)], [("label", "1")]), 413, "at most 16 images"),
+            (_upload([("a.png", one)], [("label", "1"), ("metadata", json.dumps({"f": "x" * 20000}))]), 413, "over 16,384 bytes"),
+            (_upload([("a.png", one)], [("label", "1"), ("metadata", json.dumps({f"f{i}": i for i in range(65)}))]), 413, "65 fields"),
+            (_upload([("a.png", one)], [("label", "1"), ("metadata", "[1]")]), 422, "JSON object"),
+            (_upload([("a.png", one)], [("label", "1"), ("metadata", json.dumps({"width": 3}))]), 422, "lookalike fills itself"),
+            (_upload([("a.png", b"nope")], [("label", "1")]), 422, "a.png"),
+            (_upload([("a.png", one)], []), 422, "--label"),
+            (_upload([], [("label", "1")]), 422, "file field named 'image'"),
+        ]
+        for (b, c), want, needle in limits:
+            status, _, data = server.call("POST", "/collections/pixels/items", b, c, key=WRITE_KEY)
+            assert status == want and needle in json.loads(data)["error"], (needle, status, data)
+        n = json.loads(server.call("GET", "/collections", key=KEY)[2])[0]["count"]
+        assert n == 251  # nothing of the refused uploads was written
+        assert server.call("DELETE", f"/collections/pixels/items/{added['id']}", key=KEY)[0] == 403
+        status, _, data = server.call("DELETE", f"/collections/pixels/items/{added['id']}", key=WRITE_KEY)
+        assert status == 200 and json.loads(data)["removed"] == added["id"] and not kept[0].exists()
+        assert server.call("DELETE", f"/collections/pixels/items/{added['id']}", key=WRITE_KEY)[0] == 404
+        assert server.call("DELETE", "/collections/pixels/items/mnist:train:5", key=WRITE_KEY)[0] == 200
+        status, _, data = server.call("GET", "/collections/pixels/items/mnist:train:5", key=KEY)
+        assert status == 404
+    finally:
+        server.stop()
