@@ -101,6 +101,9 @@ def _check_items(g: Gallery, full: bool = False) -> CheckReport:
         problems.append(f"{bad_meta} items have metadata without a valid label or split")
     if len(set(ids)) != len(ids):
         problems.append(f"{len(ids) - len(set(ids))} ids are listed twice")
+    importing = col.notes().get("lookalike_import")  # (lookalike.transfer's mark of an import not finished)
+    if importing:
+        problems.append(f"the import from {importing} did not finish: run `lookalike import` with that file again")
     catalogue_trouble = _catalogue_problems(g, ids, metas)
     problems += catalogue_trouble
 

@@ -865,6 +865,46 @@ def remove(
 
 
 @command()
+def export(
+    name: Annotated[str, typer.Argument(help="Collection to export")],
+    out: Annotated[str, typer.Option("--out", help="The Parquet file to write (ids, vectors, metadata, the record)")],
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a collection to one Parquet file (streamed; vectors bit for bit): a backup, or a move to another store."""
+    from lookalike.transfer import export_collection
+
+    with _open(name, db, wait) as g:
+        r = export_collection(g, out)
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    typer.echo(f"exported {r.items} items of {r.collection!r} to {r.path} in {r.seconds:.1f} s")
+
+
+@command("import")
+def import_(
+    file: Annotated[str, typer.Argument(help="A Parquet file written by `lookalike export`")],
+    collection: Annotated[
+        Optional[str], typer.Option("--collection", "-c", help="The new collection's name [default: the exported one]")
+    ] = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a collection from an exported file, nothing embedded; run it again to finish an interrupted import."""
+    from lookalike.transfer import import_collection
+
+    r = import_collection(file, collection=collection, db=db, wait=wait)
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    how = " (resumed)" if r.resumed else ""
+    typer.echo(f"imported {r.items} items into {r.collection!r} of {r.db} in {r.seconds:.1f} s{how}")
+
+
+@command()
 def check(
     collection: CollectionOpt = None,
     db: DbOpt = None,

@@ -198,6 +198,13 @@ class VectorCollection:
         value = (fresh.metadata or {}).get(key)
         return str(value) if value is not None else None
 
+    def notes(self) -> dict[str, str]:
+        """Every text kept in the collection's metadata beside its record (read from the store now)."""
+        with self._guard():
+            fresh = self._store._client.get_collection(self.name, embedding_function=None)
+        skip = {RECORD_KEY, PARTITION_KEY, REBUILD_KEY}
+        return {k: str(v) for k, v in (fresh.metadata or {}).items() if k not in skip and v not in (None, "")}
+
     def set_note(self, key: str, text: str) -> None:
         """Keep ``text`` under ``key`` in the collection's metadata (the record and other notes are kept)."""
         if key == RECORD_KEY:
