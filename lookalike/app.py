@@ -31,6 +31,7 @@ from lookalike.audit import audit, save_audit, saved_audit
 from lookalike.errors import LookalikeError
 from lookalike.evaluate import evaluate, save_report
 from lookalike.explore import METHODS, cached_map, cluster
+from lookalike.filters import combine, parse_where
 from lookalike.gallery import Gallery
 from lookalike.search import Hit, search
 from lookalike.store import Store, default_db
@@ -62,6 +63,7 @@ def open_store(db: str) -> Store:
 @st.cache_resource(show_spinner=False)
 def open_gallery(db: str, name: str) -> Gallery:
     g = Gallery(open_store(db), name)
+    g.keep_warm()  # the fields' mirror, read in the background: exact filters in milliseconds, and the filter widgets
     # build the embedder now, in the background: an upload is then answered in milliseconds, not after TensorFlow's start
     threading.Thread(target=warm, args=(g,), name=f"warm-{name}", daemon=True).start()
     return g
@@ -166,6 +168,48 @@ def filters(gallery: Gallery, key: str) -> tuple[list[str], str | None, int]:
     return labels, (None if split == "any" else split), k
 
 
+# fields that other widgets cover, or that nobody filters on
+UNFILTERED = {"label", "label_name", "split", "dataset", "sha256", "mtime_ns", "file", "path", "filename"}
+
+
+def field_filters(gallery: Gallery, key: str) -> dict[str, Any] | None:
+    """Widgets built from the collection's fields (a range for numbers, a choice for text and bools, "has any of"
+    for tags) and a box of ``--where`` expressions; their AND in Chroma's dict form, or None."""
+    clauses: list[dict[str, Any] | None] = []
+    with st.expander("more filters: the collection's fields"):
+        fields = gallery.describe_fields()
+        if fields is None:
+            st.caption("reading the collection's fields… (the expressions below work already)")
+            fields = {}
+        usable = {n: f for n, f in fields.items() if n not in UNFILTERED and (f["kind"] == "number" or f.get("values"))}
+        chosen = st.multiselect("filter on", sorted(usable), key=f"{key}-fields", help="fields every or some items have")
+        for name in chosen:
+            f = usable[name]
+            if f["kind"] == "number":
+                lo, hi = f["min"], f["max"]
+                if lo == hi:
+                    st.caption(f"{name}: {lo:g} for every item that has it")
+                    clauses.append({name: lo})
+                    continue
+                if float(lo).is_integer() and float(hi).is_integer():
+                    lo, hi = int(lo), int(hi)
+                a, b = st.slider(name, lo, hi, (lo, hi), key=f"{key}-f-{name}")
+                clauses += [{name: {"$gte": a}}, {name: {"$lte": b}}]
+            elif f["kind"] == "tags":
+                picked = st.multiselect(f"{name} has any of", f["values"], key=f"{key}-f-{name}")
+                ors = [{name: {"$contains": v}} for v in picked]
+                clauses.append(ors[0] if len(ors) == 1 else {"$or": ors} if ors else None)
+            else:
+                picked = st.multiselect(name, f["values"], key=f"{key}-f-{name}")
+                clauses.append({name: {"$in": picked}} if picked else None)
+        text = st.text_input(
+            "where", key=f"{key}-where", placeholder="width >= 1000; camera_model = Pixel 7; taken between 2024-01-01 and 2024-06-30"
+        )
+        if text.strip():
+            clauses.append(parse_where([t for t in text.split(";") if t.strip()]))
+    return combine(*clauses)
+
+
 def on_upload() -> None:
     st.session_state["query_source"] = "image"
 
@@ -183,15 +227,16 @@ def search_page(gallery: Gallery, db: str) -> None:
         st.session_state["query_id"] = param("id", "") or ""
     right.text_input("…or a stored id", key="query_id", on_change=on_id, placeholder=example)
     labels, split, k = filters(gallery, "search")
+    where = field_filters(gallery, "search")
     source = st.session_state.get("query_source") or ("image" if upload is not None else "id")
     query_id = st.session_state.get("query_id", "").strip()
     if source == "image" and upload is not None:
         data = upload.getvalue()
         pixels = gallery.read_query_image(data, name=f"the upload {upload.name}")
-        hits = search(gallery, image=pixels, k=k, labels=labels, split=split)
+        hits = search(gallery, image=pixels, k=k, labels=labels, split=split, where=where)
         query_img, caption = thumb(pixels, 2 * THUMB), f"uploaded {upload.name}"
     elif query_id:
-        hits = search(gallery, id=query_id, k=k, labels=labels, split=split)
+        hits = search(gallery, id=query_id, k=k, labels=labels, split=split, where=where)
         meta, _ = gallery.item(query_id)
         query_img, caption = images_of(gallery, [meta])[0], f"{query_id} ({gallery.label_name(int(meta['label']))})"
     else:
@@ -201,6 +246,7 @@ def search_page(gallery: Gallery, db: str) -> None:
     q.image(query_img, caption=f"query: {caption}", width="stretch")
     with grid:
         shown = f" with labels {', '.join(labels)}" if labels else ""
+        shown += " matching the filters" if where else ""
         st.subheader(f"{len(hits)} nearest{shown}{' in ' + split if split else ''}")
         hit_grid(gallery, hits, key="hit", columns=6)
 

@@ -327,6 +327,15 @@ class Gallery:
             self._fields = sorted({key for m in metas for key in m})
         return self._fields
 
+    def describe_fields(self) -> dict[str, dict[str, Any]] | None:
+        """What a warm collection's fields hold (:meth:`lookalike.mirror.Mirror.describe`), for filter widgets; None
+        while its mirror is not read yet (or for a cold collection)."""
+        mir = self._col.warm and self._col._mirror
+        if not mir:
+            return None
+        with self._col._mirror_lock:
+            return mir.describe()
+
     def check_where(self, where: dict[str, Any] | None) -> None:
         """InputError naming the collection's fields when ``where`` filters on another, or uses an unknown operator."""
         if not where:

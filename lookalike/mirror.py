@@ -203,6 +203,33 @@ class Mirror:
                         out &= col.compare(op, value, n)
         return out
 
+    def describe(self, most: int = 50) -> dict[str, dict[str, Any]]:
+        """Per field of the live items: ``kind`` (number, text, bool, tags or mixed), ``count`` (items having it),
+        ``min``/``max`` of numbers, and ``values`` (sorted; None when more than ``most`` distinct) of text, bools, tags."""
+        live = self.alive[: self._n]
+        out: dict[str, dict[str, Any]] = {}
+        names = {NUMBER: "number", STRING: "text", BOOL: "bool", LIST: "tags"}
+        for name, col in self._cols.items():
+            kinds = col.kind[: self._n][live]
+            present = kinds[kinds != MISSING]
+            if not len(present):
+                continue
+            found = sorted(set(present.tolist()))
+            info: dict[str, Any] = {"kind": names[found[0]] if len(found) == 1 else "mixed", "count": len(present)}
+            if info["kind"] == "number":
+                nums = col.num[: self._n][live & (col.kind[: self._n] == NUMBER)]
+                info.update(min=float(nums.min()), max=float(nums.max()))
+            elif info["kind"] in ("text", "bool", "tags"):
+                raw = col.raw[: self._n][live & (col.kind[: self._n] != MISSING)]
+                seen: set[Any] = set()
+                for v in raw:
+                    seen.update(v if isinstance(v, list) else [v])
+                    if len(seen) > most:
+                        break
+                info["values"] = sorted(seen, key=str) if len(seen) <= most else None
+            out[name] = info
+        return out
+
     @property
     def size(self) -> int:
         """Rows used (live and dead)."""

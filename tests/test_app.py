@@ -49,13 +49,36 @@ def test_search_by_id_shows_the_librarys_neighbours_and_filters_change_them(app_
     at = start(page="Search", id="mnist:test:0", k="6")
     with Gallery.open("digits", app_db) as g:
         assert shown_ids(at) == [h.id for h in search(g, id="mnist:test:0", k=6)]
-        assert [w.label for w in at.multiselect] == ["labels"] and at.slider[0].value == 6
-        at.multiselect[0].set_value(["3", "5"]).run()
+        assert [w.label for w in at.multiselect] == ["labels", "filter on"] and at.slider[0].value == 6
+        at.multiselect(key="search-labels").set_value(["3", "5"]).run()
         filtered = [h.id for h in search(g, id="mnist:test:0", k=6, labels=["3", "5"])]
         assert shown_ids(at) == filtered and filtered != [h.id for h in search(g, id="mnist:test:0", k=6)]
         at.selectbox(key="search-split").set_value("test").run()
         assert shown_ids(at) == [h.id for h in search(g, id="mnist:test:0", k=6, labels=["3", "5"], split="test")]
         assert not at.exception
+
+
+def test_filter_widgets_are_built_from_the_fields_and_give_the_librarys_answer(app_db: str) -> None:
+    import time
+
+    at = start(page="Search", id="mnist:test:0", k="5")
+    deadline = time.time() + 60
+    while "index" not in at.multiselect(key="search-fields").options and time.time() < deadline:
+        time.sleep(0.2)  # the fields' mirror is read in the background
+        at.run()
+    assert "index" in at.multiselect(key="search-fields").options and "label" not in at.multiselect(key="search-fields").options
+    at.multiselect(key="search-fields").set_value(["index", "source"]).run()
+    at.slider(key="search-f-index").set_value((10, 40)).run()
+    at.multiselect(key="search-f-source").set_value(["x_train"]).run()
+    where = {"$and": [{"index": {"$gte": 10}}, {"index": {"$lte": 40}}, {"source": {"$in": ["x_train"]}}]}
+    with Gallery.open("digits", app_db) as g:
+        want = [h.id for h in search(g, id="mnist:test:0", k=5, where=where)]
+        assert shown_ids(at) == want and all(10 <= int(i.rsplit(":", 1)[1]) <= 40 for i in want)
+        at.text_input(key="search-where").set_value("label = 4; index < 30").run()
+        also = {"$and": [*where["$and"], {"label": {"$eq": 4}}, {"index": {"$lt": 30}}]}
+        assert shown_ids(at) == [h.id for h in search(g, id="mnist:test:0", k=5, where=also)]
+        at.text_input(key="search-where").set_value("label ~ 4").run()
+        assert not at.exception and any("unknown operator" in e.value for e in at.error)
 
 
 def test_clicking_a_neighbour_makes_it_the_query(app_db: str) -> None:

@@ -88,3 +88,18 @@ def test_writes_follow_chromas_semantics() -> None:
     mir.put(["a"], np.array([[3, 3]], np.float32), [{"w": 1}])  # stored again after removal: a new item
     assert mir.metadata("a") == {"w": 1} and mir.vectors[mir.row("a")].tolist() == [3, 3] and len(mir) == 2
     assert list(mir.rows(["a", "gone", "b"])) == [mir.row("a"), mir.row("b")]
+
+
+def test_describe_gives_what_filter_widgets_need() -> None:
+    mir = Mirror(1, vectors=False)
+    metas = [{"n": i, "s": f"v{i % 3}", "b": i % 2 == 0, "tags": ["x", "y"] if i % 2 else ["z"], "many": f"u{i}"} for i in range(60)]
+    mir.put([f"i{i}" for i in range(60)], None, metas)
+    mir.put(["m"], None, [{"n": "text now"}])
+    mir.remove(["i59"])
+    d = mir.describe()
+    assert d["s"] == {"kind": "text", "count": 59, "values": ["v0", "v1", "v2"]}
+    assert d["b"]["values"] == [False, True] and d["tags"]["values"] == ["x", "y", "z"]
+    assert d["many"]["values"] is None and d["many"]["count"] == 59  # too many distinct values to list
+    assert d["n"]["kind"] == "mixed"
+    mir.remove(["m"])
+    assert mir.describe()["n"] == {"kind": "number", "count": 59, "min": 0.0, "max": 58.0}
