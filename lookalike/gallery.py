@@ -38,7 +38,8 @@ from lookalike.util import json_safe, label_name
 
 log = logging.getLogger(__name__)
 
-EVALUATION_NOTE = "lookalike_evaluation"  # the collection metadata key of the last evaluate report
+EVALUATION_NOTE = "lookalike_evaluation"
+FIELD_SAMPLE = 5000  # items a cold collection reads its field names from  # the collection metadata key of the last evaluate report
 
 
 @dataclass
@@ -82,12 +83,14 @@ class Gallery:
         col = _collection or store.open(name)
         self.record = Record.parse(col.raw_record, name)
         col.partitioned = self.record.label_partitions
+        col.dim = self.record.embedder.dim
         self._col = col
         self._owns_store = owns_store
         self.max_pixels = check_max_pixels(max_pixels)
         self._embedder: Embedder | None = None
         self._embed_lock = threading.Lock()
         self._fields: list[str] | None = None
+        self._fields_complete = False  # the fields were read from every item (not a sample of the first FIELD_SAMPLE)
 
     # -- opening and closing -------------------------------------------------------------------------
 
@@ -112,11 +115,13 @@ class Gallery:
             raise
 
     @classmethod
-    def create(cls, store: Store, name: str, record: Record, *, max_pixels: int | None = None) -> Gallery:
-        """A new, empty collection ``name`` holding ``record`` (label partitions when it has 1-100 labels)."""
+    def create(
+        cls, store: Store, name: str, record: Record, *, max_pixels: int | None = None, notes: dict[str, str] | None = None
+    ) -> Gallery:
+        """A new, empty collection ``name`` holding ``record`` (label partitions when it has 1-100 labels) and ``notes``."""
         partitioned = 0 < len(record.label_names) <= MAX_PARTITIONS
         record = replace(record, label_partitions=partitioned)
-        col = store.create(name, record.to_json(), partitioned)
+        col = store.create(name, record.to_json(), partitioned, notes)
         return cls(store, name, max_pixels=max_pixels, _collection=col)
 
     def close(self) -> None:
@@ -316,32 +321,42 @@ class Gallery:
         self._col.keep_warm(load)
 
     def fields(self) -> list[str]:
-        """The metadata fields of the collection's items: a warm collection's all, else those of its first 5,000
-        items (read once)."""
+        """The metadata fields of the collection's items: a warm collection's all, else those of its first
+        ``FIELD_SAMPLE`` items (read once)."""
+        return self._known_fields()[0]
+
+    def _known_fields(self) -> tuple[list[str], bool]:
+        """(the fields, whether every item was read for them)."""
         mir = self._col.warm and self._col._mirror
         if mir:
             with self._col._mirror_lock:
-                return mir.fields()
+                return mir.fields(), True
+        self._col.ensure_loading()
         if self._fields is None:
-            _, _, metas = self._col.get_page(0, 5000)
+            _, _, metas = self._col.get_page(0, FIELD_SAMPLE)
             self._fields = sorted({key for m in metas for key in m})
-        return self._fields
+            self._fields_complete = len(metas) < FIELD_SAMPLE
+        return self._fields, self._fields_complete
 
     def describe_fields(self) -> dict[str, dict[str, Any]] | None:
         """What a warm collection's fields hold (:meth:`lookalike.mirror.Mirror.describe`), for filter widgets; None
         while its mirror is not read yet (or for a cold collection)."""
         mir = self._col.warm and self._col._mirror
         if not mir:
+            self._col.ensure_loading()
             return None
         with self._col._mirror_lock:
             return mir.describe()
 
     def check_where(self, where: dict[str, Any] | None) -> None:
-        """InputError naming the collection's fields when ``where`` filters on another, or uses an unknown operator."""
+        """InputError naming the collection's fields when ``where`` filters on another (when every item's fields are
+        known), or uses an unknown operator."""
         if not where:
             return
         validate(where)
-        check_fields(where, self.fields(), self.name)
+        known, complete = self._known_fields()
+        if complete:  # (a sample of the first items may miss fields that only later ones have)
+            check_fields(where, known, self.name)
 
     # -- notes kept with the collection -------------------------------------------------------------
 

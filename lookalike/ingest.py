@@ -25,6 +25,7 @@ from lookalike.catalogue import plan as plan_sync
 from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, build_embedder, make_spec
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
+from lookalike.filters import _same
 from lookalike.gallery import Gallery
 from lookalike.images import Unreadable, check_max_pixels
 from lookalike.reader import read_batches
@@ -222,7 +223,7 @@ def ingest(
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
         if ds.living:
             recorded_sidecar = gallery.record.protocol.get("metadata") if gallery is not None else None
-            sidecar = _read_sidecar(metadata or recorded_sidecar, ds, given=metadata is not None)
+            sidecar = _read_sidecar(metadata or recorded_sidecar, ds, metadata is not None, gallery)
             gallery, ds, record, sync = _prepare_sync(gallery, ds, record, name, relocate, prune, report, sidecar)
             todo, replace_ids, stored = sync.embed, {it.id for it in sync.update}, sync.stored
             unhashed = sync.unreadable
@@ -285,14 +286,18 @@ def _replan(
     return _plan(ds, record, name, store, report)
 
 
-def _read_sidecar(path: str | None, ds: Dataset, given: bool) -> tuple[str, dict[str, dict[str, Any]]] | None:
-    """(the sidecar's path, id -> its fields) for the folder's items, checked whole; None without one."""
+def _read_sidecar(path: str | None, ds: Dataset, given: bool, gallery: Gallery | None) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """(the sidecar's path, id -> its fields) for the folder's items, checked whole; None without one. Rows naming
+    a file the collection holds but the folder no longer has are skipped (deleting a photo does not break syncs)."""
     if not path:
         return None
     if not given and not Path(path).is_file():
         raise InputError(f"the metadata file {path} this collection recorded is gone: pass --metadata FILE (its new place)")
     sidecar = read_sidecar(path)
-    return str(Path(sidecar.path).resolve()), sidecar.for_items(it.id for it in ds.items)
+    known = {it.id for it in ds.items}
+    unknown = [i for i in (sidecar.item_id(k, known) for k in sidecar.rows) if i not in known]
+    gone = gallery.existing_ids(unknown) if gallery is not None and unknown else set()
+    return str(Path(sidecar.path).resolve()), sidecar.for_items(known, gone=gone)
 
 
 def _own_fields(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -369,11 +374,12 @@ def _prepare_sync(
     updates = {it.id: _replacing(it.metadata(ds.name, ds.label_names), stored[it.id]) for it in sync.refresh}
     if sidecar:
         embedded = {it.id for it in sync.embed}
+        gone = set(sync.gone)
         for item_id, meta in stored.items():
-            if item_id in embedded or (item_id in sync.gone and prune):
+            if item_id in embedded or item_id in gone:  # (a file gone keeps its fields while it is kept)
                 continue
             want = _own_fields(meta, extra.get(item_id, {}))
-            if item_id in updates or any(meta.get(k) != v for k, v in want.items()):
+            if item_id in updates or any(not _same(meta.get(k), v) for k, v in want.items()):
                 updates[item_id] = {**updates.get(item_id, {}), **want}
         report.metadata_updated = len(updates) - len(sync.refresh)
     if updates:

@@ -13,7 +13,9 @@ EXIF; see :func:`lookalike.images.image_fields`) and the caller's fields (checke
 
 Order, for a process killed at any point: files first (an orphan file is harmless), then the record
 (a new label), then the vectors (label partitions first, as every write). A removal deletes partitions
-first, then the index, then kept files: run again, it completes.
+first, then the index, then kept files: run again, it completes (a kept file whose item was already
+gone stays, an orphan: harmless). A collection imported from an export borrows the exporter's kept
+folder: it reads from it but never deletes there.
 """
 
 from __future__ import annotations
@@ -74,13 +76,19 @@ class RemoveReport:
 
 
 def files_dir(gallery: Gallery, files: str | os.PathLike[str] | None = None) -> Path:
-    """Where ``gallery`` keeps added images: ``files``, else the recorded folder, else ``DB/lookalike-files/NAME``
-    beside a local store (a server's collection needs ``files`` the first time)."""
+    """Where ``gallery`` keeps added images: the recorded folder, else ``FILES/NAME`` (a directory the caller names,
+    one subfolder per collection), else ``DB/lookalike-files/NAME`` beside a local store (a server's collection
+    needs ``files`` the first time). A ``files`` other than the recorded one is refused: the kept images are there."""
     recorded = gallery.record.protocol.get("files")
-    if files is not None:
-        return Path(files).expanduser().resolve()
+    asked = (Path(files).expanduser() / gallery.name).resolve() if files is not None else None
     if recorded:
+        if asked is not None and asked != Path(recorded):
+            raise InputError(
+                f"collection {gallery.name!r} keeps its added images in {recorded}: leave out --files (or move them and import again)"
+            )
         return Path(recorded)
+    if asked is not None:
+        return asked
     if is_server(gallery.db):
         raise InputError(f"collection {gallery.name!r} lives on a server: name a directory to keep added images in with --files DIR")
     return (Path(gallery.db).expanduser() / FILES_DIR / gallery.name).resolve()
@@ -102,8 +110,9 @@ def add_images(
     """
     if not images:
         raise InputError("give at least one image file to add")
-    fields = parse_fields(metadata) if isinstance(metadata, (list, tuple)) else dict(metadata or {})
-    check_metadata(fields, "--meta")
+    fields = parse_fields(metadata) if isinstance(metadata, (list, tuple)) else metadata
+    check_metadata(fields if fields is not None else {}, "--meta")
+    fields = {k: v for k, v in (fields or {}).items() if v is not None and v != "" and v != []}  # no value: no field
     rec = gallery.record
     new_labels: list[str] = []
     if not rec.labelled:
@@ -203,7 +212,7 @@ def remove_items(gallery: Gallery, ids: Sequence[str] = (), *, where: dict[str, 
         return report
     gallery.remove(list(found))
     report.removed = sorted(found)
-    folder = gallery.record.protocol.get("files")
+    folder = gallery.record.protocol.get("files") if not gallery.record.protocol.get("files_borrowed") else None
     root = gallery.record.protocol.get("root") if gallery.record.living else None
     for item_id, meta in found.items():
         if folder and item_id.startswith(PREFIX) and meta.get("file"):

@@ -128,15 +128,13 @@ class Mirror:
         self._grow(self._n + len(ids))
         for i, (item_id, meta) in enumerate(zip(ids, metadatas)):
             row = self._row.get(item_id)
+            fresh = replace or row is None or not self.alive[row]  # a new (or removed) item has no keys to merge with
             if row is None:
                 row = self._row[item_id] = self._n
                 self._n += 1
                 self.ids[row] = item_id
-                replace = True
-            elif not self.alive[row]:
-                replace = True
             self.alive[row] = True
-            if replace:
+            if fresh:
                 for name, col in self._cols.items():
                     if name not in meta:
                         col.set(row, None)

@@ -343,6 +343,8 @@ async def _add_form(request: Any) -> tuple[list[tuple[str, bytes]], str | None, 
         images.append((getattr(u, "filename", None) or "upload", await u.read()))
         await u.close()
     label = form.get("label")
+    if label is not None and not isinstance(label, str):
+        raise InputError("send the label as a text field, not a file")
     raw = form.get("metadata")
     metadata = None
     if raw not in (None, ""):
@@ -488,11 +490,9 @@ class _Gate:
 
 
 def is_write(method: str, path: str) -> bool:
-    """Whether a request is one of the write routes (adding or removing items)."""
+    """Whether a request may write: anything but a read (GET, HEAD) on a collection's items."""
     parts = path.strip("/").split("/")
-    if len(parts) < 3 or parts[0] != "collections" or parts[2] != "items":
-        return False
-    return (method == "POST" and len(parts) == 3) or (method == "DELETE" and len(parts) >= 4)
+    return len(parts) >= 3 and parts[0] == "collections" and parts[2] == "items" and method not in ("GET", "HEAD")
 
 
 async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], cap: int = DRAIN_CAP) -> None:

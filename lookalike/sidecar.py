@@ -33,7 +33,9 @@ OWN_FIELDS = frozenset(
     | {"width", "height", "format", "taken", "taken_at", "camera_make", "camera_model", "orientation", "latitude", "longitude"}
 )
 KEYS = ("path", "id")
-_INT = re.compile(r"^[-+]?\d+$")
+_INT = re.compile(r"^[-+]?(0|[1-9]\d*)$")  # (a leading zero, as in 007 or a postcode: text)
+_LEADING_ZERO = re.compile(r"^[-+]?0\d")
+MAX_INT = 2**63  # Chroma stores ints in 64 bits
 _FLOAT = re.compile(r"^[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?$")
 
 
@@ -46,13 +48,21 @@ class Sidecar:
     columns: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # key -> its line in the file (for messages)
 
-    def for_items(self, ids: Iterable[str], prefix: str = "folder:") -> dict[str, dict[str, Any]]:
-        """id -> fields for each of ``ids`` a row names (by id, or by the path after ``prefix``); InputError for a
-        row naming none of them."""
-        known = set(ids)
+    def item_id(self, key: str, known: set[str], prefix: str = "folder:") -> str:
+        """The id a row's key names (itself when it is a known id, else the path after ``prefix``)."""
+        return key if key in known else prefix + key.removeprefix("./")
+
+    def for_items(self, ids: Iterable[str], prefix: str = "folder:", gone: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        """id -> fields for each of ``ids`` a row names (by id, or by the path after ``prefix``); rows naming a ``gone``
+        item (stored once, its file deleted since) are skipped; InputError for a row naming none of them."""
+        known, left = set(ids), set(gone)
         out: dict[str, dict[str, Any]] = {}
         for key, fields in self.rows.items():
-            item_id = key if key in known else prefix + key.removeprefix("./")
+            item_id = key if key in left else self.item_id(key, known, prefix)
+            if item_id in left:
+                continue
+            if item_id in out:
+                raise InputError(f"{self.path} line {self.lines[key]}: {key!r} names an image named before: keep one row per image")
             if item_id not in known:
                 raise InputError(
                     f"{self.path} line {self.lines[key]}: {key!r} names no image of the folder (give its path below the folder, "
@@ -150,6 +160,8 @@ def _cell(text: str | None) -> Any:
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if _LEADING_ZERO.match(text):
+        return text
     if _INT.match(text):
         return int(text)
     if _FLOAT.match(text):
@@ -190,12 +202,18 @@ def _kind(at: str, name: str, value: Any) -> str:
     if isinstance(value, (int, float)):
         if not math.isfinite(value):
             raise InputError(f"{at}: {name!r} is {value!r}: give a finite number or leave the cell empty")
+        if isinstance(value, int) and not -MAX_INT <= value < MAX_INT:
+            raise InputError(f"{at}: {name!r} is {value}, beyond 64-bit integers: store it as text (quote it in JSON Lines)")
         return "number"
     if isinstance(value, str):
         return "text"
     if isinstance(value, list):
-        kinds = {_kind(at, name, v) if not isinstance(v, (list, dict)) else "nested" for v in value}
-        if len(kinds) != 1 or "nested" in kinds:
-            raise InputError(f"{at}: {name!r} is a list of mixed or nested values: give one type (e.g. tags as text)")
+        for v in value:
+            if isinstance(v, (list, dict)):
+                raise InputError(f"{at}: {name!r} is a list of nested values: give text, numbers or true/false in it")
+            _kind(at, name, v)
+        kinds = {type(v).__name__ for v in value}  # Chroma: one Python type per list (not even ints with floats)
+        if len(kinds) != 1:
+            raise InputError(f"{at}: {name!r} is a list of mixed types ({', '.join(sorted(kinds))}): give one type (e.g. tags as text)")
         return f"list of {kinds.pop()}"
     raise InputError(f"{at}: {name!r} is {type(value).__name__} {json.dumps(value)[:40]}: give text, a number, true/false or a list")

@@ -59,6 +59,7 @@ BROAD = 0.05  # a filter matching at least this share of the items: over-fetch u
 OVERFETCH = 3.0  # ... asking OVERFETCH x k / share neighbours (+ PROBE_MIN), at most PROBE_MAX
 PROBE_MIN, PROBE_MAX = 16, 1000
 MIRROR_VECTORS_MB = int(os.environ.get("LOOKALIKE_MIRROR_MB", "1024"))  # vectors mirrored when they fit in this many MB
+ALLOW_MAX = 20_000  # the longest id allow-list sent to Chroma (else its where)
 FETCH_MAX = 200  # without mirrored vectors: brute force over at most this many matching vectors read by id, else Chroma's id allow-list
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
@@ -141,6 +142,7 @@ class VectorCollection:
         self._mirror_lock = threading.RLock()  # the mirror changes (writes) and is read (queries) from several threads
         self._generation = 0  # writes so far (a mirror read while one happened is read again)
         self._loader: threading.Thread | None = None
+        self.dim = 0  # the vectors' length, when the owner knows it (an empty collection's mirror needs it)
 
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
@@ -153,7 +155,12 @@ class VectorCollection:
         self.warm = True
         if load:
             self.mirror()
-        elif self._mirror is None and self._loader is None:
+        else:
+            self.ensure_loading()
+
+    def ensure_loading(self) -> None:
+        """A warm collection without its mirror (not read yet, or dropped by a failed write): read it in the background."""
+        if self.warm and self._mirror is None and (self._loader is None or not self._loader.is_alive()):
             self._loader = threading.Thread(target=self._load_quietly, name=f"mirror-{self.name}", daemon=True)
             self._loader.start()
 
@@ -174,12 +181,12 @@ class VectorCollection:
             mir: Mirror | None = None
             for ids, vecs, metas in self.pages(vectors=True):
                 if mir is None:
-                    dim = vecs.shape[1] if vecs is not None and vecs.ndim == 2 else 0
+                    dim = vecs.shape[1] if vecs is not None and vecs.ndim == 2 else self.dim
                     mir = Mirror(dim, vectors=count * dim * 4 <= MIRROR_VECTORS_MB * 2**20)
                 mir.put(ids, vecs if mir.keeps_vectors else None, metas)
             with self._mirror_lock:
                 if self._generation == generation:  # no write while it was read: it is the collection now
-                    self._mirror = mir or Mirror(0, vectors=False)
+                    self._mirror = mir or Mirror(self.dim, vectors=self.dim > 0)
                     log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
                     return self._mirror
         raise StoreError(f"collection {self.name!r} kept changing while it was read: run the query again")
@@ -309,14 +316,17 @@ class VectorCollection:
         with self._mirror_lock:
             self._generation += 1
             mir, self._mirror = self._mirror, None
-        with self._guard():
-            for start in range(0, len(ids), self._store.max_batch):
-                self._c.delete(ids=ids[start : start + self._store.max_batch])
-        if mir is not None:
+        try:
+            with self._guard():
+                for start in range(0, len(ids), self._store.max_batch):
+                    self._c.delete(ids=ids[start : start + self._store.max_batch])
+            if mir is not None:
+                with self._mirror_lock:
+                    mir.remove(ids)
+                    self._mirror = mir
+        finally:
             with self._mirror_lock:
-                mir.remove(ids)
                 self._generation += 1
-                self._mirror = mir
 
     def _write_partitions(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
         """``how`` (add, upsert, update) each item in its label's partition (an unlabelled item has none)."""
@@ -346,20 +356,23 @@ class VectorCollection:
         else:
             new = list(range(len(ids)))
         step = self._store.max_batch
-        with self._guard():
-            call = getattr(self._c, how)
-            for start in range(0, len(ids), step):
-                end = start + step
-                kwargs: dict[str, Any] = {"ids": list(ids[start:end]), "metadatas": list(metadatas[start:end])}
-                if vectors is not None:
-                    kwargs["embeddings"] = vectors[start:end]
-                call(**kwargs)
-        if mir is not None:
-            vecs = vectors[new] if vectors is not None and mir.keeps_vectors else None
+        try:
+            with self._guard():
+                call = getattr(self._c, how)
+                for start in range(0, len(ids), step):
+                    end = start + step
+                    kwargs: dict[str, Any] = {"ids": list(ids[start:end]), "metadatas": list(metadatas[start:end])}
+                    if vectors is not None:
+                        kwargs["embeddings"] = vectors[start:end]
+                    call(**kwargs)
+            if mir is not None:
+                vecs = vectors[new] if vectors is not None and mir.keeps_vectors else None
+                with self._mirror_lock:
+                    mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
+                    self._mirror = mir
+        finally:
             with self._mirror_lock:
-                mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
-                self._generation += 1
-                self._mirror = mir
+                self._generation += 1  # (also when no mirror was loaded: a read running now must start again)
 
     def set_record(self, text: str) -> None:
         """Replace the collection's record (its notes are kept)."""
@@ -466,6 +479,8 @@ class VectorCollection:
             return [sorted(row, key=lambda n: n.distance)[:k] for row in rows]
         excluded = set(exclude)
         mir = self._mirror if self.warm else None
+        if where is not None and mir is None:
+            self.ensure_loading()
         if where is not None and mir is not None:
             return self._planned(mir, vectors, k, where, excluded, metadata)
         if where is None:
@@ -534,6 +549,10 @@ class VectorCollection:
                 self.plan_counts["fetch"] += len(todo)
                 for i, got in zip(todo, self._exact(vectors[todo], k, list(ids), excluded, False)):
                     out[i] = got
+            elif len(rows) > ALLOW_MAX:  # (an id list that long would pass SQLite's variable limit): Chroma's where
+                self.plan_counts["where"] += len(todo)
+                for i, got in zip(todo, self._query(vectors[todo], k + len(excluded), where, False)):
+                    out[i] = [n for n in got if n.id not in excluded][:k]
             else:
                 self.plan_counts["allow-list"] += len(todo)
                 allowed = list(ids)
@@ -543,7 +562,7 @@ class VectorCollection:
                         out[i] = [Neighbor(x, float(np.sqrt(max(d, 0.0))), {}) for x, d in zip(got["ids"][0], got["distances"][0])]
         if metadata:
             with self._mirror_lock:  # (an item removed since is left out)
-                out = [[Neighbor(n.id, n.distance, m) for n in row if (m := mir.metadata(n.id))] for row in out]
+                out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in out]
         return out
 
     def _matching_ids(self, where: dict[str, Any], limit: int) -> list[str]:
@@ -724,7 +743,7 @@ class Store:
             col = self._client.get_collection(name, embedding_function=None)
         return VectorCollection(col, self, partitioned)
 
-    def create(self, name: str, record_json: str, partitioned: bool) -> VectorCollection:
+    def create(self, name: str, record_json: str, partitioned: bool, notes: dict[str, str] | None = None) -> VectorCollection:
         """A new collection holding ``record_json`` in its metadata.
 
         Refused when ``name`` exists (nothing is touched then). Partitions left by an earlier
@@ -738,7 +757,7 @@ class Store:
             )
         try:
             col = self._client.create_collection(
-                name, configuration={"hnsw": dict(HNSW)}, metadata={RECORD_KEY: record_json}, embedding_function=None
+                name, configuration={"hnsw": dict(HNSW)}, metadata={**(notes or {}), RECORD_KEY: record_json}, embedding_function=None
             )
         except Exception as exc:
             if "already exists" in str(exc):  # another client of a server made it just now

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,11 @@ def import_collection(
     if meta.get("lookalike.format") != FORMAT or not {"id", "vector", "metadata"} <= set(pf.schema_arrow.names):
         raise InputError(f"{path} was not written by `lookalike export` (no {FORMAT} in it): export the collection again")
     record = Record.parse(meta["lookalike.record"], meta.get("lookalike.collection", "?"))
+    vector_type = pf.schema_arrow.field("vector").type
+    if getattr(vector_type, "list_size", None) != record.embedder.dim:
+        raise InputError(f"{path}: its vectors are not of {record.embedder.dim} numbers as its record says: export the collection again")
+    if record.protocol.get("files"):  # added images stay in the exporter's folder: read there, never deleted from here
+        record = replace(record, protocol={**record.protocol, "files_borrowed": True})
     name = collection or meta["lookalike.collection"]
     check_name(name)
     marker = str(p.resolve())
@@ -151,13 +156,12 @@ def import_collection(
                 raise InputError(f"collection {name!r} already exists in {st.db}: import under another --collection NAME, or drop it first")
             resumed = True
         else:
-            g = Gallery.create(st, name, record)
-            g.collection().set_note(IMPORT_NOTE, marker)
+            g = Gallery.create(st, name, record, notes={IMPORT_NOTE: marker})  # made and marked in one step
         dim = record.embedder.dim
         n = 0
         for batch in pf.iter_batches(batch_size=PAGE, columns=["id", "vector", "metadata"]):
             ids = batch.column("id").to_pylist()
-            vectors = batch.column("vector").values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+            vectors = batch.column("vector").flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
             metas = [json.loads(t) for t in batch.column("metadata").to_pylist()]
             have = g.existing_ids(ids) if resumed else set()
             todo = [i for i, x in enumerate(ids) if x not in have]

@@ -143,7 +143,7 @@ def open_page(page: Page, url: str, name: str) -> None:
 def test_search_upload_with_a_label_filter_then_click_a_neighbour(app: Running, page: Page) -> None:
     open_page(page, app.url, "Search")
     page.get_by_text("Upload an image").wait_for()
-    page.get_by_test_id("stMultiSelect").click()  # choose label 3 with the mouse and the keyboard
+    page.get_by_test_id("stMultiSelect").first.click()  # choose label 3 with the mouse and the keyboard
     page.keyboard.type("3")
     page.keyboard.press("Enter")
     page.keyboard.press("Escape")
@@ -158,6 +158,18 @@ def test_search_upload_with_a_label_filter_then_click_a_neighbour(app: Running, 
     page.screenshot(path=str(shots() / "search.png"), full_page=True)
     page.get_by_role("button", name="search from it").nth(1).click()  # the second neighbour becomes the query
     page.get_by_text(f"query: {app.hits[1].id}").wait_for(timeout=60_000)
+
+
+def test_search_with_a_where_filter_typed_in_the_field_filters(app: Running, page: Page) -> None:
+    page.goto(f"{app.url}/?page=Search&id=mnist:test:3&k=5")
+    page.get_by_text("more filters: the collection's fields").click()
+    box = page.get_by_label("where")
+    box.fill("index < 20; source = x_train")
+    box.press("Enter")
+    page.get_by_text("5 nearest matching the filters").wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    ids = [c.strip() for c in page.locator("[data-testid=stCaptionContainer]").all_inner_texts() if c.strip().startswith("mnist:")]
+    assert len(ids) == 5 and all(i.startswith("mnist:train:") and int(i.rsplit(":", 1)[1]) < 20 for i in ids), ids
 
 
 def test_map_click_and_lasso(app: Running, page: Page) -> None:

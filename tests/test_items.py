@@ -47,19 +47,19 @@ def test_add_then_remove_single_images(tmp_path: Path, db: str, fake_embedder: P
     with Gallery.open("live", db) as g:
         g.keep_warm(load=True)
         assert "album" not in g.fields()  # (the mirror is loaded now: the writes below must reach it)
-        r = add_images(g, [f, ("again.png", _png(img))], label="1", metadata=["album=Trip", "rating=4"])
+        r = add_images(g, [f, ("again.png", _png(img))], label="1", metadata=["album=Trip", "rating=4", "empty="])
         (item_id,) = set(r.ids)
         assert r.added == [item_id] and item_id.startswith("added:")  # the same content twice: stored once
         meta, vec = g.item(item_id, vector=True)
         assert meta["label"] == 1 and meta["split"] == "train" and meta["album"] == "Trip" and meta["rating"] == 4
-        assert meta["filename"] == "new one.png" and meta["width"] == 28
+        assert meta["filename"] == "new one.png" and meta["width"] == 28 and "empty" not in meta  # no value: no field
         kept = Path(g.record.protocol["files"]) / meta["file"]
         assert kept.read_bytes() == f.read_bytes() and kept.parent.parent == Path(db).resolve() / "lookalike-files" / "live"
         assert np.allclose(vec, g.embed([img])[0])
         (hit,) = search(g, vector=vec, k=1, where={"album": "Trip"})  # the warm mirror saw the write at once
         assert hit.id == item_id and g.images([meta])[0] is not None  # its thumbnail reads from the kept file
         assert add_images(g, [f], label="1").already_stored == [item_id]
-        r2 = add_images(g, [("cat.png", _png(x[0]))], label="cats")  # a new label is appended
+        r2 = add_images(g, [("cat.png", _png(x[0]))], label="cats", metadata={"note": None})  # a new label is appended
         assert r2.new_labels == ["cats"] and g.label_names[-1] == "cats"
         assert g.item(r2.ids[0])[0]["label"] == len(g.label_names) - 1
         for bad, needle in (

@@ -24,6 +24,9 @@ def test_csv_and_jsonl_rows_are_typed(tmp_path: Path) -> None:
     got = read_sidecar(csv)
     assert got.rows["0/000.png"] == {"album": "Holidays 2024", "rating": 4, "score": 2.5, "fav": True, "tags": ["beach", "sun"]}
     assert got.rows["0/001.png"] == {"rating": 3, "score": 1, "fav": False}  # an empty cell: no value
+    zero = tmp_path / "z.csv"
+    zero.write_text("path,code,n\na.png,007,0\nb.png,01234,10\n")  # a leading zero: text (a code, a postcode)
+    assert read_sidecar(zero).rows == {"a.png": {"code": "007", "n": 0}, "b.png": {"code": "01234", "n": 10}}
     assert got.columns == ["album", "fav", "rating", "score", "tags"]
     jl = tmp_path / "m.jsonl"
     jl.write_text(json.dumps({"id": "folder:0/000.png", "名前": "猫", "n": 1.5, "tags": ["a"]}) + "\n\n")
@@ -48,6 +51,8 @@ def test_csv_and_jsonl_rows_are_typed(tmp_path: Path) -> None:
         ('{"path": "a.png", "t": [1, "x"]}\n', ".jsonl", "list of mixed"),
         ('{"path": "a.png"}\n{oops\n', ".jsonl", "line 2 is not JSON"),
         ("path,a\n", ".txt", "use a .csv or .jsonl file"),
+        ('{"path": "a.png", "t": [1, 2.5]}\n', ".jsonl", "mixed types (float, int)"),
+        ('{"path": "a.png", "n": 99999999999999999999}\n', ".jsonl", "beyond 64-bit integers"),
     ],
 )
 def test_bad_sidecars_are_refused_naming_the_row(tmp_path: Path, text: str, suffix: str, needle: str) -> None:
@@ -87,6 +92,9 @@ def test_a_sidecar_is_stored_filtered_on_and_edits_need_no_embedding(tmp_path: P
     assert metas["folder:2/003.png"]["album"] == "Zoo"
     assert metas["folder:0/000.png"]["width"] == 28  # the file's own fields stay
     assert sync("live", db).metadata_updated == 0  # unchanged: nothing to write
+    (root / "2" / "003.png").unlink()  # a photo deleted: its row is skipped, the sync goes on (its fields kept while stored)
+    rep = sync("live", db)
+    assert rep.gone == ["folder:2/003.png"] and rep.metadata_updated == 0
     # a row naming no image: one line, nothing written
     side.write_text("path,album\n0/000.png,X\nnope/1.png,Y\n")
     with pytest.raises(InputError, match=r"line 3: 'nope/1\.png' names no image of the folder"):
