@@ -163,7 +163,8 @@ def _catalogue_problems(g: Gallery, ids: Sequence[str], metas: Sequence[dict[str
     wrong = [i for i, m in added if i != ADDED + str(m.get("sha256", ""))[:16] or not m.get("file")]
     if wrong:
         out.append(f"{len(wrong)} added images have an id that is not their content's, or no kept file (e.g. {wrong[0]!r})")
-    ids, metas = zip(*[(i, m) for i, m in zip(ids, metas) if not i.startswith(ADDED)]) if len(added) < len(ids) else ((), ())
+    kept = [j for j, i in enumerate(ids) if not i.startswith(ADDED)]  # the rest: the source's own items
+    ids, metas = [ids[j] for j in kept], [metas[j] for j in kept]
     if rec.dataset == "folder":
         by_path: dict[str, list[str]] = {}
         for id_, m in zip(ids, metas):

@@ -327,11 +327,9 @@ class Gallery:
 
     def _known_fields(self) -> tuple[list[str], bool]:
         """(the fields, whether every item was read for them)."""
-        mir = self._col.warm and self._col._mirror
-        if mir:
-            with self._col._mirror_lock:
-                return mir.fields(), True
-        self._col.ensure_loading()
+        fields = self._col.from_mirror(lambda mir: mir.fields())
+        if fields is not None:
+            return fields, True
         if self._fields is None:
             _, _, metas = self._col.get_page(0, FIELD_SAMPLE)
             self._fields = sorted({key for m in metas for key in m})
@@ -341,12 +339,7 @@ class Gallery:
     def describe_fields(self) -> dict[str, dict[str, Any]] | None:
         """What a warm collection's fields hold (:meth:`lookalike.mirror.Mirror.describe`), for filter widgets; None
         while its mirror is not read yet (or for a cold collection)."""
-        mir = self._col.warm and self._col._mirror
-        if not mir:
-            self._col.ensure_loading()
-            return None
-        with self._col._mirror_lock:
-            return mir.describe()
+        return self._col.from_mirror(lambda mir: mir.describe())
 
     def check_where(self, where: dict[str, Any] | None) -> None:
         """InputError naming the collection's fields when ``where`` filters on another (when every item's fields are

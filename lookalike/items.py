@@ -25,7 +25,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,7 @@ class AddReport:
     new_labels: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "collection": self.collection,
-            "ids": self.ids,
-            "added": self.added,
-            "already_stored": self.already_stored,
-            "new_labels": self.new_labels,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -72,7 +66,7 @@ class RemoveReport:
     still_in_folder: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"collection": self.collection, "removed": self.removed, "missing": self.missing, "still_in_folder": self.still_in_folder}
+        return asdict(self)
 
 
 def files_dir(gallery: Gallery, files: str | os.PathLike[str] | None = None) -> Path:

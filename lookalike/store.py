@@ -20,11 +20,11 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -36,6 +36,7 @@ from lookalike.mirror import Mirror
 from lookalike.util import first_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_DB = "./lookalike-db"
 RECORD_KEY = "lookalike"
@@ -163,6 +164,16 @@ class VectorCollection:
         if self.warm and self._mirror is None and (self._loader is None or not self._loader.is_alive()):
             self._loader = threading.Thread(target=self._load_quietly, name=f"mirror-{self.name}", daemon=True)
             self._loader.start()
+
+    def from_mirror(self, read: Callable[[Mirror], T]) -> T | None:
+        """``read(mirror)`` under the mirror's lock when a warm collection's mirror is ready; else None (and the
+        mirror is read in the background)."""
+        mir = self._mirror if self.warm else None
+        if mir is None:
+            self.ensure_loading()
+            return None
+        with self._mirror_lock:
+            return read(mir)
 
     def _load_quietly(self) -> None:
         try:
@@ -350,9 +361,9 @@ class VectorCollection:
             self._generation += 1
             mir, self._mirror = self._mirror, None
         if mir is not None and how == "add":  # Chroma skips ids already stored; update touches stored ids only
-            new = [i for i, x in enumerate(ids) if len(mir.rows([x])) == 0]
+            new = [i for i, x in enumerate(ids) if mir.row(x) is None]
         elif mir is not None and how == "update":
-            new = [i for i, x in enumerate(ids) if len(mir.rows([x])) == 1]
+            new = [i for i, x in enumerate(ids) if mir.row(x) is not None]
         else:
             new = list(range(len(ids)))
         step = self._store.max_batch
@@ -577,14 +588,11 @@ class VectorCollection:
             return [[] for _ in range(len(vectors))]
         got_ids, got_vecs, got_metas = self.get(keep_ids, vectors=True)
         assert got_vecs is not None
-        q = np.asarray(vectors, np.float64)
-        base = got_vecs.astype(np.float64)
-        d2 = (q * q).sum(1)[:, None] - 2 * q @ base.T + (base * base).sum(1)[None, :]
-        out = []
-        for row in d2:
-            order = np.lexsort((np.array(got_ids), row))[:k]  # ties by id: the same answer every time
-            out.append([Neighbor(got_ids[j], float(np.sqrt(max(row[j], 0.0))), got_metas[j] if metadata else {}) for j in order])
-        return out
+        rows = _nearest(vectors, got_vecs, np.array(got_ids), k)
+        if not metadata:
+            return rows
+        meta_of = dict(zip(got_ids, got_metas))
+        return [[Neighbor(n.id, n.distance, meta_of[n.id]) for n in row] for row in rows]
 
     def _query(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None, metadata: bool) -> list[list[Neighbor]]:
         out: list[list[Neighbor]] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +59,7 @@ class TransferReport:
     resumed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "collection": self.collection,
-            "path": self.path,
-            "items": self.items,
-            "seconds": self.seconds,
-            "db": self.db,
-            "resumed": self.resumed,
-        }
+        return asdict(self)
 
 
 def export_collection(gallery: Gallery, out: str | os.PathLike[str]) -> TransferReport:
