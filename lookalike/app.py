@@ -90,7 +90,8 @@ def summary(db: str, name: str) -> dict[str, Any]:
     """A collection's count, dataset, embedder and an example id (read at most every 30 s: every click redraws the page)."""
     g = open_gallery(db, name)
     info = g.info()
-    return {"count": info.count, "dataset": info.dataset, "embedder": info.embedder, "example_id": g.example_id()}
+    shown = {"count": info.count, "dataset": info.dataset, "embedder": info.embedder, "backbone": info.backbone}
+    return {**shown, "example_id": g.example_id()}
 
 
 def thumb(image: np.ndarray | None, side: int = THUMB) -> np.ndarray:
@@ -573,7 +574,7 @@ def main() -> None:
         gallery = open_gallery(db, name)
         with st.sidebar:
             info = summary(db, name)
-            st.caption(f"{info['count']:,} items · {info['dataset']} · {info['embedder']}")
+            st.caption(f"{info['count']:,} items · {info['dataset']} · backbone **{info['backbone']}** · {info['embedder']}")
         if page == "Search":
             search_page(gallery, db)
         elif page == "Map":

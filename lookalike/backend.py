@@ -1,9 +1,9 @@
-"""TensorFlow / Keras helpers: VGG16 and model files for the embedders and training (imported lazily, on first use).
+"""TensorFlow / Keras helpers: backbones and model files for the embedders and training (imported lazily, on first use).
 
 ``quiet_native_stderr`` silences TensorFlow's C++ start-up chatter, ``dtype_policy`` switches Keras to
-``mixed_bfloat16``, ``make_vgg16`` builds VGG16 cut at a layer with ImageNet, seeded random or file
-weights, ``load_keras_model`` loads a ``lookalike train`` model, and ``predict_batches`` runs a model
-over VGG16-preprocessed images in fixed batches. Nothing here imports TensorFlow at module import.
+``mixed_bfloat16``, ``make_backbone`` builds a registered backbone (VGG16 cut at a layer) with its
+published, seeded random or file weights, ``load_keras_model`` loads a ``lookalike train`` model, and
+``predict_batches`` runs a model over preprocessed images in fixed batches. Nothing here imports TensorFlow at module import.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,30 +64,39 @@ def dtype_policy(precision: str) -> Iterator[None]:
             keras.mixed_precision.set_global_policy(saved)
 
 
-def make_vgg16(spec: EmbedderSpec) -> Any:
-    """Keras VGG16 (no top) cut at ``spec.layer``: ``(N, S, S, 3)`` -> feature maps, in ``spec.precision``.
+def make_backbone(spec: EmbedderSpec) -> Any:
+    """The registered backbone ``spec.model`` without its classifier (VGG16: cut at ``spec.layer``), in
+    ``spec.precision``: ``(N, S, S, 3)`` preprocessed input -> feature maps (or a ViT's tokens).
 
-    Weights: ImageNet (Keras downloads them once), seeded random (:func:`seeded_weights`) or a file
-    pinned by its SHA-256.
+    Weights: the published ones (``imagenet``; Keras or keras_hub downloads them once), seeded random
+    (:func:`lookalike.backbones.seeded_weights`) or a file pinned by its SHA-256.
     """
     with quiet_native_stderr(), dtype_policy(spec.precision):
-        return _make_vgg16(spec)
+        return _make_backbone(spec)
 
 
-def _make_vgg16(spec: EmbedderSpec) -> Any:
+make_vgg16 = make_backbone  # (lookalike train cuts VGG16 at a layer through the same path)
+
+
+def _make_backbone(spec: EmbedderSpec) -> Any:
     import keras
 
-    shape = (spec.input_size, spec.input_size, 3)
+    from lookalike.backbones import get_backbone, seeded_weights
+
+    b = get_backbone(spec.model)
     if spec.weights == "imagenet":
         try:
-            base = keras.applications.VGG16(weights="imagenet", include_top=False, input_shape=shape)
+            base = b.build(spec.input_size, True)
+        except EmbedderError:
+            raise
         except Exception as exc:  # Keras raises a bare Exception when the download fails
+            what = "ImageNet VGG16" if b.name == "vgg16" else f"published {b.name}"
             raise EmbedderError(
-                f"cannot download the ImageNet VGG16 weights ({first_line(exc, 100)}); offline? "
-                "pass --weights FILE (a VGG16 no-top weights file) or --weights random"
+                f"cannot download the {what} weights ({first_line(exc, 100)}); offline? "
+                f"pass --weights FILE (a {b.name} no-top weights file) or --weights random"
             ) from None
     else:
-        base = keras.applications.VGG16(weights=None, include_top=False, input_shape=shape)
+        base = b.build(spec.input_size, False)
         if spec.weights == "random":
             base.set_weights(seeded_weights(base, spec.seed))
         else:
@@ -96,26 +105,14 @@ def _make_vgg16(spec: EmbedderSpec) -> Any:
             try:
                 base.load_weights(str(path))
             except Exception as exc:  # h5py and Keras raise many kinds on a foreign file
+                name = "VGG16" if b.name == "vgg16" else b.name
                 raise EmbedderError(
-                    f"cannot load VGG16 weights from {path} ({first_line(exc, 100)}): give a VGG16 no-top weights file (.h5 / .weights.h5)"
+                    f"cannot load {name} weights from {path} ({first_line(exc, 100)}): "
+                    f"give a {b.name} no-top weights file (.h5 / .weights.h5)"
                 ) from None
-    return keras.Model(base.input, base.get_layer(spec.layer).output, name=f"vgg16_{spec.layer}")
-
-
-def seeded_weights(model: Any, seed: int) -> list[np.ndarray]:
-    """Glorot-uniform kernels and zero biases for ``model``'s weights, from ``np.random.default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for w in model.weights:
-        shape = tuple(w.shape)
-        if len(shape) == 4:
-            fan_in = shape[0] * shape[1] * shape[2]
-            fan_out = shape[0] * shape[1] * shape[3]
-            limit = np.sqrt(6.0 / (fan_in + fan_out))
-            out.append(rng.uniform(-limit, limit, shape).astype(np.float32))
-        else:
-            out.append(np.zeros(shape, np.float32))
-    return out
+    if b.layers and spec.layer != base.layers[-1].name:
+        return keras.Model(base.input, base.get_layer(spec.layer).output, name=f"{b.name}_{spec.layer}")
+    return base
 
 
 def load_keras_model(path: str | os.PathLike[str]) -> Any:
@@ -138,15 +135,16 @@ def warm_up(model: Any, size: int) -> Any:
 
 def vgg16_preprocess(rgb: np.ndarray) -> np.ndarray:
     """``(N, S, S, 3)`` RGB 0-255 -> VGG16 input (BGR, ImageNet mean subtracted), float32."""
-    from keras.applications.vgg16 import preprocess_input
+    from lookalike.backbones import BACKBONES
 
-    return preprocess_input(np.asarray(rgb, dtype=np.float32))
+    return BACKBONES["vgg16"].preprocess(rgb)
 
 
-def predict_batches(model: Any, rgb: Sequence[np.ndarray] | np.ndarray, batch_size: int) -> np.ndarray:
-    """``model`` over RGB images ``(N, S, S, 3)`` (0-255), ``batch_size`` a call: float32 outputs, concatenated."""
-    outs = [
-        np.asarray(model.predict_on_batch(vgg16_preprocess(np.stack(rgb[i : i + batch_size]))), dtype=np.float32)
-        for i in range(0, len(rgb), batch_size)
-    ]
+def predict_batches(
+    model: Any, rgb: Sequence[np.ndarray] | np.ndarray, batch_size: int, preprocess: Callable[[np.ndarray], np.ndarray] | None = None
+) -> np.ndarray:
+    """``model`` over RGB images ``(N, S, S, 3)`` (0-255) through ``preprocess`` (default VGG16's), ``batch_size`` a call:
+    float32 outputs, concatenated."""
+    prep = preprocess or vgg16_preprocess
+    outs = [np.asarray(model.predict_on_batch(prep(np.stack(rgb[i : i + batch_size]))), np.float32) for i in range(0, len(rgb), batch_size)]
     return np.concatenate(outs)

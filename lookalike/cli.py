@@ -48,6 +48,13 @@ SplitOpt = Annotated[Optional[str], typer.Option(help="Only train (indexed) or t
 WaitOpt = Annotated[
     Optional[float], typer.Option("--wait", help="Seconds to wait while another process uses a local store [default: fail at once]")
 ]
+EmbedderOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="vgg16, resnet50, efficientnetv2b0, convnext_tiny, mobilenetv3large, dinov2_small or pixels (`lookalike models`) "
+        "[default: vgg16 for digit-sized images, efficientnetv2b0 for photos; an existing collection: its own]"
+    ),
+]
 MaxPixelsOpt = Annotated[
     Optional[int], typer.Option("--max-pixels", help="Refuse images of more pixels than this [default: Pillow's 89,478,485]")
 ]
@@ -153,21 +160,33 @@ def ingest(
     source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items (mnist: the first N training images)")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1) for evaluation")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for random weights and stratified sampling")] = 0,
-    embedder: Annotated[str, typer.Option(help="vgg16 or pixels (raw-pixel baseline)")] = "vgg16",
-    weights: Annotated[str, typer.Option(help="imagenet (downloads once), random (seeded) or a weights FILE")] = "imagenet",
-    layer: Annotated[str, typer.Option(help="VGG16 layer to read features from")] = "block4_pool",
-    pooling: Annotated[str, typer.Option(help="max, avg (global pooling) or flatten")] = "max",
-    normalize: Annotated[Optional[str], typer.Option(help="l2 or none [default: l2 for vgg16, none for pixels]")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Seed for random weights and stratified sampling [default: 0, or the collection's]")
+    ] = None,
+    embedder: EmbedderOpt = None,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(help="imagenet (published weights, downloaded once; dinov2_small: its preset), random (seeded) or a weights FILE"),
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option(help="VGG16 layer to read features from [default: block4_pool]")] = None,
+    pooling: Annotated[
+        Optional[str], typer.Option(help="max, avg, flatten (VGG16) or cls (dinov2_small) [default: the backbone's, `lookalike models`]")
+    ] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="l2 or none [default: l2; pixels: none]")] = None,
     input_size: Annotated[
-        Optional[int], typer.Option(help="Side in pixels images are resized to (VGG16: >= 32) [default: 32; pixels: 28]")
+        Optional[int],
+        typer.Option(help="Side in pixels images are resized to [default: by data: 224 for photos, 32 for digit-sized images; pixels: 28]"),
+    ] = None,
+    fit: Annotated[
+        Optional[str],
+        typer.Option(help="How a non-square image becomes square: squash, crop (its centre), pad [default: crop for photos, else squash]"),
     ] = None,
     precision: Annotated[
-        Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")
+        Optional[str], typer.Option(help="Compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option(help="Embed with a MODEL.keras written by `lookalike train` (replaces --embedder and the VGG16 options)"),
+        typer.Option(help="Embed with a MODEL.keras written by `lookalike train` (replaces --embedder and the backbone options)"),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
     max_pixels: MaxPixelsOpt = None,
@@ -217,6 +236,7 @@ def ingest(
             normalize=normalize,
             input_size=input_size,
             precision=precision,
+            fit=fit,
             model=model,
             batch_size=batch_size,
             max_pixels=max_pixels,
@@ -731,14 +751,15 @@ def compare(
         Optional[list[str]],
         typer.Option(
             "--embedder",
-            help="SPEC name[:key=value,...], repeatable: pixels, vgg16, vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras",
+            help="SPEC name[:key=value,...], repeatable: pixels, vgg16, resnet50:size=224,fit=crop, "
+            "vgg16:layer=block3_pool,pooling=flatten, model:FILE.keras (backbones: `lookalike models`)",
         ),
     ] = None,
     source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and sampling")] = 0,
-    weights: Annotated[str, typer.Option(help="Default VGG16 weights for SPECs that do not name them")] = "imagenet",
+    weights: Annotated[str, typer.Option(help="Default backbone weights for SPECs that do not name them")] = "imagenet",
     k: Annotated[int, typer.Option("--k", "-k", help="k of the k-NN column")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per embed-and-write batch")] = 256,
     out: Annotated[Optional[str], typer.Option(help="PNG bar chart of the accuracies")] = None,
@@ -778,6 +799,43 @@ def compare(
             f"{row.embedder:<52} {row.dim:>6} {row.accuracy_1nn:>7.4f} {row.accuracy_knn:>7.4f} "
             f"{row.silhouette:>7.3f} {row.images_per_s:>8.0f}"
         )
+
+
+@command()
+def models(as_json: JsonOpt = False) -> None:
+    """List the embedders: each backbone's input size, vector length, size, speed and published quality."""
+    from lookalike.backbones import BACKBONES, DIGIT_DEFAULT, PHOTO_DEFAULT
+
+    rows = []
+    for b in BACKBONES.values():
+        default = "photos" if b.name == PHOTO_DEFAULT else "digits" if b.name == DIGIT_DEFAULT else ""
+        quality = f"top-1 {b.top1:.1%}" if b.top1 else f"k-NN {b.knn:.1%}" if b.knn else ""
+        rows.append(
+            {
+                "name": b.name,
+                "model": b.title,
+                "input": b.native_size,
+                "dim": b.dim,
+                "pooling": b.pooling,
+                "params_m": round(b.params / 1e6, 1),
+                "gflops": b.gflops,
+                "imagenet": quality,
+                "extra": f"lookalike[{b.extra}]" if b.extra else "",
+                "default_for": default,
+            }
+        )
+    rows.append({"name": "pixels", "model": "raw pixels (baseline)", "input": 28, "dim": 784, "pooling": "", "params_m": 0})
+    if as_json:
+        typer.echo(_dumps(rows))
+        return
+    typer.echo(f"{'name':<18} {'input':>5} {'dim':>5} {'params':>7} {'GFLOPs':>7}  {'ImageNet':<13} {'default':<7} model")
+    for r in rows:
+        extra = f" (needs {r['extra']})" if r.get("extra") else ""
+        typer.echo(
+            f"{r['name']:<18} {r['input']:>5} {r['dim']:>5} {r['params_m']:>6}M {r.get('gflops', 0):>7}  "
+            f"{r.get('imagenet', ''):<13} {r.get('default_for', ''):<7} {r['model']}{extra}"
+        )
+    typer.echo("ImageNet: published top-1 (supervised) or k-NN (dinov2_small); GFLOPs per image at 224 px; docs/backbones.md")
 
 
 @command()

@@ -1,8 +1,10 @@
 """Compare embedders on one dataset and protocol: each into its own collection, evaluated the same way.
 
-An embedder SPEC is ``name[:key=value,...]``: ``pixels``, ``vgg16``,
-``vgg16:layer=block3_pool,pooling=flatten``, ``vgg16:input_size=48``, ``vgg16:weights=random,seed=1``,
-``vgg16:precision=float32``, and ``model:FILE.keras`` (a model written by ``lookalike train``).
+An embedder SPEC is ``name[:key=value,...]`` with a backbone's name (``lookalike models``) or
+``pixels``: ``vgg16``, ``resnet50:size=224,fit=crop``, ``vgg16:layer=block3_pool,pooling=flatten``,
+``vgg16:input_size=48``, ``dinov2_small:weights=random,seed=1``, ``vgg16:precision=float32``, and
+``model:FILE.keras`` (a model written by ``lookalike train``). A SPEC without a size gets the one the
+data calls for, as ``ingest`` gives it (224 px and ``fit=crop`` for photos, 32 px for digits).
 Collections already there are reused (ingest only adds what is missing).
 """
 
@@ -19,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.backbones import BACKBONES
 from lookalike.datasets import load_dataset
-from lookalike.embedder import EmbedderSpec, build_embedder, make_spec
+from lookalike.embedder import PHOTO_FIT, EmbedderSpec, build_embedder, default_input_size, make_spec
 from lookalike.errors import InputError, MismatchError, StoreError
 from lookalike.evaluate import evaluate
 from lookalike.explore import read_points
@@ -28,7 +31,17 @@ from lookalike.gallery import Gallery
 from lookalike.ingest import Progress, ingest
 from lookalike.store import Store
 
-SPEC_KEYS = {"weights": str, "layer": str, "pooling": str, "normalize": str, "input_size": int, "size": int, "seed": int, "precision": str}
+SPEC_KEYS = {
+    "weights": str,
+    "layer": str,
+    "pooling": str,
+    "normalize": str,
+    "input_size": int,
+    "size": int,
+    "seed": int,
+    "precision": str,
+    "fit": str,
+}
 THROUGHPUT_SAMPLE = 256  # images embedded (after a warm-up) to measure each embedder's speed
 SILHOUETTE_SAMPLE = 2000
 
@@ -69,7 +82,7 @@ def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> d
             raise InputError(f"bad --embedder {text!r}: use model:FILE.keras (a file written by `lookalike train`)")
         return {"model": "keras", "weights": rest.strip()}
     options: dict[str, Any] = {"model": name.strip()}
-    if options["model"] == "vgg16":
+    if options["model"] in BACKBONES:
         options.update(weights=default_weights, seed=seed)
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = part.partition("=")
@@ -81,6 +94,17 @@ def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> d
         except ValueError:
             raise InputError(f"bad --embedder {text!r}: {key} must be a {SPEC_KEYS[key].__name__}") from None
     return options
+
+
+def _by_data(options: dict[str, Any], photos: bool) -> dict[str, Any]:
+    """A SPEC's options with the input size (and, for photos, the fit) the data calls for, unless it named them."""
+    size = default_input_size(options["model"], photos)
+    out = dict(options)
+    if size is not None and "input_size" not in out:
+        out["input_size"] = size
+    if photos and "fit" not in out:
+        out["fit"] = PHOTO_FIT
+    return out
 
 
 def _count(value: float | None) -> str:
@@ -122,10 +146,13 @@ def compare(
         raise InputError("give at least one --embedder SPEC (e.g. --embedder pixels --embedder vgg16)")
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
-    specs = [(text, make_spec(**parse_spec(text, weights, seed))) for text in embedders]  # validate all first
-    ds = load_dataset(
-        dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, decode_size=min(s.input_size for _, s in specs)
-    )
+    parsed = [(text, parse_spec(text, weights, seed)) for text in embedders]
+    for _, options in parsed:
+        make_spec(**options)  # every SPEC checked before anything is read
+    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
+    photos = ds.photos()
+    specs = [(text, make_spec(**_by_data(options, photos))) for text, options in parsed]
+    ds.decode_size = min(s.input_size for _, s in specs)
     sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if isinstance(im, np.ndarray)]
     proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"
     report = CompareReport(ds.name, proto, k)

@@ -51,6 +51,7 @@ FASHION_NAMES = [
 FOLDER_PREFIX = "folder:"  # a folder item's id: this and its path below the folder
 ADDED_PREFIX = "added:"  # an image added one by one (lookalike.items): this and its content's SHA-256 (16 hex digits)
 DEFAULT_HOLDOUT = 0.2  # fraction held out when a source has no official split
+DIGIT_SIDE = 64  # images whose shorter side is at most this are digit-sized (embedded at 32 px), larger ones photos
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,21 @@ class Dataset:
     read_one: Callable[[Item], np.ndarray | Unreadable] | None = field(default=None, repr=False)  # files: one at a time
     skipped_links: list[str] = field(default_factory=list)  # symbolic links out of a folder, not followed
     outside_labels: list[str] = field(default_factory=list)  # images at the root of a labelled folder, not stored
+    decode_size: int | None = None  # files: decoded straight to about this side (the embedder's; set once it is known)
+
+    def photos(self, sample: int = 25) -> bool:
+        """Whether this dataset's images are photo-sized, not digit-sized: a folder whose sampled files' shorter sides
+        have a median over :data:`DIGIT_SIDE` (read from their headers, nothing decoded). Arrays are digits."""
+        if self.read_one is None or not self.items or self.root is None:
+            return False
+        step = max(1, len(self.items) // sample)
+        sides = [s for s in (_shorter_side(self.root / it.locator) for it in self.items[::step][:sample]) if s]
+        return bool(sides) and float(np.median(sides)) > DIGIT_SIDE
+
+    @property
+    def root(self) -> Path | None:
+        """A folder's resolved root (None for arrays)."""
+        return Path(self.protocol["root"]) if self.protocol.get("root") else None
 
     @property
     def living(self) -> bool:
@@ -468,11 +484,23 @@ def _folder(
         protocol["follow_links"] = True  # recorded for `lookalike sync` (not compared)
 
     def read_one(it: Item) -> np.ndarray | Unreadable:
-        return read_image(root / it.locator, max_pixels, decode_size)
+        return read_image(root / it.locator, max_pixels, ds.decode_size)
 
     ds = Dataset("folder", label_names, items, protocol, lambda batch: [read_one(it) for it in batch], read_one, links)
     ds.outside_labels = outside
+    ds.decode_size = decode_size
     return ds
+
+
+def _shorter_side(path: Path) -> int | None:
+    """An image file's shorter side from its header (None when Pillow cannot open it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(min(im.size))
+    except Exception:  # not an image, or gone: it says nothing about the folder
+        return None
 
 
 def _inside(path: Path, root: Path) -> bool:

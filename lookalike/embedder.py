@@ -24,27 +24,23 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from lookalike.backbones import BACKBONES, DIGIT_DEFAULT, PHOTO_DEFAULT, VGG16_LAYERS, Backbone, get_backbone
 from lookalike.errors import EmbedderError, InputError
 from lookalike.images import resize
 from lookalike.util import check_pinned_file, file_sha256
 
 log = logging.getLogger(__name__)
 
-MODELS = ("vgg16", "pixels", "keras")
+MODELS = (*BACKBONES, "pixels", "keras")  # --embedder names; "keras": a model file written by `lookalike train`
 DESCRIPTION_ENTRY = "lookalike.json"  # the description a trained .keras model file carries (see lookalike.train)
-POOLINGS = ("max", "avg", "flatten")
 PRECISIONS = ("float32", "bfloat16")
 NORMALIZATIONS = ("l2", "none")
+FITS = ("squash", "crop", "pad")  # how a non-square image becomes square (lookalike.images.resize)
+PHOTO_FIT = "crop"  # photos: the centre square, as every backbone here was trained and evaluated (docs/backbones.md)
 PREPROCESSING = {
-    "vgg16": "grey->RGB, bilinear resize to SxS (Pillow), keras.applications.vgg16.preprocess_input (caffe: BGR, ImageNet mean)",
+    "vgg16": BACKBONES["vgg16"].preprocessing,
     "pixels": "RGB->grey, bilinear resize to SxS (Pillow), scaled to [0, 1]",
 }
-# VGG16 layers: name -> (channels, number of 2x2 poolings applied before its output)
-VGG16_LAYERS: dict[str, tuple[int, int]] = {}
-for _block, (_convs, _ch) in enumerate([(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)], start=1):
-    for _i in range(1, _convs + 1):
-        VGG16_LAYERS[f"block{_block}_conv{_i}"] = (_ch, _block - 1)
-    VGG16_LAYERS[f"block{_block}_pool"] = (_ch, _block)
 MIN_INPUT_SIZE = 32
 
 
@@ -52,8 +48,12 @@ MIN_INPUT_SIZE = 32
 class EmbedderSpec:
     """Everything that determines an embedding; stored with each collection.
 
-    ``weights`` is ``"imagenet"``, ``"random"`` (seeded with ``seed``) or an absolute file path
-    (then ``weights_sha256`` pins its content). ``dim`` is the vector length.
+    ``model`` is a registered backbone (:mod:`lookalike.backbones`), ``pixels`` or ``keras`` (a
+    ``lookalike train`` file). ``weights`` is ``"imagenet"`` (the backbone's published weights: ImageNet,
+    or DINOv2's preset), ``"random"`` (seeded with ``seed``) or an absolute file path (then
+    ``weights_sha256`` pins its content). ``dim`` is the vector length. ``fit`` says how a non-square
+    image becomes ``input_size`` square: ``squash`` (resized whole), ``crop`` (its centre square) or
+    ``pad`` (letterboxed on the ImageNet mean colour).
     """
 
     model: str = "vgg16"
@@ -67,6 +67,7 @@ class EmbedderSpec:
     dim: int = 0
     preprocessing: str = ""
     precision: str = "float32"  # "bfloat16": Keras mixed_bfloat16 (float32 weights, bf16 compute)
+    fit: str = "squash"  # (records of earlier releases have none: they squashed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,19 +77,29 @@ class EmbedderSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @property
+    def backbone(self) -> str:
+        """The network's name: the backbone, ``pixels``, or the base of a trained model."""
+        return self.layer.split()[0] if self.model == "keras" else self.model
+
     def describe(self) -> str:
         """A short human-readable form, e.g. ``vgg16 random(seed=0) block4_pool/max/l2 32px 512d``."""
+        size = f"{self.input_size}px" + ("" if self.fit == "squash" else f" {self.fit}")
         if self.model == "pixels":
-            return f"pixels {self.input_size}px/{self.normalize} {self.dim}d"
+            return f"pixels {size}/{self.normalize} {self.dim}d"
         if self.model == "keras":
-            return f"trained model:{Path(self.weights).name} ({self.layer}) {self.input_size}px {self.dim}d{self._bf16()}"
-        return f"vgg16 {self.weights_label()} {self.layer}/{self.pooling}/{self.normalize} {self.input_size}px {self.dim}d{self._bf16()}"
+            return f"trained model:{Path(self.weights).name} ({self.layer}) {size} {self.dim}d{self._bf16()}"
+        if self.model == "vgg16":
+            return f"vgg16 {self.weights_label()} {self.layer}/{self.pooling}/{self.normalize} {size} {self.dim}d{self._bf16()}"
+        return f"{self.model} {self.weights_label()} {self.pooling}/{self.normalize} {size} {self.dim}d{self._bf16()}"
 
     def weights_label(self) -> str:
-        """``imagenet``, ``random(seed=N)`` or ``file:NAME`` (VGG16 weights)."""
+        """``imagenet`` (``preset`` for a backbone published with other data), ``random(seed=N)`` or ``file:NAME``."""
         if self.weights == "random":
             return f"random(seed={self.seed})"
-        return self.weights if self.weights == "imagenet" else f"file:{Path(self.weights).name}"
+        if self.weights == "imagenet":
+            return "preset" if self.model in BACKBONES and BACKBONES[self.model].tokens else "imagenet"
+        return f"file:{Path(self.weights).name}"
 
     def _bf16(self) -> str:
         return " bf16" if self.precision == "bfloat16" else ""
@@ -112,57 +123,91 @@ def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
     return "float32"
 
 
+def default_embedder(photos: bool) -> str:
+    """The ``--embedder`` when none is given: VGG16 for digit-sized data (the card's), the measured photo default else."""
+    return PHOTO_DEFAULT if photos else DIGIT_DEFAULT
+
+
+def default_input_size(model: str, photos: bool) -> int | None:
+    """The side a dataset is embedded at when ``--input-size`` is not given: the backbone's native size (224) for
+    photos, its small size (32) for digit-sized images; ``None`` for ``pixels`` and trained models (their own)."""
+    if model not in BACKBONES:
+        return None
+    b = BACKBONES[model]
+    return b.native_size if photos else b.small_size
+
+
 def make_spec(
     model: str = "vgg16",
     *,
     weights: str = "imagenet",
-    layer: str = "block4_pool",
-    pooling: str = "max",
+    layer: str | None = None,
+    pooling: str | None = None,
     normalize: str | None = None,
     input_size: int | None = None,
     seed: int = 0,
     precision: str | None = None,
+    fit: str | None = None,
 ) -> EmbedderSpec:
     """Validate options and compute the dimension, without importing TensorFlow.
 
-    ``precision`` (VGG16 only) is ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision`.
+    ``model``: a backbone name (``lookalike models``), ``pixels`` or ``keras`` (``weights`` is then the
+    model file). ``layer``/``pooling``: the backbone's defaults unless given (a layer is chosen for VGG16
+    only). ``input_size``: the backbone's small size (32) unless given; :func:`default_input_size` gives
+    the size by data. ``fit``: ``squash`` unless given. ``precision`` (backbones and trained models) is
+    ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision`.
     """
     if model not in MODELS:
-        raise InputError(f"unknown embedder {model!r}: choose one of {', '.join(MODELS)}")
+        raise InputError(f"unknown embedder {model!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
+    fit = fit or "squash"
+    _check_choice("--fit", fit, FITS)
     if model == "keras":
-        return model_spec(weights)
+        return dataclasses.replace(model_spec(weights), fit=fit)
     if model == "pixels":
+        options = (("weights", weights), ("layer", layer), ("pooling", pooling))
+        unused = [f"--{k}" for k, v in options if v not in (None, "imagenet", "none")]
+        if unused:
+            raise InputError(f"the pixels embedder takes no {', '.join(unused)}: leave it out, or choose a backbone with --embedder")
         size = 28 if input_size is None else input_size
         if size < 1:
             raise InputError(f"--input-size must be positive, got {size}")
         norm = normalize or "none"
         _check_choice("--normalize", norm, NORMALIZATIONS)
-        return EmbedderSpec("pixels", "none", "pixels", "flatten", norm, size, seed, None, size * size, PREPROCESSING["pixels"])
-    size = 32 if input_size is None else input_size
-    if size < MIN_INPUT_SIZE:
-        raise InputError(f"--input-size must be at least {MIN_INPUT_SIZE} for VGG16, got {size}")
-    if layer not in VGG16_LAYERS:
-        raise InputError(f"unknown VGG16 layer {layer!r}: choose one of {', '.join(VGG16_LAYERS)}")
-    _check_choice("--pooling", pooling, POOLINGS)
+        return EmbedderSpec("pixels", "none", "pixels", "flatten", norm, size, seed, None, size * size, PREPROCESSING["pixels"], fit=fit)
+    b = get_backbone(model)
+    size = b.small_size if input_size is None else input_size
+    b.check_size(size)
+    layer = layer or b.default_layer
+    pooling = pooling or b.pooling
+    if layer != b.default_layer and layer not in b.layers:
+        choices = ", ".join(b.layers) if b.layers else f"{b.default_layer} (a layer is chosen for vgg16 only)"
+        raise InputError(f"unknown {model} layer {layer!r}: choose one of {choices}")
+    _check_choice("--pooling", pooling, b.poolings)
     norm = normalize or "l2"
     _check_choice("--normalize", norm, NORMALIZATIONS)
     prec = precision or default_precision()
     _check_choice("--precision", prec, PRECISIONS)
-    channels, pools = VGG16_LAYERS[layer]
-    side = size
-    for _ in range(pools):
-        side //= 2
-    dim = channels * side * side if pooling == "flatten" else channels
+    dim = _dim(b, layer, pooling, size)
     sha = None
     if weights not in ("imagenet", "random"):
         p = Path(weights).expanduser()
         if not p.is_file():
             raise EmbedderError(
-                f"weights file {p} not found: give a VGG16 no-top weights file (.h5 / .weights.h5), "
+                f"weights file {p} not found: give a {model} no-top weights file (.h5 / .weights.h5), "
                 "or --weights imagenet / --weights random"
             )
         weights, sha = str(p.resolve()), file_sha256(p)
-    return EmbedderSpec("vgg16", weights, layer, pooling, norm, size, seed, sha, dim, PREPROCESSING["vgg16"], prec)
+    return EmbedderSpec(model, weights, layer, pooling, norm, size, seed, sha, dim, b.preprocessing, prec, fit)
+
+
+def _dim(b: Backbone, layer: str, pooling: str, size: int) -> int:
+    if b.name != "vgg16":
+        return b.dim  # (flatten is VGG16's only)
+    channels, pools = VGG16_LAYERS[layer]
+    side = size
+    for _ in range(pools):
+        side //= 2
+    return channels * side * side if pooling == "flatten" else channels
 
 
 def model_spec(path: str | os.PathLike[str]) -> EmbedderSpec:
@@ -241,29 +286,40 @@ class PixelEmbedder:
         s = self.spec.input_size
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        x = np.stack([resize(im, s, "L") for im in images]).reshape(len(images), s * s) / 255.0
+        x = np.stack([resize(im, s, "L", self.spec.fit) for im in images]).reshape(len(images), s * s) / 255.0
         return _normalize(x, self.spec.normalize)
 
 
-class VGG16Embedder:
-    """Keras VGG16 (no top) cut at ``spec.layer``, globally pooled, optionally L2-normalised.
+def predict_batch_size(size: int) -> int:
+    """Images per model call: 256 at digit sizes (28% faster than 128 here), 32 above 64 px (Keras's own benchmark
+    batch; activations of 256 photos at 224 px would take gigabytes)."""
+    return 256 if size <= 64 else 32
 
-    Deterministic: random weights come from a seeded NumPy generator (Glorot-uniform kernels, zero
-    biases, as Keras initialises VGG16), so the same image gives the same vector in any process.
+
+class BackboneEmbedder:
+    """A registered backbone (:mod:`lookalike.backbones`) without its classifier: its own preprocessing, then its
+    features pooled (``spec.pooling``: global ``max``/``avg`` over a CNN's map, VGG16's ``flatten``, a ViT's
+    ``cls`` token or ``avg`` of its patch tokens) and optionally L2-normalised.
+
+    Deterministic: random weights come from a seeded NumPy generator (:func:`lookalike.backbones.seeded_weights`),
+    so the same image gives the same vector in any process.
     """
 
-    def __init__(self, spec: EmbedderSpec, batch_size: int = 256) -> None:
+    def __init__(self, spec: EmbedderSpec, batch_size: int | None = None) -> None:
         self.spec = spec
-        self.batch_size = batch_size  # 256 a call: 28% faster than 128 here (float32, 376 vs 293 images/s)
-        from lookalike.backend import make_vgg16, warm_up
+        self.backbone = get_backbone(spec.model)
+        self.batch_size = batch_size or predict_batch_size(spec.input_size)
+        from lookalike.backend import make_backbone, warm_up
 
-        self._model = warm_up(make_vgg16(spec), spec.input_size)
+        self._model = warm_up(make_backbone(spec), spec.input_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        feats = _predict(self._model, images, self.spec.input_size, self.batch_size)
-        if self.spec.pooling == "max":
+        feats = _predict(self._model, images, self.spec, self.batch_size, self.backbone.preprocess)
+        if self.backbone.tokens:
+            feats = feats[:, 0] if self.spec.pooling == "cls" else feats[:, 1:].mean(axis=1)
+        elif self.spec.pooling == "max":
             feats = feats.max(axis=(1, 2))
         elif self.spec.pooling == "avg":
             feats = feats.mean(axis=(1, 2))
@@ -271,11 +327,15 @@ class VGG16Embedder:
         return _normalize(feats, self.spec.normalize)
 
 
-def _predict(model: Any, images: Sequence[np.ndarray], size: int, batch_size: int) -> np.ndarray:
-    """``model`` over ``images`` resized to VGG16's RGB input, ``batch_size`` a call: float32 outputs."""
+VGG16Embedder = BackboneEmbedder  # the name of earlier releases
+
+
+def _predict(model: Any, images: Sequence[np.ndarray], spec: EmbedderSpec, batch_size: int, preprocess: Any) -> np.ndarray:
+    """``model`` over ``images`` made ``spec.input_size`` square RGB (``spec.fit``), ``batch_size`` a call: float32 outputs."""
     from lookalike.backend import predict_batches
 
-    return predict_batches(model, [resize(im, size, "RGB") for im in images], batch_size)
+    rgb = [resize(im, spec.input_size, "RGB", spec.fit) for im in images]
+    return predict_batches(model, rgb, batch_size, preprocess)
 
 
 class KerasModelEmbedder:
@@ -284,9 +344,9 @@ class KerasModelEmbedder:
     The file must be the one the spec names, unchanged (its SHA-256 is checked before loading).
     """
 
-    def __init__(self, spec: EmbedderSpec, batch_size: int = 256) -> None:
+    def __init__(self, spec: EmbedderSpec, batch_size: int | None = None) -> None:
         self.spec = spec
-        self.batch_size = batch_size
+        self.batch_size = batch_size or predict_batch_size(spec.input_size)
         path = Path(spec.weights)
         check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
         from lookalike.backend import load_keras_model, warm_up
@@ -296,18 +356,18 @@ class KerasModelEmbedder:
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        feats = _predict(self._model, images, self.spec.input_size, self.batch_size)
+        feats = _predict(self._model, images, self.spec, self.batch_size, BACKBONES["vgg16"].preprocess)
         return _normalize(feats.reshape(len(images), -1), "l2")
 
 
 def build_embedder(spec: EmbedderSpec | dict[str, Any]) -> Embedder:
-    """The embedder a spec describes (imports TensorFlow for VGG16)."""
+    """The embedder a spec describes (imports TensorFlow for a backbone or a trained model)."""
     if isinstance(spec, dict):
         spec = EmbedderSpec.from_dict(spec)
     if spec.model == "pixels":
         return PixelEmbedder(spec)
-    if spec.model == "vgg16":
-        return VGG16Embedder(spec)
+    if spec.model in BACKBONES:
+        return BackboneEmbedder(spec)
     if spec.model == "keras":
         return KerasModelEmbedder(spec)
     raise EmbedderError(f"unknown embedder model {spec.model!r} in the collection record: upgrade lookalike")

@@ -53,6 +53,8 @@ class CollectionInfo:
     label_names: list[str] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict, repr=False)
     labelled: bool = True
+    backbone: str = "?"  # the network: a registered backbone's name, pixels, or a trained model's base
+    input_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +62,8 @@ class CollectionInfo:
             "count": self.count,
             "dataset": self.dataset,
             "embedder": self.embedder,
+            "backbone": self.backbone,
+            "input_size": self.input_size,
             "label_names": self.label_names,
             "labelled": self.labelled,
             "record": self.record,
@@ -153,8 +157,17 @@ class Gallery:
 
     def info(self) -> CollectionInfo:
         rec = self.record
+        spec = rec.embedder
         return CollectionInfo(
-            self.name, self.count(), rec.dataset, rec.embedder.describe(), rec.label_names, json.loads(rec.to_json()), rec.labelled
+            self.name,
+            self.count(),
+            rec.dataset,
+            spec.describe(),
+            rec.label_names,
+            json.loads(rec.to_json()),
+            rec.labelled,
+            spec.backbone,
+            spec.input_size,
         )
 
     def resolve_labels(self, labels: Sequence[int | str]) -> list[int]:

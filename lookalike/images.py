@@ -75,11 +75,12 @@ def read_image(
     """One image file (or the bytes of one, called ``name`` in messages) as ``uint8`` (H, W) grey or (H, W, 3) RGB,
     or :class:`Unreadable` (never raises on a bad file).
 
-    ``size``: the side the embedder resizes to. The file is then decoded straight to about twice that
-    size: JPEG by Pillow's draft mode (a reduced-scale DCT decode, up to 8x smaller on each side),
-    other formats by an integer box reduction right after decoding, never below ``size`` on either
-    side; no full-resolution array leaves this function. Read right whatever the form: the EXIF
-    orientation is applied (a phone photo taken sideways comes out upright), CMYK and YCCK JPEGs
+    ``size``: the side the embedder resizes to. The file is then decoded straight to about
+    :func:`decode_side` (twice a digit-sized ``size``, photo sizes themselves): JPEG by Pillow's draft
+    mode (a reduced-scale DCT decode, up to 8x smaller on each side), other formats by an integer box
+    reduction right after decoding, never below that side on either side; no full-resolution array
+    leaves this function. Read right whatever the form: the EXIF orientation is applied (a phone photo
+    taken sideways comes out upright), CMYK and YCCK JPEGs
     become RGB, 16-bit images are scaled to 0-255 (not clipped), transparency is composited on
     white (``BACKGROUND``), animated GIF/WebP and multi-page TIFF give their first frame. Grey stays
     grey (also a palette image whose colours are all grey); anything else becomes RGB.
@@ -101,7 +102,8 @@ def read_image(
                 return Unreadable(str(p), "too-large", f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,}")
             orientation = _orientation(im)
             if size and im.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG many phones write
-                im.draft(None, (2 * size, 2 * size))  # decode at 1/2, 1/4 or 1/8 scale, still >= 2 x size on both sides
+                side = decode_side(size)
+                im.draft(None, (side, side))  # decode at 1/2, 1/4 or 1/8 scale, still >= side on both sides
             im.load()
             return _to_array(_normal_mode(im, size), orientation)
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before the size is known
@@ -235,15 +237,26 @@ def _normal_mode(im: Any, size: int | None) -> Any:
     return _reduced(im, size)
 
 
-def _reduced(im: Any, size: int | None) -> Any:
-    """``im`` shrunk by the largest whole factor that keeps both sides >= 2 x ``size`` (box filter).
+PHOTO_DECODE = 112  # from this side up, a file is decoded to the side itself, not twice it
 
-    Twice the embedder's side leaves its bilinear resize something to average; an image already
-    below that (a 28 px digit) is untouched, so a file of a stored array reads back as that array.
+
+def decode_side(size: int) -> int:
+    """The least side a file is decoded to for an embedder of input ``size``: twice it for digit-sized inputs (so its
+    bilinear resize has pixels to average; what collections at 32 px were made with), the size itself from
+    :data:`PHOTO_DECODE` up (a 3000x2000 JPEG at 224 px then decodes at 1/8 scale, 375x250: the reduced-scale DCT
+    already averages every 8x8 block, and the 1/4 decode it spares costs twice the time)."""
+    return size if size >= PHOTO_DECODE else 2 * size
+
+
+def _reduced(im: Any, size: int | None) -> Any:
+    """``im`` shrunk by the largest whole factor that keeps both sides >= :func:`decode_side` (box filter).
+
+    An image already below that (a 28 px digit) is untouched, so a file of a stored array reads back as that array.
     """
     if not size:
         return im
-    factor = min(im.width // (2 * size), im.height // (2 * size))
+    side = decode_side(size)
+    factor = min(im.width // side, im.height // side)
     return im.reduce(factor) if factor >= 2 else im
 
 
@@ -285,13 +298,39 @@ def as_image_array(image: Any) -> np.ndarray:
     return img
 
 
-def resize(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-    """One image as float32 ``(size, size)`` grey (mode "L") or ``(size, size, 3)`` RGB, 0-255 (bilinear, Pillow)."""
+PAD_COLOUR = (124, 116, 104)  # the ImageNet mean (0.485, 0.456, 0.406) x 255: zero after every backbone's normalisation
+
+
+def square(pil: Any, fit: str) -> Any:
+    """A Pillow image made square: ``squash`` leaves it (the resize stretches it), ``crop`` keeps its centre square
+    (the shorter side whole), ``pad`` letterboxes it on :data:`PAD_COLOUR` (grey images on its grey)."""
+    from PIL import Image
+
+    w, h = pil.size
+    if w == h or fit == "squash":
+        return pil
+    if fit == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return pil.crop((left, top, left + side, top + side))
+    if fit == "pad":
+        side = max(w, h)
+        colour: Any = round(sum(PAD_COLOUR) / 3) if pil.mode == "L" else PAD_COLOUR
+        canvas = Image.new(pil.mode, (side, side), colour)
+        canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
+        return canvas
+    raise InputError(f"--fit {fit!r} is not one of squash, crop, pad")
+
+
+def resize(image: np.ndarray, size: int, mode: str, fit: str = "squash") -> np.ndarray:
+    """One image as float32 ``(size, size)`` grey (mode "L") or ``(size, size, 3)`` RGB, 0-255 (bilinear, Pillow),
+    made square first as ``fit`` says (:func:`square`)."""
     from PIL import Image
 
     pil = Image.fromarray(as_image_array(image))
     if mode == "L" and pil.mode != "L":
         pil = pil.convert("L")
+    pil = square(pil, fit)
     if pil.size != (size, size):
         pil = pil.resize((size, size), Image.BILINEAR)
     out = np.asarray(pil, dtype=np.float32)

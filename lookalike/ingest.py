@@ -23,7 +23,7 @@ import numpy as np
 from lookalike.catalogue import FINGERPRINT_KEYS, Plan, merge_labels
 from lookalike.catalogue import plan as plan_sync
 from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
-from lookalike.embedder import Embedder, build_embedder, make_spec
+from lookalike.embedder import PHOTO_FIT, Embedder, EmbedderSpec, build_embedder, default_embedder, default_input_size, make_spec
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.filters import _same
 from lookalike.gallery import Gallery
@@ -104,14 +104,15 @@ def ingest(
     source: str | None = None,
     limit: int | None = None,
     test_size: float | None = None,
-    seed: int = 0,
-    embedder: str | Embedder = "vgg16",
-    weights: str = "imagenet",
-    layer: str = "block4_pool",
-    pooling: str = "max",
+    seed: int | None = None,
+    embedder: str | Embedder | None = None,
+    weights: str | None = None,
+    layer: str | None = None,
+    pooling: str | None = None,
     normalize: str | None = None,
     input_size: int | None = None,
     precision: str | None = None,
+    fit: str | None = None,
     model: str | None = None,
     batch_size: int = 256,
     max_pixels: int | None = None,
@@ -135,9 +136,13 @@ def ingest(
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
-    ``embedder`` is ``"vgg16"``, ``"pixels"`` or any :class:`~lookalike.embedder.Embedder` object
-    (its ``spec`` is recorded); ``model`` is a file written by ``lookalike train`` (it replaces
-    ``embedder`` and the VGG16 options; the collection records its path and SHA-256). Folder images
+    ``embedder`` is a backbone's name (:mod:`lookalike.backbones`), ``"pixels"`` or any
+    :class:`~lookalike.embedder.Embedder` object (its ``spec`` is recorded); ``model`` is a file written by
+    ``lookalike train`` (it replaces ``embedder`` and the backbone options; the collection records its path
+    and SHA-256). An existing collection's recorded embedder is used for every option not given (nothing
+    to repeat; a given option that differs is refused). A new collection's defaults follow the data
+    (:func:`resolve_spec`): digit-sized images get VGG16 at 32 px, photos the photo default at its native
+    224 px with ``fit="crop"``. ``seed``: random weights and sampling (default 0, or the collection's). Folder images
     over ``max_pixels`` (default: Pillow's limit) are skipped and counted; files are decoded on
     ``decode_workers`` threads (default: the cores, at most 4) ahead of the embedder, straight to
     about its input size; links out of a folder are followed only with ``follow_links``. ``wait``: seconds to wait
@@ -173,23 +178,17 @@ def ingest(
         ray_options = RayOptions(ray_address, workers, cpus_per_worker, gpus_per_worker)
         ray_options.check()
         require_ray()  # without the extra: one line, before anything is read
-    if model is not None:
-        spec = make_spec("keras", weights=model)
-        model_obj: Embedder | None = None
-    elif isinstance(embedder, str):
-        spec = make_spec(
-            embedder,
-            weights=weights,
-            layer=layer,
-            pooling=pooling,
-            normalize=normalize,
-            input_size=input_size,
-            seed=seed,
-            precision=precision,
-        )
-        model_obj = None
-    else:
-        spec, model_obj = embedder.spec, embedder
+    options = {
+        "weights": weights,
+        "layer": layer,
+        "pooling": pooling,
+        "normalize": normalize,
+        "input_size": input_size,
+        "seed": seed,
+        "precision": precision,
+        "fit": fit,
+    }
+    model_obj: Embedder | None = None if embedder is None or isinstance(embedder, str) else embedder  # (built when needed)
     name = collection or dataset
     check_name(name)
     own = store is None
@@ -200,6 +199,8 @@ def ingest(
             store = None  # no store yet: it is created only once there is something to write
     try:
         gallery = Gallery(store, name) if store is not None and store.exists(name) else None
+        if seed is None:
+            seed = int(gallery.record.protocol.get("seed") or 0) if gallery is not None else 0
         if gallery is not None and dataset == "folder" and gallery.record.dataset == "folder":
             recorded = gallery.record.protocol  # what the collection recorded holds unless asked otherwise
             labels = labels if labels is not None else recorded.get("labels", True) is not False
@@ -214,11 +215,15 @@ def ingest(
             test_size=test_size,
             seed=seed,
             max_pixels=max_pixels,
-            decode_size=spec.input_size,
             follow_links=follow_links,
             labels=labels,
             gps=gps,
         )
+        if model_obj is not None:
+            spec = model_obj.spec
+        else:
+            spec = resolve_spec(embedder, model, options, gallery.record.embedder if gallery is not None else None, ds)
+        ds.decode_size = spec.input_size
         record = Record(spec, ds.protocol, ds.label_names)
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
         if ds.living:
@@ -266,6 +271,37 @@ def ingest(
     report.skipped_links = list(ds.skipped_links)
     report.decode_seconds, report.embed_seconds, report.write_seconds = stages["decode"], stages["embed"], stages["write"]
     return report
+
+
+def resolve_spec(
+    embedder: str | None, model: str | None, options: dict[str, Any], recorded: EmbedderSpec | None, ds: Dataset
+) -> EmbedderSpec:
+    """The embedder an ingest uses. ``options`` (weights, layer, pooling, normalize, input_size, seed, precision,
+    fit; None: not given) override the ``recorded`` spec of an existing collection, which otherwise holds whole
+    (a differing result is refused by the record's check). A new collection's defaults follow ``ds``: photos
+    (:meth:`~lookalike.datasets.Dataset.photos`) get :data:`~lookalike.backbones.PHOTO_DEFAULT` at its native
+    size, cropped to their centre square; digit-sized images VGG16 at 32 px, squashed as always. Weights
+    default to ``imagenet``."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if model is not None:
+        return make_spec("keras", weights=model, fit=given.get("fit"))
+    if recorded is not None and embedder in (None, recorded.model):
+        given = {k: v for k, v in given.items() if v != getattr(recorded, k)}  # (what the record says: nothing to check)
+        if not given or recorded.model == "keras":
+            return recorded if not given else make_spec("keras", weights=recorded.weights, fit=given.get("fit", recorded.fit))
+        keep = ("normalize", "input_size", "seed", "fit")
+        if recorded.model != "pixels":
+            keep += ("weights", "layer", "pooling", "precision")
+        return make_spec(recorded.model, **{**{k: getattr(recorded, k) for k in keep}, **given})
+    photos = ds.photos()
+    name = embedder or default_embedder(photos)
+    size = default_input_size(name, photos)
+    if "input_size" not in given and size is not None:
+        given["input_size"] = size
+    if photos:
+        given.setdefault("fit", PHOTO_FIT)
+    given.setdefault("weights", "imagenet")
+    return make_spec(name, **given)
 
 
 def _replan(
@@ -597,20 +633,6 @@ def _stream(
         log.warning("skipped %d images (unreadable or over the pixel limit)", len(skipped))
 
 
-class _LazyEmbedder:
-    """The embedder a record names, built only when something is to be embedded (a sync of an unchanged folder
-    never loads TensorFlow)."""
-
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
-        self._model: Embedder | None = None
-
-    def embed(self, images: Any) -> np.ndarray:
-        if self._model is None:
-            self._model = build_embedder(self.spec)
-        return self._model.embed(images)
-
-
 def sync(
     collection: str | None = None,
     db: str | None = None,
@@ -641,7 +663,6 @@ def sync(
             relocate or str(p["root"]),
             limit=p.get("limit"),
             seed=int(p.get("seed") or 0),
-            embedder=_LazyEmbedder(rec.embedder),  # type: ignore[arg-type]
             batch_size=batch_size,
             max_pixels=max_pixels,
             follow_links=bool(p.get("follow_links")),

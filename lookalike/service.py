@@ -195,13 +195,16 @@ class Service:
         return report
 
     def collections(self) -> list[dict[str, Any]]:
-        """Each collection's name, count, dataset, embedder, label names and whether it has labels (no server paths)."""
+        """Each collection's name, count, dataset, embedder (and its backbone and input size), label names and whether it
+        has labels (no server paths)."""
         return [
             {
                 "name": c.name,
                 "count": c.count,
                 "dataset": c.dataset,
                 "embedder": c.embedder,
+                "backbone": c.backbone,
+                "input_size": c.input_size,
                 "label_names": c.label_names,
                 "labelled": c.labelled,
             }

@@ -29,7 +29,7 @@ def test_spec_dimension_without_tensorflow() -> None:
     [
         ({"model": "resnet"}, "unknown embedder"),
         ({"input_size": 16}, "at least 32"),
-        ({"layer": "block9_pool"}, "unknown VGG16 layer"),
+        ({"layer": "block9_pool"}, "unknown vgg16 layer"),
         ({"pooling": "median"}, "--pooling"),
         ({"normalize": "l1"}, "--normalize"),
         ({"precision": "float16"}, "--precision"),
@@ -113,7 +113,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
     import keras
 
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
-    from lookalike.backend import seeded_weights
+    from lookalike.backbones import seeded_weights
 
     base.set_weights(seeded_weights(base, 0))
     path = tmp_path / "vgg16_notop.weights.h5"
