@@ -26,7 +26,8 @@ import numpy as np
 CHILD = """
 import json, resource, sys
 from lookalike.ingest import ingest
-r = ingest("folder", sys.argv[1], weights="random", db=sys.argv[2], test_size=0.1, batch_size=int(sys.argv[3]))
+r = ingest("folder", sys.argv[1], embedder="vgg16", input_size=32, fit="squash", weights="random", db=sys.argv[2], test_size=0.1,
+           batch_size=int(sys.argv[3]))
 out = r.to_dict()
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({k: out[k] for k in ("images_per_s", "decode_images_per_s", "embed_images_per_s", "seconds",
