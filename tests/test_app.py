@@ -111,6 +111,7 @@ def test_a_bad_id_is_one_message_not_a_traceback(app_db: str) -> None:
     assert not at.exception and "no item 'nope'" in at.error[0].value
 
 
+@pytest.mark.slow
 def test_the_map_is_computed_once_then_read_back(app_db: str, tmp_path: Path) -> None:
     at = start(page="Map")
     assert at.sidebar.selectbox[0].label == "collection" and at.get("plotly_chart")

@@ -87,20 +87,26 @@ def built() -> dict[str, object]:
     return {name: build_embedder(make_spec(name, weights="random", seed=0, precision="float32")) for name in BACKBONES}
 
 
-def test_each_backbone_embeds_deterministically_and_normalises_inside(built: dict, tmp_path: Path) -> None:
-    """Random weights come from the seed alone: the same picture gives the same vector in a new process, for each
-    backbone; the models that take 0-255 rescale it in their first layers."""
-    pictures = [photo(3), photo(4, (40, 70))]
-    here = {}
+PICTURES = [photo(3), photo(4, (40, 70))]
+
+
+def test_each_backbone_embeds_unit_vectors_and_normalises_inside(built: dict) -> None:
+    """Every backbone gives finite unit vectors of its length that tell pictures apart, the same for a picture alone or in
+    a batch; the models that take 0-255 rescale it in their first layers."""
     for name, emb in built.items():
-        v = emb.embed(pictures)
+        v = emb.embed(PICTURES)
         assert v.shape == (2, emb.spec.dim) and np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
-        assert np.abs(v[0] - v[1]).max() > 1e-3  # not a constant function
-        here[name] = v
+        assert np.abs(v[0] - v[1]).max() > 1e-3, name  # not a constant function
+        assert np.abs(emb.embed(PICTURES[1:])[0] - v[1]).max() < 1e-5, name
         if name in ("efficientnetv2b0", "convnext_tiny", "mobilenetv3large"):
             first = [type(layer).__name__ for layer in emb._model.layers[:4]]
             assert "Rescaling" in first or "Normalization" in first, first
-    np.savez(tmp_path / "x.npz", a=pictures[0], b=pictures[1])
+
+
+@pytest.mark.slow  # ~45 s: six models built again in a child; the fast suite checks VGG16's so (tests/test_embedder.py)
+def test_each_backbone_gives_the_same_vector_in_a_new_process(built: dict, tmp_path: Path) -> None:
+    """Random weights come from the seed alone: the same picture gives the same vector in a new process, for each backbone."""
+    np.savez(tmp_path / "x.npz", a=PICTURES[0], b=PICTURES[1])
     code = (
         "import json, sys, numpy as np; from lookalike.embedder import build_embedder, make_spec\n"
         "z = np.load(sys.argv[1]); x = [z['a'], z['b']]\n"
@@ -110,8 +116,8 @@ def test_each_backbone_embeds_deterministically_and_normalises_inside(built: dic
     there = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npz"), *built], capture_output=True, text=True, timeout=600)
     assert there.returncode == 0, there.stderr[-2000:]
     vectors = json.loads(there.stdout.strip().splitlines()[-1])
-    for name in built:
-        assert np.abs(np.asarray(vectors[name]) - here[name]).max() < 1e-5, name
+    for name, emb in built.items():
+        assert np.abs(np.asarray(vectors[name]) - emb.embed(PICTURES)).max() < 1e-5, name
 
 
 def test_missing_keras_hub_is_one_line(monkeypatch: pytest.MonkeyPatch, runner, tiny_npz: Path, db: str) -> None:

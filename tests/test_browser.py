@@ -160,6 +160,7 @@ def test_search_upload_with_a_label_filter_then_click_a_neighbour(app: Running, 
     page.get_by_text(f"query: {app.hits[1].id}").wait_for(timeout=60_000)
 
 
+@pytest.mark.slow
 def test_search_with_a_where_filter_typed_in_the_field_filters(app: Running, page: Page) -> None:
     page.goto(f"{app.url}/?page=Search&id=mnist:test:3&k=5")
     page.get_by_text("more filters: the collection's fields").click()
@@ -172,6 +173,7 @@ def test_search_with_a_where_filter_typed_in_the_field_filters(app: Running, pag
     assert len(ids) == 5 and all(i.startswith("mnist:train:") and int(i.rsplit(":", 1)[1]) < 20 for i in ids), ids
 
 
+@pytest.mark.slow
 def test_map_click_and_lasso(app: Running, page: Page) -> None:
     open_page(page, app.url, "Map")
     page.locator(".js-plotly-plot .nsewdrag").wait_for(timeout=120_000)
@@ -201,6 +203,7 @@ def test_map_click_and_lasso(app: Running, page: Page) -> None:
     page.screenshot(path=str(shots() / "map-lasso.png"), full_page=True)
 
 
+@pytest.mark.slow
 def test_evaluation_and_clusters_pages(app: Running, page: Page) -> None:
     open_page(page, app.url, "Evaluation")
     page.get_by_text("recall@1").wait_for(timeout=60_000)
@@ -213,6 +216,7 @@ def test_evaluation_and_clusters_pages(app: Running, page: Page) -> None:
     page.screenshot(path=str(shots() / "clusters.png"), full_page=True)
 
 
+@pytest.mark.slow
 def test_audit_page_candidate_becomes_the_query(app: Running, page: Page) -> None:
     open_page(page, app.url, "Audit")
     page.get_by_text("disputed labels").wait_for(timeout=60_000)

@@ -43,6 +43,7 @@ def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
         assert mended.ok and sum(mended.partitions.values()) == 250
 
 
+@pytest.mark.slow
 def test_a_damaged_index_is_reported_with_the_fix(tmp_path: Path, db: str, fake_embedder) -> None:
     source = write_npz(tmp_path / "more.npz", make_digits(2500, seed=5), make_digits(100, seed=6))
     ingest("mnist", source=str(source), embedder=fake_embedder, db=db)  # enough for Chroma to persist its index files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,11 +161,19 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def pixels_store(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path) -> Path:
+    """A store holding the tiny digits embedded by pixels, made once and copied by each test that needs it."""
+    db = tmp_path_factory.mktemp("pixels") / "db"
+    ingest_pixels(CliRunner(), tiny_npz, str(db))
+    return db
+
+
 @pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a[:2]) + ":" + m for a, m in BAD_INPUTS])
 def test_bad_input_is_one_line_and_leaves_the_store_unchanged(
-    runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path, args: list[str], message: str
+    runner: CliRunner, tiny_npz: Path, pixels_store: Path, db: str, tmp_path: Path, args: list[str], message: str
 ) -> None:
-    ingest_pixels(runner, tiny_npz, db)
+    shutil.copytree(pixels_store, db)
     (tmp_path / "empty" / "label").mkdir(parents=True)
     (tmp_path / "file").write_text("x")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n garbage")
@@ -200,6 +209,7 @@ def test_bad_input_is_one_line_and_leaves_the_store_unchanged(
         assert g.record.embedder.model == "pixels"
 
 
+@pytest.mark.slow
 def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
     r = run_cli("ingest", "mnist", "--db", str(tmp_path / "db"), env=offline_env(tmp_path))
     assert r.returncode != 0
@@ -213,6 +223,7 @@ def test_offline_mnist_download_names_the_fixes(tmp_path: Path) -> None:
     assert not (tmp_path / "db").exists()  # nothing created
 
 
+@pytest.mark.slow
 def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     db = str(tmp_path / "db")
     args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random", "--batch-size", "25", "--db", db)
@@ -302,6 +313,7 @@ def test_explore_bad_input(runner: CliRunner, tiny_npz: Path, db: str, tmp_path:
     assert Store(db).names() == ["mnist"] and Store(db).open("mnist").count() == 250
 
 
+@pytest.mark.slow
 def test_every_command_opens_the_store_once(runner: CliRunner, tiny_npz: Path, db: str, tmp_path: Path, monkeypatch) -> None:
     opened: list[str] = []
     real_init = Store.__init__
@@ -353,11 +365,13 @@ def test_a_folder_of_photos_through_the_cli(runner: CliRunner, tmp_path: Path, d
             Image.fromarray(img).save(root / label / f"{i}.jpg", quality=85)
     (root / "day" / "away.png").symlink_to(tmp_path / "photos" / ".." / "elsewhere.png")
     Image.new("RGB", (40, 40)).save(tmp_path / "elsewhere.png")
-    r = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "0.25", "--db", db])
+    # (VGG16 at 32 px keeps this test quick; tests/test_backbones.py ingests photos at the default 224 px)
+    argv = ["ingest", "folder", str(root), "--embedder", "vgg16", "--input-size", "32", "--weights", "random", "--test-size", "0.25"]
+    r = runner.invoke(app, [*argv, "--db", db])
     assert r.exit_code == 0, r.output
     assert "stages  decode" in r.stdout and "embed" in r.stdout
     assert "skipped 1 symbolic links out of the folder (--follow-links): day/away.png" in r.stdout
-    j = runner.invoke(app, ["ingest", "folder", str(root), "--weights", "random", "--test-size", "0.25", "--db", db, "--json"])
+    j = runner.invoke(app, ["ingest", "folder", str(root), "--db", db, "--json"])  # the recorded embedder and split: nothing to repeat
     assert json.loads(j.stdout)["already_stored"] == 8
     s = runner.invoke(app, ["search", "--image", str(root / "night" / "3.jpg"), "--k", "1", "--db", db, "--json"])
     assert s.exit_code == 0, s.output

@@ -28,6 +28,13 @@ def test_parse_spec() -> None:
         "pooling": "flatten",
         "input_size": 48,
     }
+    assert parse_spec("mobilenetv3large:fit=crop,size=64", "random") == {
+        "model": "mobilenetv3large",
+        "weights": "random",
+        "seed": 0,
+        "fit": "crop",
+        "input_size": 64,
+    }
     for bad in ("vgg16:colour=red", "vgg16:input_size=big", "vgg16:layer"):
         with pytest.raises(InputError, match="--embedder"):
             parse_spec(bad)
@@ -97,3 +104,20 @@ def test_a_name_taken_by_something_else_fails_cleanly(tiny_npz: Path, db: str) -
         ingest("mnist", source=str(tiny_npz), embedder="pixels", normalize="l2", collection=proto, store=store)  # squatter
     with pytest.raises(StoreError, match=f"drop it with `lookalike drop {proto}`"):
         compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=["pixels"], k=1, db=db)
+
+
+def test_specs_without_a_size_get_the_datas() -> None:
+    from lookalike.compare import _by_data
+
+    assert _by_data({"model": "resnet50"}, photos=True) == {"model": "resnet50", "input_size": 224, "fit": "crop"}
+    assert _by_data({"model": "resnet50"}, photos=False) == {"model": "resnet50", "input_size": 32}
+    assert _by_data({"model": "dinov2_small", "input_size": 56}, photos=True) == {"model": "dinov2_small", "input_size": 56, "fit": "crop"}
+    assert _by_data({"model": "pixels"}, photos=True) == {"model": "pixels", "fit": "crop"}
+
+
+def test_compare_across_backbones(tiny_npz: Path, db: str) -> None:
+    specs = ["pixels", "mobilenetv3large:weights=random,precision=float32"]
+    r = compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=specs, k=3, db=db)
+    assert [row.dim for row in r.rows] == [784, 960]
+    assert r.rows[1].embedder == "mobilenetv3large random(seed=0) avg/l2 32px 960d"
+    assert 0 <= r.rows[1].accuracy_1nn <= 1 and r.rows[1].recall_at_1 >= 0.999

@@ -132,6 +132,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
         build_embedder(spec)
 
 
+@pytest.mark.slow
 def test_imagenet_download_offline_is_a_clear_error(tmp_path: Path) -> None:
     code = (
         "from lookalike.embedder import build_embedder, make_spec; from lookalike.errors import EmbedderError\n"

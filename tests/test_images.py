@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lookalike.errors import InputError, TooLargeError
-from lookalike.images import PILLOW_MAX_PIXELS, Unreadable, default_max_pixels, open_image, read_image, resize
+from lookalike.images import PAD_COLOUR, PILLOW_MAX_PIXELS, Unreadable, decode_side, default_max_pixels, open_image, read_image, resize
 
 
 def test_grey_colour_palette_and_16_bit(tmp_path: Path) -> None:
@@ -181,3 +181,33 @@ def test_bytes_read_as_the_file_reads(tmp_path: Path) -> None:
     Image.new("1", (12_000, 12_000)).save(tmp_path / "bomb.png")
     with pytest.raises(TooLargeError, match="too large"):
         open_image((tmp_path / "bomb.png").read_bytes())
+
+
+def test_fit_squash_crop_and_pad() -> None:
+    """A 60x30 picture (left half dark, right half bright, a red centre mark) made 20 px square three ways."""
+    img = np.zeros((30, 60, 3), np.uint8)
+    img[:, 30:] = 200
+    img[10:20, 25:35] = (255, 0, 0)
+    squash, crop, pad = (resize(img, 20, "RGB", fit) for fit in ("squash", "crop", "pad"))
+    assert np.array_equal(squash, resize(img, 20, "RGB"))  # the default of earlier releases
+    centre = img[:, 15:45]  # the centre square, resized alone
+    assert np.array_equal(crop, np.asarray(Image.fromarray(centre).resize((20, 20), Image.BILINEAR), np.float32))
+    assert np.allclose(pad[0, 10], PAD_COLOUR) and np.allclose(pad[-1, 10], PAD_COLOUR)  # letterboxed above and below
+    assert pad[10, 2].max() < 10 and pad[10, -3].min() > 190  # the whole width kept
+    assert crop[10, 0].max() < 10 and crop[10, -1].min() > 190 and crop[10, 10, 0] > 200  # the centre square, mark in the middle
+    grey = resize(img[..., 0], 20, "L", "pad")
+    assert grey.shape == (20, 20) and grey[0, 0] == round(sum(PAD_COLOUR) / 3)
+    with pytest.raises(InputError, match="--fit"):
+        resize(img, 20, "RGB", "stretch")
+
+
+def test_photo_sizes_decode_to_the_size_itself(tmp_path: Path) -> None:
+    """From 112 px up a JPEG is decoded to no less than the embedder's side (not twice it): a 1600x1200 photo at 224 px
+    comes out at 1/4 scale (400x300); at 32 px, as before, at 1/8 then halved (100x75, both sides >= 64)."""
+    assert decode_side(32) == 64 and decode_side(224) == 224
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "p.jpg", quality=85)
+    assert read_image(tmp_path / "p.jpg", size=224).shape == (300, 400, 3)
+    assert read_image(tmp_path / "p.jpg", size=32).shape == (75, 100, 3)
+    Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png", size=224).shape == (240, 320, 3)  # reduce(5): both sides still >= 224

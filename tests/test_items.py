@@ -115,6 +115,7 @@ def _cli_remove(db: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_a_remove_killed_halfway_then_run_again_leaves_everything_consistent(tmp_path: Path, fake_embedder: PixelEmbedder) -> None:
     """Killed (SIGKILL) at spread moments of its work, then run again: the collection and its label partitions end as
     after one uninterrupted remove, and check is clean."""

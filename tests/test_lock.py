@@ -47,6 +47,7 @@ def slow_ingest(tmp_path: Path, tiny_npz: Path, db: str) -> Iterator[subprocess.
     proc.wait()
 
 
+@pytest.mark.slow
 def test_two_ingests_one_is_refused_then_one_waits(slow_ingest: subprocess.Popen[str], tiny_npz: Path, db: str) -> None:
     ingest_args = ("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--collection", "same", "--db", db)
     refused = run_cli(*ingest_args)
@@ -65,6 +66,7 @@ def test_two_ingests_one_is_refused_then_one_waits(slow_ingest: subprocess.Popen
     assert ev.returncode == 0 and (json.loads(ev.stdout)["n_queries"], json.loads(ev.stdout)["n_indexed"]) == (50, 200)
 
 
+@pytest.mark.slow
 def test_search_and_drop_meet_a_running_ingest(slow_ingest: subprocess.Popen[str], db: str) -> None:
     for args in (("search", "--id", "mnist:test:0", "--db", db), ("drop", "same", "--db", db), ("collections", "--db", db)):
         r = run_cli(*args)
@@ -75,6 +77,7 @@ def test_search_and_drop_meet_a_running_ingest(slow_ingest: subprocess.Popen[str
     assert dropped.returncode == 0 and "dropped 'same'" in dropped.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(slow_ingest: subprocess.Popen[str], tiny_npz: Path, db: str) -> None:
     slow_ingest.kill()  # kill -9 in the middle of writing
     slow_ingest.wait()

@@ -30,6 +30,7 @@ def test_quickstart_offline_library(tmp_path: Path) -> None:
     assert (tmp_path / "q2.png").is_file()
 
 
+@pytest.mark.slow
 def test_quickstart_falls_back_when_downloads_fail(tmp_path: Path) -> None:
     """The README's main job on a machine without internet: no flag needed."""
     r = run_cli(

@@ -67,6 +67,7 @@ def test_mnist_source_on_ray_equals_the_plain_ingest(cluster: None, tiny_npz: Pa
     assert again.added == {"train": 0, "test": 0} and again.already_stored == 250  # nothing scheduled twice
 
 
+@pytest.mark.slow
 def test_folder_on_ray_equals_the_plain_ingest_and_counts_unreadable_files(
     cluster: None, digits_folder: Path, db: str, fake_embedder: PixelEmbedder
 ) -> None:
@@ -86,6 +87,7 @@ def test_vgg16_on_ray_gives_the_plain_vectors(cluster: None, tiny_npz: Path, db:
     same_collection(db, "vgg-ray", "vgg-plain")
 
 
+@pytest.mark.slow
 def test_a_killed_ray_ingest_into_a_chroma_server_resumes_exactly(cluster: None, tmp_path: Path, fake_embedder: PixelEmbedder) -> None:
     """`lookalike ingest ... --ray --workers 2 --db http://...` killed mid-way, then resumed (on Ray here, as the CLI's
     own process-group kill leaves nothing behind): every item stored once, equal to a plain ingest."""
@@ -119,6 +121,7 @@ def test_a_killed_ray_ingest_into_a_chroma_server_resumes_exactly(cluster: None,
         same_collection(url, "killed", "plain")
 
 
+@pytest.mark.slow
 def test_worker_errors_are_one_line(cluster: None, tiny_npz: Path) -> None:
     from lookalike.embedder import make_spec
     from lookalike.scaleout import RayOptions, embed_on_ray

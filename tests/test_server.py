@@ -134,6 +134,7 @@ def test_collections_list_both(served: Served) -> None:
     assert status == 200 and set(cols) == {"digits", "pixels"}
     assert cols["digits"]["count"] == 250 and cols["digits"]["dataset"] == "mnist"
     assert cols["digits"]["embedder"].startswith("vgg16 random(seed=0) block4_pool") and cols["pixels"]["embedder"].startswith("pixels 8px")
+    assert (cols["digits"]["backbone"], cols["digits"]["input_size"], cols["pixels"]["backbone"]) == ("vgg16", 32, "pixels")
     assert cols["digits"]["label_names"] == [str(i) for i in range(10)]
     assert served.db not in data.decode()
 
@@ -390,6 +391,7 @@ def test_exposing_the_store_needs_a_key_or_insecure(tmp_path: Path) -> None:
     assert got.returncode == 2 and "cannot read --api-key-file" in one_line_error(got)
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_one_line(tmp_path: Path, tiny_npz: Path, fake_embedder) -> None:
     db = str(tmp_path / "db")
     ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
@@ -432,6 +434,7 @@ def test_status_codes_of_library_errors() -> None:
     assert codes == [422, 413, 404, 503, 503, 503, 500]
 
 
+@pytest.mark.slow
 def test_a_service_over_a_chroma_server_runs_beside_the_cli_and_says_503_when_the_store_goes(tmp_path: Path, tiny_npz: Path) -> None:
     with chroma_run(tmp_path / "chroma") as (chroma, url):
         got = run_cli("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--db", url, "--collection", "shared")
@@ -458,6 +461,7 @@ def test_a_service_over_a_chroma_server_runs_beside_the_cli_and_says_503_when_th
             server.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_service_cleanly_and_frees_the_store(tmp_path: Path, tiny_npz: Path, fake_embedder) -> None:
     import signal
 

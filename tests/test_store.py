@@ -242,6 +242,7 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_server_mode_is_shared_between_processes(chroma_server: str, tiny_npz: Path) -> None:
     first = run_cli("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--db", chroma_server, "--collection", "shared")
     assert first.returncode == 0, first.stderr

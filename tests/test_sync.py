@@ -304,6 +304,7 @@ def _kill_and_resume(tmp_path: Path, kills: int) -> None:
         assert report.ok, report.problems
 
 
+@pytest.mark.slow
 def test_a_sync_killed_at_random_moments_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
     _kill_and_resume(tmp_path, kills=3)
 

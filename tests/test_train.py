@@ -51,6 +51,7 @@ def test_training_improves_1nn_accuracy_over_the_untrained_network(trained: tupl
     assert report.epochs_run == len(report.history) >= 1 and "val_loss" in report.history[0]
 
 
+@pytest.mark.slow
 def test_saved_model_describes_itself_and_gives_the_same_vectors_in_a_new_process(trained: tuple[Path, object], tmp_path: Path) -> None:
     out, _ = trained
     desc = read_model_description(out)
@@ -74,6 +75,7 @@ def test_saved_model_describes_itself_and_gives_the_same_vectors_in_a_new_proces
     assert np.abs(np.load(tmp_path / "v.npy") - here).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_given_the_seed(cluttered_npz: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     out, report = trained
     again = run_cli(
@@ -131,6 +133,7 @@ def test_ingest_with_the_model_records_it_and_searches_with_it(
         assert evaluate(g).recall_at_1 == 1.0
 
 
+@pytest.mark.slow
 def test_missing_changed_or_foreign_model_files_fail_cleanly(cluttered_npz: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     out, _ = trained
     db = str(tmp_path / "db")
