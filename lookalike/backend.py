@@ -126,10 +126,12 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
             raise EmbedderError(f"cannot load model file {path} ({first_line(exc, 100)}): train it again") from None
 
 
-def warm_up(model: Any, size: int) -> Any:
-    """Run ``model`` once on a blank ``size`` x ``size`` image (builds its graph; TensorFlow logs quieted)."""
+def warm_up(model: Any, size: int, batch: int = 1) -> Any:
+    """Run ``model`` once on one blank ``size`` x ``size`` image, and once on ``batch`` of them: builds its graph for a
+    single query and for a full batch (an ingest's first batch then pays no tracing); TensorFlow logs quieted."""
     with quiet_native_stderr():
-        model.predict_on_batch(np.zeros((1, size, size, 3), np.float32))
+        for n in sorted({1, batch}):
+            model.predict_on_batch(np.zeros((n, size, size, 3), np.float32))
     return model
 
 

@@ -105,13 +105,20 @@ class EmbedderSpec:
         return " bf16" if self.precision == "bfloat16" else ""
 
 
-def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> str:
-    """``bfloat16`` where the CPU computes it natively (AVX512-BF16 or AMX), else ``float32``.
+BF16_MAX_SIZE = 64  # bfloat16 is the default up to this input side only (measured: faster at 32 px, slower at 224 px)
 
-    On this project's 2-core AMD EPYC (Zen 4) bfloat16 VGG16 embeds 1.9x faster, and its vectors
+
+def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo", size: int | None = None) -> str:
+    """``bfloat16`` where the CPU computes it natively (AVX512-BF16 or AMX) and the input is digit-sized, else ``float32``.
+
+    On this project's 2-core AMD EPYC (Zen 4) bfloat16 VGG16 embeds 1.9x faster at 32 px, and its vectors
     agree with float32 ones to cosine >= 0.99998 (max abs difference 0.0013 on unit vectors);
-    docs/performance.md. Elsewhere bfloat16 is emulated and slower, so float32 stays the default there.
+    docs/performance.md. At 224 px every backbone measured slower in bfloat16 than in float32 there
+    (VGG16 4.6 against 5.1 images/s, EfficientNetV2-B0 30 against 42; docs/backbones.md), so inputs over
+    :data:`BF16_MAX_SIZE` default to float32. Elsewhere bfloat16 is emulated and slower: float32.
     """
+    if size is not None and size > BF16_MAX_SIZE:
+        return "float32"
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -155,7 +162,7 @@ def make_spec(
     model file). ``layer``/``pooling``: the backbone's defaults unless given (a layer is chosen for VGG16
     only). ``input_size``: the backbone's small size (32) unless given; :func:`default_input_size` gives
     the size by data. ``fit``: ``squash`` unless given. ``precision`` (backbones and trained models) is
-    ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision`.
+    ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision` (by the CPU and the input size).
     """
     if model not in MODELS:
         raise InputError(f"unknown embedder {model!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
@@ -185,7 +192,7 @@ def make_spec(
     _check_choice("--pooling", pooling, b.poolings)
     norm = normalize or "l2"
     _check_choice("--normalize", norm, NORMALIZATIONS)
-    prec = precision or default_precision()
+    prec = precision or default_precision(size=size)
     _check_choice("--precision", prec, PRECISIONS)
     dim = _dim(b, layer, pooling, size)
     sha = None
@@ -291,9 +298,9 @@ class PixelEmbedder:
 
 
 def predict_batch_size(size: int) -> int:
-    """Images per model call: 256 at digit sizes (28% faster than 128 here), 32 above 64 px (Keras's own benchmark
-    batch; activations of 256 photos at 224 px would take gigabytes)."""
-    return 256 if size <= 64 else 32
+    """Images per model call: 256 at digit sizes (28% faster than 128 here), 8 above 64 px (at 224 px every backbone
+    embedded fastest at 8 of 8, 32 and 64 here, docs/backbones.md; the activations stay in the caches)."""
+    return 256 if size <= 64 else 8
 
 
 class BackboneEmbedder:
@@ -311,7 +318,7 @@ class BackboneEmbedder:
         self.batch_size = batch_size or predict_batch_size(spec.input_size)
         from lookalike.backend import make_backbone, warm_up
 
-        self._model = warm_up(make_backbone(spec), spec.input_size)
+        self._model = warm_up(make_backbone(spec), spec.input_size, self.batch_size if spec.input_size > BF16_MAX_SIZE else 1)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:

@@ -14,6 +14,7 @@ weights), in a fresh child process each:
   default precision): images/s, and the decode and embed stages apart.
 
     python scripts/backbones.py --json docs/backbones.json
+    python scripts/backbones.py --backbones vgg16 --json docs/backbones.json   # measures vgg16 again, keeps the other rows
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     ap.add_argument("--batch-sizes", default="8,32,64", help="images per model call, comma-separated")
     ap.add_argument("--seconds", type=float, default=5.0, help="time spent on each measurement")
-    ap.add_argument("--photos", type=int, default=120, help="3000x2000 JPEGs for the end-to-end ingest (0: skip)")
+    ap.add_argument("--photos", type=int, default=480, help="3000x2000 JPEGs for the end-to-end ingest (0: skip)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lookalike-photos"))
     ap.add_argument("--json")
+    ap.add_argument("--photos-only", action="store_true", help="measure the end-to-end ingest only; keep --json's other figures")
     args = ap.parse_args()
     photos = None
     if args.photos:
@@ -103,8 +105,11 @@ def main() -> None:
     for name in args.backbones:
         b = BACKBONES[name]
         t = time.perf_counter()
-        row = child(EMBED_CHILD, name, str(args.seconds), args.batch_sizes)
-        row["measure_seconds"] = round(time.perf_counter() - t, 1)
+        if args.photos_only:
+            row = next(r for r in json.loads(Path(args.json).read_text())["rows"] if r["name"] == name)
+        else:
+            row = child(EMBED_CHILD, name, str(args.seconds), args.batch_sizes)
+            row["measure_seconds"] = round(time.perf_counter() - t, 1)
         for precision in ("float32", "bfloat16"):
             best = max((k for k in row["rates"] if k.startswith(precision)), key=lambda k: row["rates"][k])
             row[f"{precision}_images_per_s"] = row["rates"][best]
@@ -117,7 +122,9 @@ def main() -> None:
         row["top1"], row["knn"], row["sources"] = b.top1, b.knn, list(b.sources)
         if photos is not None:
             with tempfile.TemporaryDirectory() as db:
+                t = time.perf_counter()
                 row["photos"] = child(INGEST_CHILD, str(photos), name, db)
+                row["photos"]["command_seconds"] = time.perf_counter() - t  # the whole child: Python, TensorFlow, model, store
         rows.append(row)
         e2e = row.get("photos", {})
         print(
@@ -130,7 +137,12 @@ def main() -> None:
         )
     if args.json:
         machine = {"python": platform.python_version(), "machine": platform.machine(), "processor": _cpu()}
-        Path(args.json).write_text(json.dumps({"machine": machine, "photos": args.photos, "rows": rows}, indent=2) + "\n")
+        path = Path(args.json)
+        if path.is_file():  # a run of some backbones replaces their rows only
+            measured = {r["name"] for r in rows}
+            kept = [r for r in json.loads(path.read_text())["rows"] if r["name"] not in measured]
+            rows = sorted(kept + rows, key=lambda r: list(BACKBONES).index(r["name"]))
+        path.write_text(json.dumps({"machine": machine, "photos": args.photos, "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

@@ -47,6 +47,7 @@ def shown_ids(at: AppTest) -> list[str]:
 
 def test_search_by_id_shows_the_librarys_neighbours_and_filters_change_them(app_db: str) -> None:
     at = start(page="Search", id="mnist:test:0", k="6")
+    assert any("backbone **pixels**" in c.value for c in at.sidebar.caption)  # which network made the vectors
     with Gallery.open("digits", app_db) as g:
         assert shown_ids(at) == [h.id for h in search(g, id="mnist:test:0", k=6)]
         assert [w.label for w in at.multiselect] == ["labels", "filter on"] and at.slider[0].value == 6

@@ -56,6 +56,8 @@ def test_default_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
     info.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
     assert default_precision(info) == "float32"
     assert default_precision(tmp_path / "missing") == "float32"
+    info.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert default_precision(info, size=32) == "bfloat16" and default_precision(info, size=224) == "float32"  # photos: float32
 
 
 def test_pixel_embedder_is_deterministic_and_protocol_conformant() -> None:
