@@ -63,8 +63,8 @@ class Backbone:
     dim: int  # pooled output length (``flatten`` aside)
     pooling: str  # the default
     poolings: tuple[str, ...]
-    params: int
-    gflops: float  # per image at the native size (multiply-adds x 2), measured by scripts/backbones.py
+    params: int  # as built (at 224 px)
+    gflops: float  # per image at the native size (multiply and add counted apart): TensorFlow's profiler, scripts/backbones.py
     top1: float | None = None  # published ImageNet top-1 of the supervised model (its own linear classifier)
     knn: float | None = None  # published ImageNet k-NN accuracy on its frozen features
     keras_cpu_ms: float | None = None  # Keras's published CPU time per inference step (batch 32)
@@ -157,8 +157,8 @@ BACKBONES: dict[str, Backbone] = {
             512,
             "max",
             ("max", "avg", "flatten"),
-            14_714_688,
-            30.7,
+            7_635_264,  # (cut at block4_pool, the default layer)
+            27.9,
             top1=0.713,
             keras_cpu_ms=69.5,
             sources=(KERAS_TABLE,),
@@ -177,7 +177,7 @@ BACKBONES: dict[str, Backbone] = {
             "avg",
             ("avg", "max"),
             23_587_712,
-            7.7,
+            7.75,
             top1=0.749,
             keras_cpu_ms=58.2,
             sources=(KERAS_TABLE,),
@@ -194,7 +194,7 @@ BACKBONES: dict[str, Backbone] = {
             "avg",
             ("avg", "max"),
             5_919_312,
-            1.4,
+            1.46,
             top1=0.787,
             sources=(KERAS_TABLE,),
             keras_module="efficientnet_v2",
@@ -210,7 +210,7 @@ BACKBONES: dict[str, Backbone] = {
             "avg",
             ("avg", "max"),
             27_820_128,
-            8.9,
+            8.76,
             top1=0.813,
             sources=(KERAS_TABLE,),
             keras_module="convnext",
@@ -241,8 +241,8 @@ BACKBONES: dict[str, Backbone] = {
             384,
             "cls",
             ("cls", "avg"),
-            22_060_416,
-            11.1,
+            22_155_264,
+            11.12,
             knn=0.790,
             sources=("DINOv2 paper, arXiv:2304.07193, Table 4: ViT-S/14 distilled, ImageNet-1k k-NN 79.0%, linear 81.1%",),
             keras_module="imagenet_utils:torch",
@@ -254,7 +254,7 @@ BACKBONES: dict[str, Backbone] = {
         ),
     ]
 }
-PHOTO_DEFAULT = "efficientnetv2b0"  # chosen by measured speed at 224 px on this project's CPU (docs/backbones.md)
+PHOTO_DEFAULT = "mobilenetv3large"  # the fastest end to end at 224 px on this project's 2-core CPU, by far (docs/backbones.md)
 DIGIT_DEFAULT = "vgg16"  # the card's model, measured on digits since the first release
 
 

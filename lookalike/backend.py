@@ -127,11 +127,12 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
 
 
 def warm_up(model: Any, size: int, batch: int = 1) -> Any:
-    """Run ``model`` once on one blank ``size`` x ``size`` image, and once on ``batch`` of them: builds its graph for a
-    single query and for a full batch (an ingest's first batch then pays no tracing); TensorFlow logs quieted."""
+    """Run ``model`` once on one blank ``size`` x ``size`` image (builds its graph; TensorFlow's logs quieted), then once
+    on ``batch`` of them (an ingest's first batch then pays no tracing; outside the quiet, which holds a global lock)."""
     with quiet_native_stderr():
-        for n in sorted({1, batch}):
-            model.predict_on_batch(np.zeros((n, size, size, 3), np.float32))
+        model.predict_on_batch(np.zeros((1, size, size, 3), np.float32))
+    if batch > 1:
+        model.predict_on_batch(np.zeros((batch, size, size, 3), np.float32))
     return model
 
 

@@ -52,7 +52,7 @@ EmbedderOpt = Annotated[
     Optional[str],
     typer.Option(
         help="vgg16, resnet50, efficientnetv2b0, convnext_tiny, mobilenetv3large, dinov2_small or pixels (`lookalike models`) "
-        "[default: vgg16 for digit-sized images, efficientnetv2b0 for photos; an existing collection: its own]"
+        "[default: vgg16 for digit-sized images, mobilenetv3large for photos; an existing collection: its own]"
     ),
 ]
 MaxPixelsOpt = Annotated[

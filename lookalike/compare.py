@@ -31,6 +31,7 @@ from lookalike.gallery import Gallery
 from lookalike.ingest import Progress, ingest
 from lookalike.store import Store
 
+LEGACY = {"fit": "squash", "decode": 2}  # spec fields added later, at the values earlier releases always used
 SPEC_KEYS = {
     "weights": str,
     "layer": str,
@@ -102,7 +103,7 @@ def _by_data(options: dict[str, Any], photos: bool) -> dict[str, Any]:
     out = dict(options)
     if size is not None and "input_size" not in out:
         out["input_size"] = size
-    if photos and "fit" not in out:
+    if photos and "fit" not in out and out["model"] != "keras":  # (a trained model squashes, as `ingest --model` does)
         out["fit"] = PHOTO_FIT
     return out
 
@@ -119,7 +120,8 @@ def collection_name(dataset: str, spec_text: str, spec: EmbedderSpec, protocol: 
     protocol (weights, seed, precision, source file, folder root, limit, hold-out...) follows, so a
     later comparison with other weights or another source never meets a collection of the same name.
     """
-    digest = hashlib.sha256(json.dumps([spec.to_dict(), protocol], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    described = {k: v for k, v in spec.to_dict().items() if LEGACY.get(k, object()) != v}  # (names of earlier releases kept)
+    digest = hashlib.sha256(json.dumps([described, protocol], sort_keys=True, default=str).encode()).hexdigest()[:10]
     readable = re.sub(r"[^a-zA-Z0-9._-]+", "-", f"cmp-{dataset}-{spec_text}").strip("-._")[:80]
     return f"{readable}-{digest}"
 
@@ -152,7 +154,7 @@ def compare(
     ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
     photos = ds.photos()
     specs = [(text, make_spec(**_by_data(options, photos))) for text, options in parsed]
-    ds.decode_size = min(s.input_size for _, s in specs)
+    ds.decode_size = min(s.decode_side for _, s in specs)
     sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if isinstance(im, np.ndarray)]
     proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"
     report = CompareReport(ds.name, proto, k)

@@ -99,7 +99,7 @@ class Dataset:
     read_one: Callable[[Item], np.ndarray | Unreadable] | None = field(default=None, repr=False)  # files: one at a time
     skipped_links: list[str] = field(default_factory=list)  # symbolic links out of a folder, not followed
     outside_labels: list[str] = field(default_factory=list)  # images at the root of a labelled folder, not stored
-    decode_size: int | None = None  # files: decoded straight to about this side (the embedder's; set once it is known)
+    decode_size: int | None = None  # files: decoded straight to about this side (the embedder's decode_side, once known)
 
     def photos(self, sample: int = 25) -> bool:
         """Whether this dataset's images are photo-sized, not digit-sized: a folder whose sampled files' shorter sides
@@ -161,7 +161,7 @@ def load_dataset(
     root; images at the root itself (or ``labels=False``) make an unlabelled folder, every image
     below the root then an item. Folder images over ``max_pixels`` (default:
     Pillow's limit) load as :class:`~lookalike.images.Unreadable` ``too-large``; ``decode_size`` (the
-    embedder's input side) lets large files decode straight to about that size. Symbolic links in a
+    embedder's ``decode_side``) lets large files decode straight to about that size. Symbolic links in a
     folder that point outside it are not followed (listed in ``skipped_links``) unless ``follow_links``.
     """
     if name not in DATASETS:

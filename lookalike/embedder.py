@@ -68,6 +68,7 @@ class EmbedderSpec:
     preprocessing: str = ""
     precision: str = "float32"  # "bfloat16": Keras mixed_bfloat16 (float32 weights, bf16 compute)
     fit: str = "squash"  # (records of earlier releases have none: they squashed)
+    decode: int = 2  # files are decoded to at least decode x input_size (records of earlier releases: 2, always)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +77,11 @@ class EmbedderSpec:
     def from_dict(cls, d: dict[str, Any]) -> EmbedderSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def decode_side(self) -> int:
+        """The least side an image file is decoded to for this embedder (:func:`lookalike.images.read_image`'s ``size``)."""
+        return self.input_size * self.decode
 
     @property
     def backbone(self) -> str:
@@ -130,6 +136,17 @@ def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo", size: i
     return "float32"
 
 
+PHOTO_DECODE = 112  # from this input side up, files are decoded to the side itself, not twice it
+
+
+def decode_factor(size: int) -> int:
+    """How much larger than the input side a file is decoded: twice for digit-sized inputs (the bilinear resize then has
+    pixels to average; what collections at 32 px were made with), the side itself from :data:`PHOTO_DECODE` up (a
+    3000x2000 JPEG at 224 px decodes at 1/8 scale, 375x250: the reduced-scale DCT already averages each 8x8 block,
+    and the 1/4 decode it spares costs twice the time). Recorded in the spec, so a collection keeps its rule."""
+    return 1 if size >= PHOTO_DECODE else 2
+
+
 def default_embedder(photos: bool) -> str:
     """The ``--embedder`` when none is given: VGG16 for digit-sized data (the card's), the measured photo default else."""
     return PHOTO_DEFAULT if photos else DIGIT_DEFAULT
@@ -155,13 +172,15 @@ def make_spec(
     seed: int = 0,
     precision: str | None = None,
     fit: str | None = None,
+    decode: int | None = None,
 ) -> EmbedderSpec:
     """Validate options and compute the dimension, without importing TensorFlow.
 
     ``model``: a backbone name (``lookalike models``), ``pixels`` or ``keras`` (``weights`` is then the
     model file). ``layer``/``pooling``: the backbone's defaults unless given (a layer is chosen for VGG16
     only). ``input_size``: the backbone's small size (32) unless given; :func:`default_input_size` gives
-    the size by data. ``fit``: ``squash`` unless given. ``precision`` (backbones and trained models) is
+    the size by data. ``fit``: ``squash`` unless given. ``decode``: files are decoded to at least ``decode`` x the
+    input size (default: :func:`decode_factor`). ``precision`` (backbones and trained models) is
     ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision` (by the CPU and the input size).
     """
     if model not in MODELS:
@@ -170,8 +189,10 @@ def make_spec(
     _check_choice("--fit", fit, FITS)
     if model == "keras":
         return dataclasses.replace(model_spec(weights), fit=fit)
+    if decode is not None and decode not in (1, 2):
+        raise InputError(f"decode must be 1 or 2, got {decode}")
     if model == "pixels":
-        options = (("weights", weights), ("layer", layer), ("pooling", pooling))
+        options = (("weights", weights), ("layer", layer), ("pooling", pooling), ("precision", precision))
         unused = [f"--{k}" for k, v in options if v not in (None, "imagenet", "none")]
         if unused:
             raise InputError(f"the pixels embedder takes no {', '.join(unused)}: leave it out, or choose a backbone with --embedder")
@@ -180,7 +201,9 @@ def make_spec(
             raise InputError(f"--input-size must be positive, got {size}")
         norm = normalize or "none"
         _check_choice("--normalize", norm, NORMALIZATIONS)
-        return EmbedderSpec("pixels", "none", "pixels", "flatten", norm, size, seed, None, size * size, PREPROCESSING["pixels"], fit=fit)
+        return EmbedderSpec(
+            "pixels", "none", "pixels", "flatten", norm, size, seed, None, size * size, PREPROCESSING["pixels"], fit=fit, decode=decode or 2
+        )
     b = get_backbone(model)
     size = b.small_size if input_size is None else input_size
     b.check_size(size)
@@ -204,7 +227,8 @@ def make_spec(
                 "or --weights imagenet / --weights random"
             )
         weights, sha = str(p.resolve()), file_sha256(p)
-    return EmbedderSpec(model, weights, layer, pooling, norm, size, seed, sha, dim, b.preprocessing, prec, fit)
+    decode = decode or decode_factor(size)
+    return EmbedderSpec(model, weights, layer, pooling, norm, size, seed, sha, dim, b.preprocessing, prec, fit, decode)
 
 
 def _dim(b: Backbone, layer: str, pooling: str, size: int) -> int:
@@ -358,7 +382,7 @@ class KerasModelEmbedder:
         check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
         from lookalike.backend import load_keras_model, warm_up
 
-        self._model = warm_up(load_keras_model(path), spec.input_size)
+        self._model = warm_up(load_keras_model(path), spec.input_size, self.batch_size if spec.input_size > BF16_MAX_SIZE else 1)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:

@@ -235,7 +235,7 @@ class Gallery:
                     f"the image is too large ({w}x{h} = {w * h:,} pixels, over the limit of {self.max_pixels:,}): shrink it"
                 )
             return as_image_array(image)
-        return open_image(image, self.max_pixels, self.record.embedder.input_size, name=name)  # read as ingest reads it
+        return open_image(image, self.max_pixels, self.record.embedder.decode_side, name=name)  # read as ingest reads it
 
     # -- stored items --------------------------------------------------------------------------------
 

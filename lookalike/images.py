@@ -75,8 +75,8 @@ def read_image(
     """One image file (or the bytes of one, called ``name`` in messages) as ``uint8`` (H, W) grey or (H, W, 3) RGB,
     or :class:`Unreadable` (never raises on a bad file).
 
-    ``size``: the side the embedder resizes to. The file is then decoded straight to about
-    :func:`decode_side` (twice a digit-sized ``size``, photo sizes themselves): JPEG by Pillow's draft
+    ``size``: the least side to decode to (an embedder's ``EmbedderSpec.decode_side``: twice a digit-sized
+    input, a photo-sized input itself). The file is then decoded straight to about that side: JPEG by Pillow's draft
     mode (a reduced-scale DCT decode, up to 8x smaller on each side), other formats by an integer box
     reduction right after decoding, never below that side on either side; no full-resolution array
     leaves this function. Read right whatever the form: the EXIF orientation is applied (a phone photo
@@ -102,8 +102,7 @@ def read_image(
                 return Unreadable(str(p), "too-large", f"{w}x{h} = {w * h:,} pixels, over the limit of {limit:,}")
             orientation = _orientation(im)
             if size and im.format in ("JPEG", "MPO"):  # MPO: the multi-picture JPEG many phones write
-                side = decode_side(size)
-                im.draft(None, (side, side))  # decode at 1/2, 1/4 or 1/8 scale, still >= side on both sides
+                im.draft(None, (size, size))  # decode at 1/2, 1/4 or 1/8 scale, still >= size on both sides
             im.load()
             return _to_array(_normal_mode(im, size), orientation)
     except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused before the size is known
@@ -237,26 +236,14 @@ def _normal_mode(im: Any, size: int | None) -> Any:
     return _reduced(im, size)
 
 
-PHOTO_DECODE = 112  # from this side up, a file is decoded to the side itself, not twice it
-
-
-def decode_side(size: int) -> int:
-    """The least side a file is decoded to for an embedder of input ``size``: twice it for digit-sized inputs (so its
-    bilinear resize has pixels to average; what collections at 32 px were made with), the size itself from
-    :data:`PHOTO_DECODE` up (a 3000x2000 JPEG at 224 px then decodes at 1/8 scale, 375x250: the reduced-scale DCT
-    already averages every 8x8 block, and the 1/4 decode it spares costs twice the time)."""
-    return size if size >= PHOTO_DECODE else 2 * size
-
-
 def _reduced(im: Any, size: int | None) -> Any:
-    """``im`` shrunk by the largest whole factor that keeps both sides >= :func:`decode_side` (box filter).
+    """``im`` shrunk by the largest whole factor that keeps both sides >= ``size`` (box filter).
 
     An image already below that (a 28 px digit) is untouched, so a file of a stored array reads back as that array.
     """
     if not size:
         return im
-    side = decode_side(size)
-    factor = min(im.width // side, im.height // side)
+    factor = min(im.width // size, im.height // size)
     return im.reduce(factor) if factor >= 2 else im
 
 
@@ -298,7 +285,7 @@ def as_image_array(image: Any) -> np.ndarray:
     return img
 
 
-PAD_COLOUR = (124, 116, 104)  # the ImageNet mean (0.485, 0.456, 0.406) x 255: zero after every backbone's normalisation
+PAD_COLOUR = (124, 116, 104)  # the ImageNet mean (0.485, 0.456, 0.406) x 255: about zero after ImageNet normalisation
 
 
 def square(pil: Any, fit: str) -> Any:

@@ -20,10 +20,22 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.backbones import BACKBONES, require_hub
 from lookalike.catalogue import FINGERPRINT_KEYS, Plan, merge_labels
 from lookalike.catalogue import plan as plan_sync
 from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
-from lookalike.embedder import PHOTO_FIT, Embedder, EmbedderSpec, build_embedder, default_embedder, default_input_size, make_spec
+from lookalike.embedder import (
+    FITS,
+    MODELS,
+    PHOTO_FIT,
+    PRECISIONS,
+    Embedder,
+    EmbedderSpec,
+    build_embedder,
+    default_embedder,
+    default_input_size,
+    make_spec,
+)
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.filters import _same
 from lookalike.gallery import Gallery
@@ -189,6 +201,7 @@ def ingest(
         "fit": fit,
     }
     model_obj: Embedder | None = None if embedder is None or isinstance(embedder, str) else embedder  # (built when needed)
+    check_options(embedder if isinstance(embedder, str) else None, fit, precision)  # before the dataset is read
     name = collection or dataset
     check_name(name)
     own = store is None
@@ -223,7 +236,9 @@ def ingest(
             spec = model_obj.spec
         else:
             spec = resolve_spec(embedder, model, options, gallery.record.embedder if gallery is not None else None, ds)
-        ds.decode_size = spec.input_size
+        ds.decode_size = spec.decode_side
+        if spec.model in BACKBONES and BACKBONES[spec.model].extra == "hub":
+            require_hub(spec.model)  # here, before a store is made or Ray workers fail one by one
         record = Record(spec, ds.protocol, ds.label_names)
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
         if ds.living:
@@ -273,6 +288,16 @@ def ingest(
     return report
 
 
+def check_options(embedder: str | None, fit: str | None, precision: str | None) -> None:
+    """The embedder options that can be checked without the data or the collection (InputError naming the choices)."""
+    if embedder is not None and embedder not in MODELS:
+        raise InputError(f"unknown embedder {embedder!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
+    if fit is not None and fit not in FITS:
+        raise InputError(f"--fit {fit!r} is not one of {', '.join(FITS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
 def resolve_spec(
     embedder: str | None, model: str | None, options: dict[str, Any], recorded: EmbedderSpec | None, ds: Dataset
 ) -> EmbedderSpec:
@@ -283,16 +308,28 @@ def resolve_spec(
     size, cropped to their centre square; digit-sized images VGG16 at 32 px, squashed as always. Weights
     default to ``imagenet``."""
     given = {k: v for k, v in options.items() if v is not None}
-    if model is not None:
-        return make_spec("keras", weights=model, fit=given.get("fit"))
+    trained = model is not None or (recorded is not None and recorded.model == "keras" and embedder in (None, "keras"))
+    if trained:  # a model file is its own embedder: only how images are made square may be chosen
+        extra = sorted(set(given) - {"fit", "seed"}) + (["embedder"] if model is not None and embedder else [])
+        if extra:
+            raise InputError(f"a model written by `lookalike train` takes no {', '.join('--' + k.replace('_', '-') for k in extra)}")
+        if model is not None:
+            return make_spec("keras", weights=model, fit=given.get("fit"))
+        assert recorded is not None
+        return replace(recorded, fit=given.get("fit", recorded.fit))  # (the file is checked when it is loaded)
     if recorded is not None and embedder in (None, recorded.model):
         given = {k: v for k, v in given.items() if v != getattr(recorded, k)}  # (what the record says: nothing to check)
-        if not given or recorded.model == "keras":
-            return recorded if not given else make_spec("keras", weights=recorded.weights, fit=given.get("fit", recorded.fit))
+        if recorded.weights != "random" and given.get("weights", recorded.weights) != "random":
+            given.pop("seed", None)  # the seed draws random weights (and the split): without them it makes no other embedder
+        if not given:
+            return recorded
         keep = ("normalize", "input_size", "seed", "fit")
         if recorded.model != "pixels":
             keep += ("weights", "layer", "pooling", "precision")
-        return make_spec(recorded.model, **{**{k: getattr(recorded, k) for k in keep}, **given})
+        base = {k: getattr(recorded, k) for k in keep}
+        if "input_size" not in given:
+            base["decode"] = recorded.decode  # (a collection of an earlier release decodes as it always did)
+        return make_spec(recorded.model, **{**base, **given})
     photos = ds.photos()
     name = embedder or default_embedder(photos)
     size = default_input_size(name, photos)
@@ -662,7 +699,6 @@ def sync(
             "folder",
             relocate or str(p["root"]),
             limit=p.get("limit"),
-            seed=int(p.get("seed") or 0),
             batch_size=batch_size,
             max_pixels=max_pixels,
             follow_links=bool(p.get("follow_links")),

@@ -122,7 +122,7 @@ class _EmbedBatches:
         try:
             if self.source_error:
                 raise InputError(self.source_error)
-            images = stored_pixels(self.protocol, metas, self.max_pixels, decode_size=self.spec.input_size)
+            images = stored_pixels(self.protocol, metas, self.max_pixels, decode_size=self.spec.decode_side)
         except LookalikeError as exc:  # the source is not there (on this node): every item of the batch
             return {
                 "id": np.array(ids),

@@ -100,7 +100,7 @@ def train(
     if not (0 <= margin < 1 and 0 <= dropout < 1):
         raise InputError(f"margin ({margin}) and dropout ({dropout}) must be in [0, 1)")
     spec = make_spec("vgg16", weights=weights, layer=layer, input_size=input_size, seed=seed, precision=precision)  # validates weights
-    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, decode_size=input_size)
+    ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, decode_size=spec.decode_side)
     started = time.perf_counter()
     x, y, n_read = _read_train_items(ds, input_size)
     if len(np.unique(y)) < 2:

@@ -16,7 +16,7 @@ from lookalike.cli import app
 from lookalike.embedder import EmbedderSpec, build_embedder, default_input_size, make_spec
 from lookalike.errors import EmbedderError, InputError, MismatchError
 from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, sync
+from lookalike.ingest import ingest, resolve_spec, sync
 from lookalike.search import search
 from lookalike.store import Store
 
@@ -90,10 +90,15 @@ def built() -> dict[str, object]:
 PICTURES = [photo(3), photo(4, (40, 70))]
 
 
-def test_each_backbone_embeds_unit_vectors_and_normalises_inside(built: dict) -> None:
+FAST = ("mobilenetv3large", "efficientnetv2b0")  # the fast suite builds these two (the photo default among them)
+
+
+@pytest.mark.parametrize("names", [pytest.param(FAST, id="fast"), pytest.param(tuple(BACKBONES), id="all", marks=pytest.mark.slow)])
+def test_each_backbone_embeds_unit_vectors_and_normalises_inside(names: tuple[str, ...]) -> None:
     """Every backbone gives finite unit vectors of its length that tell pictures apart, the same for a picture alone or in
     a batch; the models that take 0-255 rescale it in their first layers."""
-    for name, emb in built.items():
+    for name in names:
+        emb = build_embedder(make_spec(name, weights="random", seed=0, precision="float32"))
         v = emb.embed(PICTURES)
         assert v.shape == (2, emb.spec.dim) and np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
         assert np.abs(v[0] - v[1]).max() > 1e-3, name  # not a constant function
@@ -168,7 +173,8 @@ def test_a_photo_folder_gets_224_crop_and_reuses_its_embedder(tmp_path: Path, db
     again = ingest("folder", str(tmp_path / "photos"), db=db)  # nothing repeated
     assert sum(again.added.values()) == 1 and again.embedder == spec.describe()
     assert sum(sync("folder", db).added.values()) == 0
-    with pytest.raises(MismatchError, match=r"224px crop 1280d\], not \[.*224px pad 1280d\]"):
+    dim = BACKBONES[PHOTO_DEFAULT].dim
+    with pytest.raises(MismatchError, match=rf"224px crop {dim}d\], not \[.*224px pad {dim}d\]"):
         ingest("folder", str(tmp_path / "photos"), fit="pad", db=db)
     with Store(db) as store:
         assert store.open("folder").count() == 5
@@ -204,3 +210,24 @@ def test_a_collection_of_an_earlier_release_reopens_and_syncs(tmp_path: Path, db
         assert g.record.embedder.fit == "squash" and g.record.embedder.input_size == 32
         hits = search(g, image=paths[2], k=1)
         assert hits[0].id == "folder:p2.jpg" and hits[0].distance < 1e-6
+
+
+def test_resolve_spec_reuses_the_record_and_refuses_what_differs() -> None:
+    """Without the data (no record needed it): options equal to the record, or a seed that draws nothing, give the
+    record itself; a trained model takes no backbone option; a differing option gives another spec (refused later)."""
+    pixels = make_spec("pixels", seed=0)
+    assert resolve_spec(None, None, {"seed": 1}, pixels, None) is pixels  # a split seed makes no other pixel embedder
+    vgg = make_spec("vgg16", weights="imagenet")
+    assert resolve_spec(None, None, {"seed": 3, "weights": "imagenet", "input_size": 32}, vgg, None) is vgg
+    assert resolve_spec(None, None, {"pooling": "avg"}, vgg, None).pooling == "avg"
+    rand = make_spec("vgg16", weights="random", seed=0)
+    assert resolve_spec(None, None, {"seed": 1}, rand, None).seed == 1  # random weights: another embedder
+    old = EmbedderSpec.from_dict({k: v for k, v in make_spec("vgg16", weights="random", input_size=224).to_dict().items() if k != "decode"})
+    assert resolve_spec(None, None, {"normalize": "none"}, old, None).decode == 2  # an earlier release's rule is kept
+    trained = EmbedderSpec("keras", "/models/digits.keras", "vgg16 block4_pool + dense", "none", "l2", 32, 0, "ab", 128)
+    assert resolve_spec(None, None, {"seed": 5}, trained, None) == trained
+    assert resolve_spec(None, None, {"fit": "crop"}, trained, None).fit == "crop"
+    with pytest.raises(InputError, match="takes no --input-size"):
+        resolve_spec(None, None, {"input_size": 64}, trained, None)
+    with pytest.raises(InputError, match="takes no --pooling, --embedder"):
+        resolve_spec("resnet50", "/models/digits.keras", {"pooling": "avg"}, None, None)

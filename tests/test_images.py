@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lookalike.errors import InputError, TooLargeError
-from lookalike.images import PAD_COLOUR, PILLOW_MAX_PIXELS, Unreadable, decode_side, default_max_pixels, open_image, read_image, resize
+from lookalike.images import PAD_COLOUR, PILLOW_MAX_PIXELS, Unreadable, default_max_pixels, open_image, read_image, resize
 
 
 def test_grey_colour_palette_and_16_bit(tmp_path: Path) -> None:
@@ -145,14 +145,14 @@ def test_large_files_are_decoded_near_the_embedder_size(tmp_path: Path) -> None:
     Image.fromarray(photo).save(tmp_path / "p.jpg", quality=90)
     Image.fromarray(photo).save(tmp_path / "p.png")
     for name, most in (("p.jpg", 1800 // 8), ("p.png", 1800 // 18 + 1)):
-        got = read_image(tmp_path / name, size=32)
+        got = read_image(tmp_path / name, size=64)  # (a 32 px embedder decodes to twice its side)
         assert got.shape[0] >= 64 and got.shape[1] >= 64 and got.shape[1] <= most, (name, got.shape)
     small = np.zeros((28, 28), np.uint8)
     Image.fromarray(small).save(tmp_path / "digit.png")
-    assert read_image(tmp_path / "digit.png", size=8).shape == (28, 28)  # below 2 x size: as stored
+    assert read_image(tmp_path / "digit.png", size=16).shape == (28, 28)  # below the decode side: as stored
     full = read_image(tmp_path / "p.jpg")
     assert full.shape == (1200, 1800, 3)
-    assert read_image(tmp_path / "p.jpg", size=32).shape == read_image(tmp_path / "p.jpg", size=32).shape  # deterministic
+    assert read_image(tmp_path / "p.jpg", size=64).shape == read_image(tmp_path / "p.jpg", size=64).shape  # deterministic
 
 
 def test_mpo_phone_jpegs_are_drafted_too(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_mpo_phone_jpegs_are_drafted_too(tmp_path: Path) -> None:
     big.save(tmp_path / "a.mpo", format="MPO", save_all=True, append_images=[big])
     with Image.open(tmp_path / "a.mpo") as im:
         assert im.format == "MPO"
-    got = read_image(tmp_path / "a.mpo", size=32)
+    got = read_image(tmp_path / "a.mpo", size=64)
     assert 64 <= got.shape[0] <= 1200 // 4 and int(got.mean()) == pytest.approx(120, abs=2)
 
 
@@ -175,7 +175,7 @@ def test_bytes_read_as_the_file_reads(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 255, (300, 200, 3), dtype=np.uint8)).save(tmp_path / "a.jpg", quality=90)
     data = (tmp_path / "a.jpg").read_bytes()
-    assert np.array_equal(read_image(data, size=32), read_image(tmp_path / "a.jpg", size=32))
+    assert np.array_equal(read_image(data, size=64), read_image(tmp_path / "a.jpg", size=64))
     bad = read_image(b"GIF89a nonsense", name="the upload x.gif")
     assert isinstance(bad, Unreadable) and bad.reason == "unreadable" and "cannot read the upload x.gif" in bad.message()
     Image.new("1", (12_000, 12_000)).save(tmp_path / "bomb.png")
@@ -203,11 +203,17 @@ def test_fit_squash_crop_and_pad() -> None:
 
 def test_photo_sizes_decode_to_the_size_itself(tmp_path: Path) -> None:
     """From 112 px up a JPEG is decoded to no less than the embedder's side (not twice it): a 1600x1200 photo at 224 px
-    comes out at 1/4 scale (400x300); at 32 px, as before, at 1/8 then halved (100x75, both sides >= 64)."""
-    assert decode_side(32) == 64 and decode_side(224) == 224
+    comes out at 1/4 scale (400x300); at 32 px, as before, at 1/8 then halved (100x75, both sides >= 64). A record of an
+    earlier release (no ``decode``) keeps twice the side at any size."""
+    from lookalike.embedder import EmbedderSpec, make_spec
+
+    new, digits = make_spec("resnet50", weights="random", input_size=224), make_spec("vgg16", weights="random")
+    old = EmbedderSpec.from_dict({k: v for k, v in make_spec("vgg16", weights="random", input_size=224).to_dict().items() if k != "decode"})
+    assert (new.decode_side, digits.decode_side, old.decode_side) == (224, 64, 448)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "p.jpg", quality=85)
-    assert read_image(tmp_path / "p.jpg", size=224).shape == (300, 400, 3)
-    assert read_image(tmp_path / "p.jpg", size=32).shape == (75, 100, 3)
+    assert read_image(tmp_path / "p.jpg", size=new.decode_side).shape == (300, 400, 3)
+    assert read_image(tmp_path / "p.jpg", size=digits.decode_side).shape == (75, 100, 3)
+    assert read_image(tmp_path / "p.jpg", size=old.decode_side).shape == (600, 800, 3)  # as that collection was read
     Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), dtype=np.uint8)).save(tmp_path / "p.png")
-    assert read_image(tmp_path / "p.png", size=224).shape == (240, 320, 3)  # reduce(5): both sides still >= 224
+    assert read_image(tmp_path / "p.png", size=new.decode_side).shape == (240, 320, 3)  # reduce(5): both sides still >= 224

@@ -28,7 +28,7 @@ def photos(tmp_path: Path) -> Path:
 
 
 def test_batches_come_in_order_decoded_near_the_embedder_size(photos: Path) -> None:
-    ds = load_dataset("folder", photos, decode_size=32)
+    ds = load_dataset("folder", photos, decode_size=64)
     batches = list(read_batches(ds, ds.items, 5, workers=3))
     assert [it for b in batches for it in b.items] == ds.items
     assert [len(b.items) for b in batches] == [5, 5, 5, 5, 4]
@@ -41,7 +41,7 @@ def test_batches_come_in_order_decoded_near_the_embedder_size(photos: Path) -> N
 
 
 def test_decoding_runs_ahead_in_bounded_memory(photos: Path) -> None:
-    ds = load_dataset("folder", photos, decode_size=32)
+    ds = load_dataset("folder", photos, decode_size=64)
     started: list[int] = []
     real = ds.read_one
 
@@ -60,7 +60,7 @@ def test_decoding_runs_ahead_in_bounded_memory(photos: Path) -> None:
 
 
 def test_a_failing_reader_raises_in_the_consumer(photos: Path) -> None:
-    ds = load_dataset("folder", photos, decode_size=32)
+    ds = load_dataset("folder", photos, decode_size=64)
 
     def broken(it: object) -> object:
         raise MemoryError("no room")
