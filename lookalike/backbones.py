@@ -24,6 +24,7 @@ from lookalike.errors import EmbedderError, InputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, as torchvision and keras.applications' "torch" mode use
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HUB_EXTRA = "pip install 'lookalike[hub]'"
+EXTRA_MODULES = {"hub": "keras_hub"}  # a backbone's pip extra -> the module it installs
 
 
 def _caffe(rgb: np.ndarray) -> np.ndarray:
@@ -77,6 +78,15 @@ class Backbone:
     extra: str | None = None  # the pip extra that installs what it needs, when not in lookalike's own dependencies
     layers: tuple[str, ...] = ()  # a VGG16 cut may be chosen; others give their last features
     default_layer: str = "features"
+
+    def check_installed(self) -> None:
+        """EmbedderError naming the pip extra when what this backbone needs is not installed (found without importing
+        it: a sync with nothing to embed loads no TensorFlow)."""
+        import importlib.util
+
+        if self.extra and importlib.util.find_spec(EXTRA_MODULES[self.extra]) is None:
+            needs = EXTRA_MODULES[self.extra].replace("_", "-")
+            raise EmbedderError(f"the {self.name} backbone needs {needs}: pip install 'lookalike[{self.extra}]'")
 
     def check_size(self, size: int) -> None:
         """InputError naming a valid side when ``size`` is not one."""

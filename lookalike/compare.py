@@ -23,7 +23,7 @@ import numpy as np
 
 from lookalike.backbones import BACKBONES
 from lookalike.datasets import load_dataset
-from lookalike.embedder import PHOTO_FIT, EmbedderSpec, build_embedder, default_input_size, make_spec
+from lookalike.embedder import EmbedderSpec, build_embedder, defaults_by_data, make_spec
 from lookalike.errors import InputError, MismatchError, StoreError
 from lookalike.evaluate import evaluate
 from lookalike.explore import read_points
@@ -97,17 +97,6 @@ def parse_spec(text: str, default_weights: str = "imagenet", seed: int = 0) -> d
     return options
 
 
-def _by_data(options: dict[str, Any], photos: bool) -> dict[str, Any]:
-    """A SPEC's options with the input size (and, for photos, the fit) the data calls for, unless it named them."""
-    size = default_input_size(options["model"], photos)
-    out = dict(options)
-    if size is not None and "input_size" not in out:
-        out["input_size"] = size
-    if photos and "fit" not in out and out["model"] != "keras":  # (a trained model squashes, as `ingest --model` does)
-        out["fit"] = PHOTO_FIT
-    return out
-
-
 def _count(value: float | None) -> str:
     """``1000.0`` -> ``"1000"``; fractions stay as they are."""
     return str(int(value)) if value is not None and float(value).is_integer() else str(value)
@@ -153,7 +142,7 @@ def compare(
         make_spec(**options)  # every SPEC checked before anything is read
     ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed)
     photos = ds.photos()
-    specs = [(text, make_spec(**_by_data(options, photos))) for text, options in parsed]
+    specs = [(text, make_spec(**defaults_by_data(options, photos))) for text, options in parsed]
     ds.decode_size = min(s.decode_side for _, s in specs)
     sample_images = [im for im in ds.load(ds.items[: THROUGHPUT_SAMPLE + 8]) if isinstance(im, np.ndarray)]
     proto = "official split" if ds.protocol.get("mode") == "official" else f"limit={limit}, test_size={_count(test_size)}, seed={seed}"

@@ -111,7 +111,7 @@ class EmbedderSpec:
         return " bf16" if self.precision == "bfloat16" else ""
 
 
-BF16_MAX_SIZE = 64  # bfloat16 is the default up to this input side only (measured: faster at 32 px, slower at 224 px)
+DIGIT_INPUT = 64  # inputs up to this side are digit-sized: bfloat16 by default, 256 images a model call, warmed at 1
 
 
 def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo", size: int | None = None) -> str:
@@ -121,9 +121,9 @@ def default_precision(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo", size: i
     agree with float32 ones to cosine >= 0.99998 (max abs difference 0.0013 on unit vectors);
     docs/performance.md. At 224 px every backbone measured slower in bfloat16 than in float32 there
     (VGG16 4.6 against 5.1 images/s, EfficientNetV2-B0 30 against 42; docs/backbones.md), so inputs over
-    :data:`BF16_MAX_SIZE` default to float32. Elsewhere bfloat16 is emulated and slower: float32.
+    :data:`DIGIT_INPUT` default to float32. Elsewhere bfloat16 is emulated and slower: float32.
     """
-    if size is not None and size > BF16_MAX_SIZE:
+    if size is not None and size > DIGIT_INPUT:
         return "float32"
     try:
         with open(cpuinfo) as f:
@@ -161,6 +161,19 @@ def default_input_size(model: str, photos: bool) -> int | None:
     return b.native_size if photos else b.small_size
 
 
+def defaults_by_data(options: dict[str, Any], photos: bool) -> dict[str, Any]:
+    """``options`` (``model`` and the given make_spec keywords) with what the data calls for where not given: the
+    backbone's native size for photos, its small size for digits, and ``fit=crop`` for photos (not for a trained
+    model, which squashes as it was trained)."""
+    out = dict(options)
+    size = default_input_size(out["model"], photos)
+    if size is not None and "input_size" not in out:
+        out["input_size"] = size
+    if photos and "fit" not in out and out["model"] != "keras":
+        out["fit"] = PHOTO_FIT
+    return out
+
+
 def make_spec(
     model: str = "vgg16",
     *,
@@ -183,10 +196,8 @@ def make_spec(
     input size (default: :func:`decode_factor`). ``precision`` (backbones and trained models) is
     ``float32`` or ``bfloat16``; ``None`` picks :func:`default_precision` (by the CPU and the input size).
     """
-    if model not in MODELS:
-        raise InputError(f"unknown embedder {model!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
     fit = fit or "squash"
-    _check_choice("--fit", fit, FITS)
+    check_options(model, fit)
     if model == "keras":
         return dataclasses.replace(model_spec(weights), fit=fit)
     if decode is not None and decode not in (1, 2):
@@ -279,6 +290,17 @@ def read_model_description(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(desc)
 
 
+def check_options(model: str | None = None, fit: str | None = None, precision: str | None = None) -> None:
+    """The embedder options that can be checked without data or a collection (given ones only): InputError naming the
+    choices."""
+    if model is not None and model not in MODELS:
+        raise InputError(f"unknown embedder {model!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
+    if fit is not None:
+        _check_choice("--fit", fit, FITS)
+    if precision is not None:
+        _check_choice("--precision", precision, PRECISIONS)
+
+
 def _check_choice(option: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise InputError(f"{option} {value!r} is not one of {', '.join(choices)}")
@@ -324,7 +346,7 @@ class PixelEmbedder:
 def predict_batch_size(size: int) -> int:
     """Images per model call: 256 at digit sizes (28% faster than 128 here), 8 above 64 px (at 224 px every backbone
     embedded fastest at 8 of 8, 32 and 64 here, docs/backbones.md; the activations stay in the caches)."""
-    return 256 if size <= 64 else 8
+    return 256 if size <= DIGIT_INPUT else 8
 
 
 class BackboneEmbedder:
@@ -340,9 +362,9 @@ class BackboneEmbedder:
         self.spec = spec
         self.backbone = get_backbone(spec.model)
         self.batch_size = batch_size or predict_batch_size(spec.input_size)
-        from lookalike.backend import make_backbone, warm_up
+        from lookalike.backend import make_backbone
 
-        self._model = warm_up(make_backbone(spec), spec.input_size, self.batch_size if spec.input_size > BF16_MAX_SIZE else 1)
+        self._model = _warmed(make_backbone(spec), spec, self.batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
@@ -359,6 +381,14 @@ class BackboneEmbedder:
 
 
 VGG16Embedder = BackboneEmbedder  # the name of earlier releases
+
+
+def _warmed(model: Any, spec: EmbedderSpec, batch_size: int) -> Any:
+    """``model`` run once on a blank image, and at photo sizes once on a full batch too (an ingest's first batch then
+    pays no tracing; at digit sizes a batch of 256 would cost more than the tracing it saves)."""
+    from lookalike.backend import warm_up
+
+    return warm_up(model, spec.input_size, batch_size if spec.input_size > DIGIT_INPUT else 1)
 
 
 def _predict(model: Any, images: Sequence[np.ndarray], spec: EmbedderSpec, batch_size: int, preprocess: Any) -> np.ndarray:
@@ -380,9 +410,9 @@ class KerasModelEmbedder:
         self.batch_size = batch_size or predict_batch_size(spec.input_size)
         path = Path(spec.weights)
         check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
-        from lookalike.backend import load_keras_model, warm_up
+        from lookalike.backend import load_keras_model
 
-        self._model = warm_up(load_keras_model(path), spec.input_size, self.batch_size if spec.input_size > BF16_MAX_SIZE else 1)
+        self._model = _warmed(load_keras_model(path), spec, self.batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:

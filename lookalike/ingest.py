@@ -20,22 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.backbones import BACKBONES, require_hub
+from lookalike.backbones import BACKBONES
 from lookalike.catalogue import FINGERPRINT_KEYS, Plan, merge_labels
 from lookalike.catalogue import plan as plan_sync
 from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
-from lookalike.embedder import (
-    FITS,
-    MODELS,
-    PHOTO_FIT,
-    PRECISIONS,
-    Embedder,
-    EmbedderSpec,
-    build_embedder,
-    default_embedder,
-    default_input_size,
-    make_spec,
-)
+from lookalike.embedder import Embedder, EmbedderSpec, build_embedder, check_options, default_embedder, defaults_by_data, make_spec
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.filters import _same
 from lookalike.gallery import Gallery
@@ -237,8 +226,8 @@ def ingest(
         else:
             spec = resolve_spec(embedder, model, options, gallery.record.embedder if gallery is not None else None, ds)
         ds.decode_size = spec.decode_side
-        if spec.model in BACKBONES and BACKBONES[spec.model].extra == "hub":
-            require_hub(spec.model)  # here, before a store is made or Ray workers fail one by one
+        if spec.model in BACKBONES:
+            BACKBONES[spec.model].check_installed()  # before a store is made or Ray workers fail one by one
         record = Record(spec, ds.protocol, ds.label_names)
         report = IngestReport(name, "", ds.name, spec.describe(), dict.fromkeys(SPLITS, 0), 0, outside_labels=list(ds.outside_labels))
         if ds.living:
@@ -288,16 +277,6 @@ def ingest(
     return report
 
 
-def check_options(embedder: str | None, fit: str | None, precision: str | None) -> None:
-    """The embedder options that can be checked without the data or the collection (InputError naming the choices)."""
-    if embedder is not None and embedder not in MODELS:
-        raise InputError(f"unknown embedder {embedder!r}: choose one of {', '.join(MODELS)} (see `lookalike models`)")
-    if fit is not None and fit not in FITS:
-        raise InputError(f"--fit {fit!r} is not one of {', '.join(FITS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise InputError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-
-
 def resolve_spec(
     embedder: str | None, model: str | None, options: dict[str, Any], recorded: EmbedderSpec | None, ds: Dataset
 ) -> EmbedderSpec:
@@ -331,14 +310,7 @@ def resolve_spec(
             base["decode"] = recorded.decode  # (a collection of an earlier release decodes as it always did)
         return make_spec(recorded.model, **{**base, **given})
     photos = ds.photos()
-    name = embedder or default_embedder(photos)
-    size = default_input_size(name, photos)
-    if "input_size" not in given and size is not None:
-        given["input_size"] = size
-    if photos:
-        given.setdefault("fit", PHOTO_FIT)
-    given.setdefault("weights", "imagenet")
-    return make_spec(name, **given)
+    return make_spec(**defaults_by_data({"model": embedder or default_embedder(photos), "weights": "imagenet", **given}, photos))
 
 
 def _replan(

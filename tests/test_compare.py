@@ -106,8 +106,8 @@ def test_a_name_taken_by_something_else_fails_cleanly(tiny_npz: Path, db: str) -
         compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=["pixels"], k=1, db=db)
 
 
-def test_specs_without_a_size_get_the_datas() -> None:
-    from lookalike.compare import _by_data
+def test_specs_without_a_size_get_the_datas() -> None:  # (the defaults ingest gives a new collection)
+    from lookalike.embedder import defaults_by_data as _by_data
 
     assert _by_data({"model": "resnet50"}, photos=True) == {"model": "resnet50", "input_size": 224, "fit": "crop"}
     assert _by_data({"model": "resnet50"}, photos=False) == {"model": "resnet50", "input_size": 32}
