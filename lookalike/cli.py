@@ -260,6 +260,10 @@ def ingest(
     _print_ingest(report, as_json)
 
 
+def _on(runtime: str) -> str:
+    return {"onnx": ", ONNX Runtime", "tensorflow": ", TensorFlow"}.get(runtime, "")
+
+
 def _print_ingest(report: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(_dumps(report.to_dict()))
@@ -304,7 +308,8 @@ def _print_ingest(report: Any, as_json: bool) -> None:
     elif sum(report.added.values()):
         typer.echo(
             f"  stages  decode {report.decode_images_per_s:.0f} images/s ({report.decode_seconds:.1f} s, ahead on threads), "
-            f"embed {report.embed_images_per_s:.0f} images/s ({report.embed_seconds:.1f} s), write {report.write_seconds:.1f} s"
+            f"embed {report.embed_images_per_s:.0f} images/s ({report.embed_seconds:.1f} s{_on(report.runtime)}), "
+            f"write {report.write_seconds:.1f} s"
         )
     skips = (
         ("unreadable files", report.skipped),
@@ -836,6 +841,22 @@ def models(as_json: JsonOpt = False) -> None:
             f"{r.get('imagenet', ''):<13} {r.get('default_for', ''):<7} {r['model']}{extra}"
         )
     typer.echo("ImageNet: published top-1 (supervised) or k-NN (dinov2_small); GFLOPs per image at 224 px; docs/backbones.md")
+    typer.echo(runtime_line())
+
+
+def runtime_line() -> str:
+    """Which runtime embeds photos here: ``$LOOKALIKE_RUNTIME`` and whether the onnx extra is installed."""
+    from lookalike import onnxrt
+    from lookalike.backbones import BACKBONES
+
+    choice = onnxrt.runtime_choice()
+    if choice == "tensorflow":
+        return f"runtime: TensorFlow (${onnxrt.RUNTIME_ENV}=tensorflow)"
+    fast = ", ".join(b.name for b in BACKBONES.values() if b.onnx)
+    if onnxrt.installed():
+        where = "every backbone that converts" if choice == "onnx" else f"{fast} in float32 from {onnxrt.AUTO_MIN_SIZE} px"
+        return f"runtime: ONNX Runtime for {where}, TensorFlow else (${onnxrt.RUNTIME_ENV}={choice})"
+    return f"runtime: TensorFlow; ONNX Runtime embeds {fast} 1.8x faster: {onnxrt.ONNX_EXTRA}"
 
 
 @command()

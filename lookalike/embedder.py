@@ -332,6 +332,8 @@ class PixelEmbedder:
     tiny deterministic embedder of the tests.
     """
 
+    runtime = "numpy"
+
     def __init__(self, spec: EmbedderSpec | None = None) -> None:
         self.spec = spec or make_spec("pixels")
 
@@ -362,14 +364,22 @@ class BackboneEmbedder:
         self.spec = spec
         self.backbone = get_backbone(spec.model)
         self.batch_size = batch_size or predict_batch_size(spec.input_size)
+        from lookalike import onnxrt
         from lookalike.backend import make_backbone
 
-        self._model = _warmed(make_backbone(spec), spec, self.batch_size)
+        model = None
+        if onnxrt.wanted(spec):
+            model = onnxrt.load(spec, lambda: make_backbone(spec), self.backbone.preprocess, self._finish)
+        self.runtime = "tensorflow" if model is None else "onnx"
+        self._model = _warmed(model or make_backbone(spec), spec, self.batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        feats = _predict(self._model, images, self.spec, self.batch_size, self.backbone.preprocess)
+        return self._finish(_predict(self._model, images, self.spec, self.batch_size, self.backbone.preprocess))
+
+    def _finish(self, feats: np.ndarray) -> np.ndarray:
+        """The model's output -> the stored vectors: pooled (``spec.pooling``), flattened, normalised."""
         if self.backbone.tokens:
             feats = feats[:, 0] if self.spec.pooling == "cls" else feats[:, 1:].mean(axis=1)
         elif self.spec.pooling == "max":
@@ -404,6 +414,8 @@ class KerasModelEmbedder:
 
     The file must be the one the spec names, unchanged (its SHA-256 is checked before loading).
     """
+
+    runtime = "tensorflow"
 
     def __init__(self, spec: EmbedderSpec, batch_size: int | None = None) -> None:
         self.spec = spec

@@ -20,6 +20,7 @@ import numpy as np
 from lookalike.datasets import SPLITS, stratified_pick
 from lookalike.errors import InputError, LookalikeError, StoreError
 from lookalike.gallery import Gallery
+from lookalike.util import cache_dir as lookalike_cache_dir
 from lookalike.util import label_name
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,7 @@ def embedding_map(
 
 def map_cache_dir() -> Path:
     """Where computed maps are kept: ``$LOOKALIKE_CACHE/maps``, else ``$XDG_CACHE_HOME/lookalike/maps`` (``~/.cache``)."""
-    root = os.environ.get("LOOKALIKE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "lookalike")
-    return Path(root).expanduser() / "maps"
+    return lookalike_cache_dir("maps")
 
 
 def cached_map(

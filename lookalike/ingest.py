@@ -72,6 +72,7 @@ class IngestReport:
     upgraded: int = 0  # items of a collection written before living folders, given ids without the split
     relocated_from: str | None = None
     outside_labels: list[str] = field(default_factory=list)  # images at the root of a labelled folder (not stored)
+    runtime: str = ""  # what ran the model here: "tensorflow" or "onnx" (lookalike.onnxrt); "" when nothing embedded here
 
     @property
     def images_per_s(self) -> float:
@@ -255,6 +256,7 @@ def ingest(
         elif todo:
             if model_obj is None:
                 model_obj = build_embedder(spec)  # may fail (weights, model file): nothing written yet
+            report.runtime = getattr(model_obj, "runtime", "")
             if store is None:
                 store = Store(db, create=True, wait=wait)
                 gallery, todo, stored = _replan(store, name, gallery, todo, stored, ds, record, report)  # made meanwhile?

@@ -32,6 +32,13 @@ def check_pinned_file(path: Path, sha256: str | None, what: str, fix: str) -> No
         raise EmbedderError(f"{what} {path} changed since the collection was built: restore it or re-ingest into a new collection")
 
 
+def cache_dir(kind: str) -> Path:
+    """Where lookalike keeps what it can recompute (maps, converted models): ``$LOOKALIKE_CACHE/KIND``, else
+    ``$XDG_CACHE_HOME/lookalike/KIND`` (``~/.cache``)."""
+    root = os.environ.get("LOOKALIKE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "lookalike")
+    return Path(root).expanduser() / kind
+
+
 UNLABELLED = -1  # the label number of an item in a collection without labels
 UNLABELLED_NAME = "unlabelled"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
 import queue
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,9 @@ from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# converted models and maps of this run in a fresh cache (subprocesses inherit it), never the user's
+os.environ["LOOKALIKE_CACHE"] = tempfile.mkdtemp(prefix="lookalike-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LOOKALIKE_CACHE"], True)
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

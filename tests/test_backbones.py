@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike import onnxrt
 from lookalike.backbones import BACKBONES, PHOTO_DEFAULT, get_backbone, require_hub
 from lookalike.cli import app
 from lookalike.embedder import EmbedderSpec, build_embedder, default_input_size, make_spec
@@ -146,6 +147,7 @@ def test_models_lists_every_backbone(runner) -> None:
     assert rows["dinov2_small"]["extra"] == "lookalike[hub]"
     table = runner.invoke(app, ["models"]).output
     assert all(name in table for name in BACKBONES)
+    assert f"runtime: ONNX Runtime for {PHOTO_DEFAULT} in float32" in table if onnxrt.installed() else "lookalike[onnx]" in table
 
 
 def write_photos(root: Path, n: int, size: tuple[int, int] = (300, 200)) -> list[Path]:
@@ -164,6 +166,7 @@ def test_a_photo_folder_gets_224_crop_and_reuses_its_embedder(tmp_path: Path, db
     paths = write_photos(tmp_path / "photos", 4)
     r = ingest("folder", str(tmp_path / "photos"), weights="random", db=db)
     assert sum(r.added.values()) == 4
+    assert r.runtime == ("onnx" if onnxrt.installed() else "tensorflow")  # the photo default runs on ONNX Runtime when it can
     with Store(db) as store:
         spec = Gallery(store, "folder").record.embedder
         assert (spec.model, spec.input_size, spec.fit, spec.weights) == (PHOTO_DEFAULT, 224, "crop", "random")
