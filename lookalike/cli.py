@@ -40,7 +40,7 @@ DbOpt = Annotated[
 ]
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection name (optional when the store has one)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
-SampleOpt = Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items")]
+SampleOpt = Annotated[Optional[int], typer.Option(help="Use a seeded, stratified sample of N items [default: 20,000; 0: every item]")]
 DatasetArg = Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")]
 PathArg = Annotated[Optional[str], typer.Argument(help="For 'folder': a directory with one subfolder per label")]
 SourceOpt = Annotated[Optional[str], typer.Option(help="A local .npz in Keras's layout [default: $LOOKALIKE_MNIST, else download]")]
@@ -464,7 +464,7 @@ def evaluate(
         return
     rows = [
         (f"{r.k}-NN accuracy", f"{r.accuracy:.4f}  ({r.n_queries} held-out queries, {r.n_indexed} indexed)"),
-        ("exact accuracy", f"{r.exact_accuracy:.4f}  (brute force over the stored vectors)"),
+        ("exact accuracy", f"{r.exact_accuracy:.4f}  (brute force over the stored vectors{_exact_sample(r)})"),
         ("recall@1", f"{r.recall_at_1:.4f}  (store answer = exact nearest neighbour)"),
         ("speed", f"{r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)"),
         ("per class", "  ".join(f"{n}: {a:.3f}" for n, a in r.per_class.items())),
@@ -497,21 +497,33 @@ def _echo_retrieval(ret: dict, width: int) -> None:
     def cells(metrics: dict) -> str:
         return "".join(f"{_fmt(metrics.get(key)):>8}" for _, key in RETRIEVAL_COLUMNS)
 
-    sampled = ret["r_queries_store"] < ret["r_queries_exact"]
+    n_all = ret.get("queries", ret["r_queries_exact"])  # (reports saved by earlier releases lack "queries")
+    sampled = ret["r_queries_store"] < n_all
+    exact_on = ret.get("precision_queries_exact", n_all)
     typer.echo(f"  retrieval (Musgrave et al. 2020; R = indexed items of the query's label, up to {ret['r_max']:,})")
     typer.echo("  " + " " * max(width, 6) + "".join(f"{title:>8}" for title, _ in RETRIEVAL_COLUMNS))
     for name in ("store", "exact"):
         note = ""
         if name == "store" and sampled:
             note = f"  (R metrics over {ret['r_queries_store']:,} sampled queries, seed {ret['seed']})"
-        elif name == "exact" and sampled:
-            same = ret.get("exact_same_queries", {})
-            note = f"  (over the same sample: {_fmt(same.get('r_precision'))} {_fmt(same.get('map_at_r'))})"
+        elif name == "exact":
+            same = ret.get("exact_same_queries")
+            if exact_on < n_all:
+                note = f"  (exact search on {exact_on:,} sampled queries, R metrics on {ret['r_queries_exact']:,})"
+            if same:
+                note += f"  (on the store's queries: {_fmt(same.get('r_precision'))} {_fmt(same.get('map_at_r'))})"
         typer.echo(f"  {name:>{max(width, 6)}}{cells(ret[name])}{note}")
     typer.echo("  per class: store" + (" (its R metrics over the sample)" if sampled else "") + " | exact R-prec MAP@R")
     for label, metrics in ret["store"]["per_class"].items():
         exact = ret["exact"]["per_class"].get(label, {})
         typer.echo(f"  {label:>{max(width, 6)}}{cells(metrics)}  | {_fmt(exact.get('r_precision')):>7} {_fmt(exact.get('map_at_r')):>7}")
+
+
+def _exact_sample(r: Any) -> str:
+    """How many queries exact search answered, when not all (past evaluate.EXACT_PAIRS)."""
+    if not r.exact_queries or r.exact_queries >= r.n_queries:
+        return ""
+    return f", on {r.exact_queries:,} sampled queries: the store's accuracy on them {r.accuracy_same_queries:.4f}"
 
 
 def _fmt(value: object) -> str:
@@ -633,9 +645,14 @@ def map_(
     with _open(collection, db, wait) as gallery:
         r = embedding_map(gallery, method=method, sample=sample, split=split, seed=seed)
     path = save_map_picture(r, out)
-    typer.echo(f"saved {path} ({len(r.points.ids)} points, {r.method}, {r.seconds:.1f} s)")
+    typer.echo(f"saved {path} ({len(r.points.ids)} points{_sample_note(r.points)}, {r.method}, {r.seconds:.1f} s)")
     if coords:
         typer.echo(f"saved {save_coords(r, coords)}")
+
+
+def _sample_note(points: Any) -> str:
+    """Says a map's or clustering's items are a sample, and how to have them all."""
+    return f": a seeded sample of the {points.total:,} items (--sample 0 for all)" if points.sampled else ""
 
 
 @command()
@@ -662,7 +679,8 @@ def clusters(
     if as_json:
         typer.echo(_dumps(r.to_dict()))
         return
-    typer.echo(f"collection {r.collection!r}: k-means, k={r.k}, on the {r.on} of {r.n_items} items ({r.seconds:.1f} s)")
+    of = f"{r.n_items} items{_sample_note(r.points)}"
+    typer.echo(f"collection {r.collection!r}: k-means, k={r.k}, on the {r.on} of {of} ({r.seconds:.1f} s)")
     if r.cluster_accuracy is None:
         typer.echo(f"  silhouette        {r.silhouette:.4f}  (on {r.silhouette_sample} items)")
         typer.echo("  against labels    unlabelled: no labels to compare the clusters with")
@@ -695,8 +713,8 @@ def audit(
     as_json: JsonOpt = False,
 ) -> None:
     """Label errors, near-duplicates, train/test leaks and outliers, from the stored vectors (audited against exact search)."""
+    from lookalike.audit import EXACT_MAX, save_audit, save_audit_picture, write_csv
     from lookalike.audit import audit as run_audit
-    from lookalike.audit import save_audit, save_audit_picture, write_csv
 
     with _open(collection, db, wait) as gallery:
         with _progress_bar("neighbours", unit="items/s") as progress:
@@ -717,6 +735,11 @@ def audit(
         f"collection {r.collection!r}: {r.n_items:,} items, {r.k} neighbours each ({r.seconds:.1f} s; "
         f"store's answers hold {r.store_recall_at_k:.4f} of the exact {r.k} on {r.store_sample:,} items)"
     )
+    if r.neighbours_by == "store":
+        typer.echo(
+            f"neighbours: the store's answers (over {EXACT_MAX:,} items exact search would grow as their square); "
+            f"leaks: the store's nearest indexed item, exact on a sample"
+        )
     if not r.labelled:
         typer.echo("label issues: none looked for (the collection is unlabelled, or has one label)")
     else:

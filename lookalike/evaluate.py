@@ -42,6 +42,11 @@ SAVED_MISTAKES = 1000  # mistakes kept with a saved report (all are counted)
 PRECISION_KS = (1, 5, 10)
 R_BUDGET = 2_000_000  # ranked items the R metrics may ask the store for (queries x largest R) before sampling
 R_SAMPLE = 300  # held-out queries the store's R metrics use past that budget (~50 ms each at R ~ 6,000)
+# exact search costs queries x indexed items: past EXACT_PAIRS (70,000 MNIST digits: 6e8, every query exact), a
+# seeded sample of max(EXACT_MIN, EXACT_PAIRS // indexed) queries is answered exactly (1,111 at 1,000,000 items)
+EXACT_PAIRS = 1_000_000_000
+EXACT_MIN = 1000
+EXACT_R_CELLS = 100_000_000  # exact ranks the R metrics may hold (queries x largest R; MNIST: 6.7e7) before sampling
 
 
 @dataclass
@@ -68,6 +73,10 @@ class EvalReport:
     # "r_queries_store"/"r_queries_exact": how many queries the R metrics used (the store's may be a seeded
     # sample: then "exact_same_queries" has the exact R metrics over it), "r_max": the largest R
     retrieval: dict[str, Any] = field(default_factory=dict)
+    # exact search over a seeded sample of the queries past EXACT_PAIRS: ``exact_accuracy`` and ``recall_at_1`` are the
+    # sample's, ``accuracy_same_queries`` the store's accuracy on it (``exact_queries == n_queries``: every query)
+    exact_queries: int = 0
+    accuracy_same_queries: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,20 +94,40 @@ class HeldOut:
     y_train: np.ndarray
     k: int  # neighbours in the vote
     store_nn: np.ndarray  # (queries, width) rows of the indexed items, nearest first (width >= k)
-    exact_nn: np.ndarray
-    exact_d2: np.ndarray
+    store_d1: np.ndarray  # (queries,) Euclidean distance of the store's first answer
+    exact_rows: np.ndarray  # the queries answered exactly too: all, or a seeded sample past EXACT_PAIRS
+    exact_nn: np.ndarray  # (len(exact_rows), width), as store_nn
+    exact_d2: np.ndarray  # their squared distances
     query_seconds: float
 
+    @property
+    def sampled(self) -> bool:
+        return len(self.exact_rows) < len(self.test_ids)
+
     def predictions(self, exact: bool = False) -> np.ndarray:
-        """The k-NN vote of each held-out item (store answers, or exact ones)."""
+        """The k-NN vote of each held-out item (store answers), or of each of ``exact_rows`` (exact answers)."""
         nn = self.exact_nn if exact else self.store_nn
         return vote(self.y_train[nn[:, : self.k]])
 
 
+def exact_sample(n_queries: int, n_indexed: int, seed: int = 0) -> np.ndarray:
+    """The queries exact search answers: every one while ``queries x indexed <= EXACT_PAIRS``, else a seeded sample
+    of ``max(EXACT_MIN, EXACT_PAIRS // indexed)`` (sorted rows), so its cost grows as the index, not its square."""
+    if n_queries * n_indexed <= EXACT_PAIRS:
+        return np.arange(n_queries)
+    size = min(n_queries, max(EXACT_MIN, EXACT_PAIRS // max(n_indexed, 1)))
+    return np.sort(np.random.default_rng(seed).choice(n_queries, size, replace=False))
+
+
 def held_out(
-    gallery: Gallery, k: int = 1, width: int | None = None, items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None
+    gallery: Gallery,
+    k: int = 1,
+    width: int | None = None,
+    items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None,
+    seed: int = 0,
 ) -> HeldOut:
-    """Ask the store (and brute force) for each held-out item's ``max(k, width)`` nearest indexed items.
+    """Ask the store for each held-out item's ``max(k, width)`` nearest indexed items, and brute force for those of
+    every item or of a seeded sample (:func:`exact_sample`).
 
     ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already.
     """
@@ -114,10 +143,13 @@ def held_out(
     y_train = np.array([int(m["label"]) for m in train_metas])
     wide = min(max(k, width or k), len(train_ids))
     t0 = time.perf_counter()
-    store_nn = _store_ranking(gallery, test_vecs, wide, test_ids, train_ids)
+    store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, test_ids, train_ids, distances=True)
     query_seconds = time.perf_counter() - t0
-    exact_nn, exact_d2 = exact_neighbours(test_vecs, train_vecs, wide)
-    return HeldOut(test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, exact_nn, exact_d2, query_seconds)
+    rows = exact_sample(len(test_ids), len(train_ids), seed)
+    exact_nn, exact_d2 = exact_neighbours(test_vecs[rows], train_vecs, wide)
+    return HeldOut(
+        test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, store_d1, rows, exact_nn, exact_d2, query_seconds
+    )
 
 
 def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
@@ -127,8 +159,11 @@ def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str
     return [ids[i] for i in rows], vecs[rows], [metas[i] for i in rows]
 
 
-def _store_ranking(gallery: Gallery, queries: np.ndarray, k: int, test_ids: list[str], train_ids: list[str]) -> np.ndarray:
-    """The store's ``k`` nearest indexed items of each query, as rows of ``train_ids``."""
+def _store_ranking(
+    gallery: Gallery, queries: np.ndarray, k: int, test_ids: list[str], train_ids: list[str], distances: bool = False
+) -> Any:
+    """The store's ``k`` nearest indexed items of each query, as rows of ``train_ids`` (and, with ``distances``, the
+    distance of each first answer)."""
     answers = gallery.neighbours(queries, k, exclude=set(test_ids), metadata=False)
     row = {id_: i for i, id_ in enumerate(train_ids)}
     if any(len(a) != k for a in answers):
@@ -136,11 +171,12 @@ def _store_ranking(gallery: Gallery, queries: np.ndarray, k: int, test_ids: list
             f"collection {gallery.name!r} gave fewer than {k} neighbours for some items: run `lookalike check --collection {gallery.name}`"
         )
     try:
-        return np.array([[row[n.id] for n in a] for a in answers], dtype=int).reshape(len(answers), k)
+        ranked = np.array([[row[n.id] for n in a] for a in answers], dtype=int).reshape(len(answers), k)
     except KeyError as exc:
         raise StoreError(
             f"collection {gallery.name!r} answered with {exc}, an id it does not list: run `lookalike check --collection {gallery.name}`"
         ) from None
+    return (ranked, np.array([a[0].distance for a in answers])) if distances else ranked
 
 
 def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: int = 0) -> EvalReport:
@@ -158,12 +194,12 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
     if not gallery.record.labelled:
         return _evaluate_unlabelled(gallery, k, started)
     names = gallery.label_names
-    h = held_out(gallery, k, width=max(PRECISION_KS))
-    y_test, y_train, store_nn = h.y_test, h.y_train, h.store_nn
+    h = held_out(gallery, k, width=max(PRECISION_KS), seed=seed)
+    y_test, y_train, store_nn, rows = h.y_test, h.y_train, h.store_nn, h.exact_rows
     n_labels = max(len(names), int(max(y_test.max(), y_train.max())) + 1)
     pred = h.predictions()
     exact_pred = h.predictions(exact=True)
-    hit = recall_hits(h.test_vecs, h.train_vecs, store_nn[:, 0], h.exact_d2[:, 0])
+    hit = recall_hits(h.test_vecs[rows], h.train_vecs, store_nn[rows, 0], h.exact_d2[:, 0])
     matrix = confusion(y_test, pred, n_labels)
     retrieval = _retrieval(gallery, h, names, r_sample, seed)
     test_ids, train_ids = h.test_ids, h.train_ids
@@ -174,7 +210,7 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
         n_queries=len(test_ids),
         n_indexed=len(train_ids),
         accuracy=float((pred == y_test).mean()),
-        exact_accuracy=float((exact_pred == y_test).mean()),
+        exact_accuracy=float((exact_pred == y_test[rows]).mean()),
         recall_at_1=float(hit.mean()),
         per_class=per_class_accuracy(matrix, names),
         confusion=matrix.tolist(),
@@ -188,6 +224,8 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
             for i in np.flatnonzero(pred != y_test)
         ],
         retrieval=retrieval,
+        exact_queries=len(rows),
+        accuracy_same_queries=float((pred[rows] == y_test[rows]).mean()) if h.sampled else None,
     )
 
 
@@ -197,9 +235,10 @@ def _evaluate_unlabelled(gallery: Gallery, k: int, started: float) -> EvalReport
     ``retrieval`` the share of the exact ``k`` nearest the store returns: ``store_recall_at_k``)."""
     width = max(k, max(PRECISION_KS))
     h = held_out(gallery, k, width=width)
-    hit = recall_hits(h.test_vecs, h.train_vecs, h.store_nn[:, 0], h.exact_d2[:, 0])
+    rows = h.exact_rows
+    hit = recall_hits(h.test_vecs[rows], h.train_vecs, h.store_nn[rows, 0], h.exact_d2[:, 0])
     w = h.store_nn.shape[1]
-    overlap = [len(set(a) & set(b)) / w for a, b in zip(h.store_nn.tolist(), h.exact_nn.tolist())]
+    overlap = [len(set(a) & set(b)) / w for a, b in zip(h.store_nn[rows].tolist(), h.exact_nn.tolist())]
     nan = float("nan")
     return EvalReport(
         collection=gallery.name,
@@ -218,15 +257,17 @@ def _evaluate_unlabelled(gallery: Gallery, k: int, started: float) -> EvalReport
         seconds=time.perf_counter() - started,
         accuracy_1nn=nan,
         retrieval={"unlabelled": True, "store_recall_at_k": float(np.mean(overlap)), "recall_k": w},
+        exact_queries=len(rows),
     )
 
 
 def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, seed: int) -> dict[str, Any]:
     """precision@k from the answers already asked; R-precision and MAP@R from rankings R long.
 
-    Exact rankings are cheap (one matrix product): every query. The store's cost ~50 ms a query at
-    R ~ 6,000: every query when ``queries x R_max <= R_BUDGET``, else a seeded sample, and the
-    exact figures over the same sample are given beside it (``exact_same_queries``).
+    The store's cost ~50 ms a query at R ~ 6,000: every query when ``queries x R_max <= R_BUDGET``, else a seeded
+    sample. Exact rankings (one matrix product) cover the queries exact search answered while they fit in
+    ``EXACT_R_CELLS`` ranks, else the store's sample; the exact figures over the store's queries are given beside
+    (``exact_same_queries``) whenever the two differ.
     """
     counts = np.bincount(h.y_train, minlength=int(max(h.y_test.max(), h.y_train.max())) + 1)
     r = counts[h.y_test]  # R of each query: the indexed items sharing its label
@@ -235,36 +276,41 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     sample = everyone
     if len(everyone) * r_max > R_BUDGET and len(everyone) > r_sample:
         sample = np.sort(np.random.default_rng(seed).choice(len(everyone), r_sample, replace=False))
+    exact_r = h.exact_rows if len(h.exact_rows) * r_max <= EXACT_R_CELLS else sample
     nothing = np.zeros((0, 0), int)
     # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank
     long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids) if r_max else nothing
-    long_exact = exact_ranking(h.test_vecs, h.train_vecs, r_max) if r_max else nothing
-    no_r = np.zeros_like(r)
+    long_exact = exact_ranking(h.test_vecs[exact_r], h.train_vecs, r_max) if r_max else nothing
 
-    def summary(short: np.ndarray, long: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
-        p_scores = retrieval_scores(h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[:, None], no_r, PRECISION_KS)
+    def summary(short: np.ndarray, short_rows: np.ndarray, long: np.ndarray, long_rows: np.ndarray) -> dict[str, Any]:
+        relevant = h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[short_rows, None]
+        p_scores = retrieval_scores(relevant, np.zeros(len(short_rows), int), PRECISION_KS)
         p_scores = {key: v for key, v in p_scores.items() if key.startswith("precision")}
         if r_max:
-            r_scores = retrieval_scores(h.y_train[long] == h.y_test[queries, None], r[queries], ())
+            r_scores = retrieval_scores(h.y_train[long] == h.y_test[long_rows, None], r[long_rows], ())
         else:
-            r_scores = {key: np.full(len(queries), np.nan) for key in ("r_precision", "map_at_r")}
-        p_summary = summarise_retrieval(p_scores, h.y_test, names)
-        r_summary = summarise_retrieval({key: r_scores[key] for key in ("r_precision", "map_at_r")}, h.y_test[queries], names)
+            r_scores = {key: np.full(len(long_rows), np.nan) for key in ("r_precision", "map_at_r")}
+        p_summary = summarise_retrieval(p_scores, h.y_test[short_rows], names)
+        r_summary = summarise_retrieval({key: r_scores[key] for key in ("r_precision", "map_at_r")}, h.y_test[long_rows], names)
         p_per, r_per = p_summary.pop("per_class"), r_summary.pop("per_class")
         none = {"r_precision": float("nan"), "map_at_r": float("nan")}  # a label the (sampled) R queries did not meet
         per_class = {label: {**metrics, **r_per.get(label, none)} for label, metrics in p_per.items()}  # type: ignore[union-attr]
         return {**p_summary, **r_summary, "per_class": per_class}
 
     out: dict[str, Any] = {
-        "store": summary(h.store_nn, long_store, sample),
-        "exact": summary(h.exact_nn, long_exact, everyone),
+        "store": summary(h.store_nn, everyone, long_store, sample),
+        "exact": summary(h.exact_nn, h.exact_rows, long_exact, exact_r),
         "r_max": r_max,
         "r_queries_store": len(sample),
-        "r_queries_exact": len(everyone),
+        "r_queries_exact": len(exact_r),
+        "precision_queries_exact": len(h.exact_rows),
+        "queries": len(everyone),
         "seed": seed,
     }
-    if len(sample) < len(everyone) and r_max:
-        same = retrieval_scores(h.y_train[long_exact[sample]] == h.y_test[sample, None], r[sample], ())
+    if r_max and not np.array_equal(sample, exact_r):
+        pos = np.minimum(np.searchsorted(exact_r, sample), len(exact_r) - 1)
+        same_rows = long_exact[pos] if np.array_equal(exact_r[pos], sample) else exact_ranking(h.test_vecs[sample], h.train_vecs, r_max)
+        same = retrieval_scores(h.y_train[same_rows] == h.y_test[sample, None], r[sample], ())
         out["exact_same_queries"] = {key: float(np.nanmean(same[key])) for key in ("r_precision", "map_at_r")}
     return out
 

@@ -64,6 +64,28 @@ def test_a_planted_copy_is_a_leak_and_leaves_the_leak_free_accuracy(planted: str
         assert {frozenset(gr.ids) for gr in exact.groups} == {leak, within} and exact.leaked_ids == ["mnist:test:50"]
 
 
+def test_past_exact_max_the_store_answers_and_a_sample_checks_it(planted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large collection's neighbours come from the store (n log n, not n^2), checked against exact search on a
+    seeded sample; on these 253 items HNSW is exact, so every finding is the exact audit's."""
+    import importlib
+
+    audit_module, evaluate_module = (importlib.import_module(f"lookalike.{m}") for m in ("audit", "evaluate"))
+
+    with Gallery.open("planted", planted) as g:
+        exact = audit(g, k=5)
+        monkeypatch.setattr(audit_module, "EXACT_MAX", 100)
+        monkeypatch.setattr(evaluate_module, "EXACT_PAIRS", 10)  # leaks: the store's nearest, exact on a sample
+        monkeypatch.setattr(evaluate_module, "EXACT_MIN", 10)
+        r = audit(g, k=5, store_sample=50, seed=2)
+    assert exact.neighbours_by == "exact" and r.neighbours_by == "store"
+    assert r.store_sample == 50 and r.store_recall_at_k == 1.0
+    assert [s.id for s in r.suspects] == [s.id for s in exact.suspects] and r.n_disputed == exact.n_disputed
+    assert {frozenset(gr.ids) for gr in r.groups} == {frozenset(gr.ids) for gr in exact.groups}
+    assert r.leaked_ids == exact.leaked_ids == ["mnist:test:50"] and r.accuracy == exact.accuracy
+    assert [o.id for o in r.outliers] == [o.id for o in exact.outliers]
+    assert r.median_nn_distance == pytest.approx(exact.median_nn_distance, rel=1e-5)
+
+
 def test_the_blank_item_is_the_first_outlier(planted: str) -> None:
     with Gallery.open("planted", planted) as g:
         r = audit(g, k=5, n_outliers=3)

@@ -131,6 +131,28 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
         with pytest.raises(InputError):
             evaluate(g, r_sample=0)
 
+        # past EXACT_PAIRS exact search answers a seeded sample of the queries, and past EXACT_R_CELLS its R metrics
+        # use the store's sample: nothing grows as queries x indexed items (issue: a million items)
+        ev = importlib.import_module("lookalike.evaluate")
+        monkeypatch.setattr(ev, "R_BUDGET", 10**9)
+        monkeypatch.setattr(ev, "EXACT_PAIRS", 200 * 30)
+        monkeypatch.setattr(ev, "EXACT_MIN", 5)
+        part = evaluate(g, seed=3)
+        rows = ev.exact_sample(60, 200, seed=3)
+        assert len(rows) == part.exact_queries == 30 and part.n_queries == 60 and part.accuracy == pytest.approx(r.accuracy)
+        exact_1nn = np.array([y_train[np.argmin(((train_vecs - q) ** 2).sum(1))] for q in test_vecs[rows]])
+        assert part.exact_accuracy == pytest.approx((exact_1nn == y_test[rows]).mean())
+        wrong = {m["id"] for m in part.mistakes}
+        test_ids = g.scan("test")[0]
+        assert part.accuracy_same_queries == pytest.approx(np.mean([test_ids[i] not in wrong for i in rows]))
+        pret = part.retrieval
+        assert pret["precision_queries_exact"] == pret["r_queries_exact"] == 30 and pret["r_queries_store"] == 60
+        want_part = _independent_r_metrics(test_vecs[rows], y_test[rows], train_vecs, y_train)
+        assert (pret["exact"]["r_precision"], pret["exact"]["map_at_r"]) == pytest.approx(want_part)
+        assert (pret["exact_same_queries"]["r_precision"], pret["exact_same_queries"]["map_at_r"]) == pytest.approx(want)
+        monkeypatch.setattr(ev, "EXACT_R_CELLS", 10)  # too many exact ranks: the store's queries (here all 60)
+        assert evaluate(g, seed=3).retrieval["r_queries_exact"] == 60
+
 
 def test_retrieval_metrics_on_small_and_disjoint_collections(tmp_path: Path, db: str) -> None:
     """Fewer than 10 indexed items: P@10 is over those there are; held-out labels never indexed: no R metrics, no failure."""

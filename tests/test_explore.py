@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lookalike.errors import InputError, LookalikeError
-from lookalike.explore import cluster, cluster_scores, embedding_map, project, save_coords, save_disagreement_picture
+from lookalike.explore import cluster, cluster_scores, embedding_map, project, read_points, save_coords, save_disagreement_picture
 from lookalike.gallery import Gallery
 
 
@@ -69,6 +69,20 @@ def test_map_reads_the_store_and_writes_coordinates(gallery: Gallery, tmp_path: 
     assert len(rows) == 60 and rows[0]["id"] == s.points.ids[0] and float(rows[0]["x"]) == pytest.approx(s.coords[0, 0], rel=1e-4)
     with pytest.raises(InputError, match="--split"):
         embedding_map(gallery, split="val")
+
+
+def test_map_and_clusters_sample_by_default_and_say_so(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large collection is mapped and clustered on a seeded sample of explore.SAMPLE items (0: all), and says so."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("lookalike.explore"), "SAMPLE", 100)
+    r = embedding_map(gallery, method="pca")
+    assert len(r.points.ids) == 100 and r.points.total == 250 and r.points.sampled
+    assert len(embedding_map(gallery, method="pca", sample=0).points.ids) == 250
+    c = cluster(gallery, k=10)
+    assert c.n_items == 100 and c.points.sampled
+    with pytest.raises(InputError, match="at least 3"):
+        read_points(gallery, sample=2)
 
 
 def test_clusters_on_separable_digits(gallery: Gallery, tmp_path: Path) -> None:
