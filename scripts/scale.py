@@ -11,8 +11,11 @@ by default: the model kept out of the way). Then, each command as a user runs it
 it, single queries (p50 and p99 of 200: unfiltered, a label filter, and a metadata filter at 1%
 selectivity: ``index < N/100`` on the training items), ``evaluate``, ``audit``, ``check``,
 ``export`` and ``import`` (the ``parquet`` extra), ``map`` (PCA and t-SNE) and ``clusters`` on their
-default samples. It prints each figure's exponent fitted over the sizes (time ~ N^b) and writes JSON
-after every step: a run stopped (``--minutes``, Ctrl-C, a kill) is resumed by running it again.
+default samples. Queries are timed as one command asks them (nothing in memory) and warm, as the service
+and the app ask them (the mirror plans filtered queries). For the label partitions' decision the same
+digits are also ingested without them (``flat``), and a label filter timed there, cold and warm. It
+prints each figure's exponent fitted over the sizes (time ~ N^b) and writes JSON after every step:
+a run stopped (``--minutes``, Ctrl-C, a kill) is resumed by running it again.
 Each command has ``--timeout`` seconds; one that runs past it is recorded as such, not waited for.
 
 Not measured here yet (the issue asks for them): the service at 16 clients, the app's first render of
@@ -55,16 +58,38 @@ _, vecs, metas = g.get(ids, vectors=True)
 out = {"open_s": opened, "count": count}
 one_pct = {"$and": [{"split": "train"}, {"index": {"$lt": (n - n_test) // 100}}]}
 filters = {"none": {}, "label": {"labels": [3]}, "meta_1pct": {"where": one_pct}}
-for name, kw in filters.items():
-    lat = []
-    for v in vecs:
-        t = time.perf_counter()
-        g.neighbours(v[None], 10, metadata=False, **kw)
-        lat.append((time.perf_counter() - t) * 1000)
-    out[f"query_{name}_p50_ms"] = float(np.percentile(lat, 50))
-    out[f"query_{name}_p99_ms"] = float(np.percentile(lat, 99))
+if sys.argv[4] == "flat":  # a collection without label partitions: only the label filter is of interest
+    filters = {"label": {"where": {"label": 3}}}
+
+
+def timed(prefix):
+    for name, kw in filters.items():
+        lat = []
+        for v in vecs:
+            t = time.perf_counter()
+            g.neighbours(v[None], 10, metadata=False, **kw)
+            lat.append((time.perf_counter() - t) * 1000)
+        out[f"{prefix}_{name}_p50_ms"] = float(np.percentile(lat, 50))
+        out[f"{prefix}_{name}_p99_ms"] = float(np.percentile(lat, 99))
+
+
+timed("query")  # as one command asks: nothing kept in memory
+t = time.perf_counter()
+g.keep_warm(load=True)  # as the service and the app ask: the mirror plans filtered queries
+out["warm_s"] = time.perf_counter() - t
+timed("warm")
 g.close()
 print(json.dumps(out))
+"""
+
+
+FLAT_INGEST = """
+import json, sys
+import lookalike.gallery
+lookalike.gallery.MAX_PARTITIONS = 0  # (measurement only) the same ingest without label partitions
+from lookalike.ingest import ingest
+r = ingest("mnist", source=sys.argv[1], embedder=sys.argv[2], db=sys.argv[3])
+print(json.dumps(r.to_dict()))
 """
 
 
@@ -152,9 +177,12 @@ def measure(n: int, args: argparse.Namespace, done: dict[str, Any], save: Any) -
     src = make_source(Path(args.source), n, work / f"digits-{n}.npz")
     db = work / f"db-{n}"
     col = ["--db", str(db), "--collection", "mnist"]
+    flat = work / f"db-{n}-flat"
     steps: list[tuple[str, list[str]]] = [
         ("ingest", [*LOOKALIKE, "ingest", "mnist", "--source", str(src), "--embedder", args.embedder, "--db", str(db), "--json"]),
-        ("queries", [sys.executable, "-c", QUERY_CHILD, str(db), str(n), str(QUERIES)]),
+        ("queries", [sys.executable, "-c", QUERY_CHILD, str(db), str(n), str(QUERIES), "main"]),
+        ("ingest_flat", [sys.executable, "-c", FLAT_INGEST, str(src), args.embedder, str(flat)]),
+        ("queries_flat", [sys.executable, "-c", QUERY_CHILD, str(flat), str(n), str(QUERIES), "flat"]),
         ("evaluate", [*LOOKALIKE, "evaluate", *col, "--json"]),
         ("audit", [*LOOKALIKE, "audit", *col, "--json"]),
         ("check", [*LOOKALIKE, "check", *col, "--json"]),
@@ -164,8 +192,9 @@ def measure(n: int, args: argparse.Namespace, done: dict[str, Any], save: Any) -
         ("export", [*LOOKALIKE, "export", "mnist", "--db", str(db), "--out", str(work / f"export-{n}.parquet")]),
         ("import", [*LOOKALIKE, "import", str(work / f"export-{n}.parquet"), "--db", str(work / f"db-import-{n}"), "--collection", "copy"]),
     ]
-    if "ingest" not in done and db.exists():
-        shutil.rmtree(db)  # a stopped ingest is measured again from the start
+    for step, path in (("ingest", db), ("ingest_flat", flat)):
+        if step not in done and path.exists():
+            shutil.rmtree(path)  # a stopped ingest is measured again from the start
     for name, argv in steps:
         if name in done or name in args.skip:
             continue
@@ -175,8 +204,8 @@ def measure(n: int, args: argparse.Namespace, done: dict[str, Any], save: Any) -
         if name == "import":
             shutil.rmtree(work / f"db-import-{n}", ignore_errors=True)
         got = run(argv, args.timeout)
-        if name == "ingest":
-            got["disk_mb"] = du_mb(db)
+        if name in ("ingest", "ingest_flat"):
+            got["disk_mb"] = du_mb(db if name == "ingest" else flat)
         if name == "import":
             shutil.rmtree(work / f"db-import-{n}", ignore_errors=True)
             (work / f"export-{n}.parquet").unlink(missing_ok=True)
@@ -196,13 +225,15 @@ def _trim(name: str, got: dict[str, Any]) -> dict[str, Any]:
     j = got.pop("json", None) or {}
     keep = {
         "ingest": ("images_per_s", "embed_images_per_s", "write_seconds", "decode_seconds", "embed_seconds", "seconds"),
+        "ingest_flat": ("images_per_s", "write_seconds", "seconds"),
         "queries": tuple(j),
+        "queries_flat": tuple(j),
         "evaluate": ("accuracy", "exact_accuracy", "recall_at_1", "n_queries", "exact_queries", "queries_per_s", "seconds"),
         "audit": ("n_items", "neighbours_by", "store_recall_at_k", "store_sample", "seconds", "timings"),
         "check": ("ok", "seconds"),
         "clusters": ("n_items", "silhouette_sample", "seconds"),
     }.get(name, ())
-    got.update({f"{name}_{k}" if name != "queries" else k: j[k] for k in keep if k in j})
+    got.update({f"{name}_{k}" if not name.startswith("queries") else k: j[k] for k in keep if k in j})
     return got
 
 
@@ -218,6 +249,18 @@ FIGURES = {  # table rows: (step, key)
     "label p99 ms": ("queries", "query_label_p99_ms"),
     "1% filter p50 ms": ("queries", "query_meta_1pct_p50_ms"),
     "1% filter p99 ms": ("queries", "query_meta_1pct_p99_ms"),
+    "warm-up s": ("queries", "warm_s"),
+    "warm query p50 ms": ("queries", "warm_none_p50_ms"),
+    "warm query p99 ms": ("queries", "warm_none_p99_ms"),
+    "warm label p50 ms": ("queries", "warm_label_p50_ms"),
+    "warm label p99 ms": ("queries", "warm_label_p99_ms"),
+    "warm 1% p50 ms": ("queries", "warm_meta_1pct_p50_ms"),
+    "warm 1% p99 ms": ("queries", "warm_meta_1pct_p99_ms"),
+    "flat ingest vec/s": ("ingest_flat", "ingest_flat_images_per_s"),
+    "flat label p50 ms": ("queries_flat", "query_label_p50_ms"),
+    "flat label p99 ms": ("queries_flat", "query_label_p99_ms"),
+    "flat warm label p50": ("queries_flat", "warm_label_p50_ms"),
+    "flat warm label p99": ("queries_flat", "warm_label_p99_ms"),
     "evaluate s": ("evaluate", "seconds"),
     "audit s": ("audit", "seconds"),
     "check s": ("check", "seconds"),
