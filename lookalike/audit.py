@@ -46,6 +46,7 @@ CHUNK = 2048  # items whose neighbours are computed at once (progress is reporte
 STORE_SAMPLE = 1000  # items whose store answers are checked against the exact ones
 EXACT_MAX = 100_000  # items whose neighbours are computed exactly (~80 s here at 100,000); past it the store answers
 QUERY_CHUNK = 1000  # store queries asked at once past EXACT_MAX
+MARGIN = 5  # neighbours asked beyond k + 1 past EXACT_MAX
 AUDIT_NOTE = "lookalike_audit"  # the collection metadata key of the last saved audit
 SAVED_GROUPS = 500  # duplicate groups kept with a saved audit (all are counted)
 SAVED_MEMBERS = 50  # ids kept per saved group (``size`` counts them all)
@@ -155,11 +156,12 @@ def store_neighbours(
     dist = np.empty((n, k))
     for start in range(0, n, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, n)
-        for r, answer in enumerate(gallery.neighbours(vectors[start:stop], k + 1, metadata=False)):
-            got = [(row.get(a.id, -1), a.distance) for a in answer if a.id != ids[start + r]][:k]
-            if len(got) < k or any(j < 0 for j, _ in got):
+        # (a few more than k + 1: items added since the scan are answers this audit does not know, and are left out)
+        for r, answer in enumerate(gallery.neighbours(vectors[start:stop], min(k + 1 + MARGIN, n), metadata=False)):
+            got = [(row[a.id], a.distance) for a in answer if a.id != ids[start + r] and a.id in row][:k]
+            if len(got) < k:
                 raise StoreError(
-                    f"collection {gallery.name!r} gave fewer than {k} known neighbours for {ids[start + r]!r}: "
+                    f"collection {gallery.name!r} gave fewer than {k} neighbours for {ids[start + r]!r}: "
                     f"run `lookalike check --collection {gallery.name}`"
                 )
             idx[start + r], dist[start + r] = zip(*got)
@@ -275,7 +277,8 @@ def audit(
         from lookalike.evaluate import held_out
 
         t0 = time.perf_counter()
-        h = held_out(gallery, 1, items=(ids, vecs, metas), seed=seed)  # the vectors already read, not read again
+        # the vectors already read, not read again; every held-out item exact unless the neighbours came from the store
+        h = held_out(gallery, 1, items=(ids, vecs, metas), seed=seed, sample_exact=by_store)
         n_queries = len(h.test_ids)
         nearest = h.store_d1.copy()  # each held-out item's nearest indexed item: exact where exact search answered
         nearest[h.exact_rows] = np.minimum(nearest[h.exact_rows], np.sqrt(np.maximum(h.exact_d2[:, 0], 0.0)))

@@ -879,7 +879,7 @@ def runtime_line() -> str:
     if onnxrt.installed():
         where = "every backbone that converts" if choice == "onnx" else f"{fast} in float32 from {onnxrt.AUTO_MIN_SIZE} px"
         return f"runtime: ONNX Runtime for {where}, TensorFlow else (${onnxrt.RUNTIME_ENV}={choice})"
-    return f"runtime: TensorFlow; ONNX Runtime embeds {fast} 1.8x faster: {onnxrt.ONNX_EXTRA}"
+    return f"runtime: TensorFlow; ONNX Runtime embeds {fast} about 2x faster: {onnxrt.ONNX_EXTRA}"
 
 
 @command()

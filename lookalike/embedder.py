@@ -367,11 +367,15 @@ class BackboneEmbedder:
         from lookalike import onnxrt
         from lookalike.backend import make_backbone
 
-        model = None
-        if onnxrt.wanted(spec):
-            model = onnxrt.load(spec, lambda: make_backbone(spec), self.backbone.preprocess, self._finish)
+        built: list[Any] = []  # the Keras model, when a conversion built it (kept for TensorFlow if refused)
+
+        def build() -> Any:
+            built.append(make_backbone(spec))
+            return built[0]
+
+        model = onnxrt.load(spec, build, self.backbone.preprocess, self._finish) if onnxrt.wanted(spec) else None
         self.runtime = "tensorflow" if model is None else "onnx"
-        self._model = _warmed(model or make_backbone(spec), spec, self.batch_size)
+        self._model = _warmed(model or (built[0] if built else make_backbone(spec)), spec, self.batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:

@@ -125,11 +125,13 @@ def held_out(
     width: int | None = None,
     items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None,
     seed: int = 0,
+    sample_exact: bool = True,
 ) -> HeldOut:
     """Ask the store for each held-out item's ``max(k, width)`` nearest indexed items, and brute force for those of
     every item or of a seeded sample (:func:`exact_sample`).
 
-    ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already.
+    ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already;
+    ``sample_exact=False``: every item exact (an audit that computes exact neighbours anyway).
     """
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
@@ -145,7 +147,7 @@ def held_out(
     t0 = time.perf_counter()
     store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, test_ids, train_ids, distances=True)
     query_seconds = time.perf_counter() - t0
-    rows = exact_sample(len(test_ids), len(train_ids), seed)
+    rows = exact_sample(len(test_ids), len(train_ids), seed) if sample_exact else np.arange(len(test_ids))
     exact_nn, exact_d2 = exact_neighbours(test_vecs[rows], train_vecs, wide)
     return HeldOut(
         test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, store_d1, rows, exact_nn, exact_d2, query_seconds
@@ -273,9 +275,12 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     r = counts[h.y_test]  # R of each query: the indexed items sharing its label
     everyone = np.arange(len(h.y_test))
     r_max = int(r.max())
-    sample = everyone
-    if len(everyone) * r_max > R_BUDGET and len(everyone) > r_sample:
-        sample = np.sort(np.random.default_rng(seed).choice(len(everyone), r_sample, replace=False))
+    # the store's R queries: every query, or when exact search was sampled its sample (so the exact figures over the
+    # same queries never need a ranking of every query), a seeded r_sample of them past R_BUDGET
+    pool = h.exact_rows if h.sampled else everyone
+    sample = pool
+    if len(pool) * r_max > R_BUDGET and len(pool) > r_sample:
+        sample = np.sort(pool[np.random.default_rng(seed).choice(len(pool), r_sample, replace=False)])
     exact_r = h.exact_rows if len(h.exact_rows) * r_max <= EXACT_R_CELLS else sample
     nothing = np.zeros((0, 0), int)
     # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank

@@ -93,6 +93,7 @@ class ClusterReport:
         out = {key: getattr(self, key) for key in keys}
         out["mapping"] = {str(c): int(lab) for c, lab in self.mapping.items()}
         out["n_disagreeing"] = len(self.disagreeing())
+        out["n_total"] = self.points.total or self.n_items  # the items a (default) sample was drawn from
         return out
 
     def disagreeing(self) -> np.ndarray:
@@ -196,15 +197,17 @@ def cached_map(
 
     if method not in METHODS:
         raise InputError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    sample = SAMPLE if sample is None else sample  # (so a default map and one of every item are cached apart)
     ident = json.dumps([gallery.db, gallery.name, gallery.count(), gallery.record.to_json(), method, sample, split, seed])
     path = Path(cache_dir or map_cache_dir()) / f"{gallery.name}-{method}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
                 ids, coords, seconds = [str(i) for i in f["ids"]], f["coords"], float(f["seconds"])
+                total = int(f["total"]) if "total" in f.files else len(ids)
             vectors, metas = _read_in_order(gallery, ids)  # (items gone since: StoreError, and the map is made again)
             labels = np.array([int(m["label"]) for m in metas])
-            points = Points(gallery.name, ids, labels, vectors, metas, gallery.label_names)
+            points = Points(gallery.name, ids, labels, vectors, metas, gallery.label_names, total)
             return MapResult(points, method, seed, coords, seconds), True
         except Exception as exc:  # a damaged or foreign cache file (zip, npy or key errors), or lost items: compute the map again
             log.warning("ignoring the cached map %s (%s)", path, exc)
@@ -215,7 +218,7 @@ def cached_map(
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")  # each writer its own file
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=np.array(result.points.ids), coords=result.coords, seconds=result.seconds)
+            np.savez(f, ids=np.array(result.points.ids), coords=result.coords, seconds=result.seconds, total=result.points.total)
         os.replace(tmp, path)  # whole or not at all
     except OSError as exc:
         log.warning("cannot keep the map in %s (%s): it will be computed again next time", path.parent, exc)

@@ -70,8 +70,9 @@ def wanted(spec: EmbedderSpec) -> bool:
     if choice == "onnx":
         if not installed():
             raise EmbedderError(f"${RUNTIME_ENV}=onnx needs tf2onnx and onnxruntime: {ONNX_EXTRA}")
-        if spec.precision != "float32":
-            raise EmbedderError(f"ONNX Runtime runs float32 only: pass --precision float32, or set ${RUNTIME_ENV}=tensorflow")
+        if spec.precision != "float32":  # (a bfloat16 collection stays searchable: TensorFlow embeds it, as it was made)
+            print(f"lookalike: ONNX Runtime runs float32 only; TensorFlow embeds this {spec.precision} collection", file=sys.stderr)
+            return False
         return True
     fast = spec.model in BACKBONES and BACKBONES[spec.model].onnx
     return fast and spec.precision == "float32" and spec.input_size >= AUTO_MIN_SIZE and installed()
@@ -98,7 +99,6 @@ class OnnxModel:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
-        threads = threads or int(os.environ.get("LOOKALIKE_ORT_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
         # threads sleep between calls instead of spinning: an ingest decodes on the same cores meanwhile
@@ -123,22 +123,41 @@ def load(
     ``preprocess`` makes the model's input from RGB 0-255; ``finish`` turns its output into the stored vectors.
     """
     path, note = cache_paths(spec)
-    if path.is_file():
-        try:
-            return OnnxModel(path)
-        except Exception as exc:  # a damaged cache file: convert again
-            log.warning("lookalike: cached ONNX model %s unreadable (%s); converting again", path, first_line(exc, 80))
-            path.unlink(missing_ok=True)
-    elif note.is_file() and _refused(note):
+    try:
+        if path.is_file():
+            try:
+                return OnnxModel(path)
+            except Exception as exc:  # onnxruntime cannot read it (damaged, or written by another version): convert again
+                log.warning("lookalike: cached ONNX model %s unreadable (%s); converting again", path, first_line(exc, 80))
+                path.unlink(missing_ok=True)
+        elif note.is_file() and _refused(note):
+            return None
+        return _convert(spec, build(), preprocess, finish, path, note)
+    except OSError as exc:  # the cache cannot be written (read-only home, full disk): TensorFlow, this time
+        print(f"lookalike: ONNX Runtime not used: the cache {path.parent} is not writable ({first_line(exc, 80)})", file=sys.stderr)
         return None
-    return _convert(spec, build(), preprocess, finish, path, note)
+
+
+def versions() -> dict[str, str]:
+    """The converter's and runtime's versions (a refusal is tried again when they change)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for m in MODULES:
+        try:
+            out[m] = version(m)
+        except PackageNotFoundError:
+            out[m] = ""
+    return out
 
 
 def _refused(note: Path) -> bool:
+    """Whether ``note`` records a refusal made with the versions installed now."""
     try:
-        return bool(json.loads(note.read_text()).get("refused"))
+        data = json.loads(note.read_text())
     except (OSError, ValueError):
         return False
+    return bool(data.get("refused")) and data.get("versions") == versions()
 
 
 def check_images(size: int, n: int = CHECK_IMAGES) -> np.ndarray:
@@ -161,7 +180,7 @@ def _convert(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".onnx.part")
     os.close(fd)
-    info: dict[str, Any] = {"spec": spec.to_dict()}
+    info: dict[str, Any] = {"spec": spec.to_dict(), "versions": versions()}
     try:
         x = preprocess(check_images(spec.input_size))
         try:
@@ -188,7 +207,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
 def _refuse(note: Path, info: dict[str, Any], why: str, spec: EmbedderSpec) -> None:
     info.update(refused=True, why=why)
     _write_json(note, info)
-    print(f"lookalike: ONNX Runtime not used for {spec.describe()}: {why}; using TensorFlow", file=sys.stderr)
+    print(f"lookalike: ONNX Runtime not used for {spec.describe()}: {why}; using TensorFlow (noted in {note})", file=sys.stderr)
     return None
 
 
@@ -205,18 +224,17 @@ def _tf2onnx(model: Any, size: int, out: str) -> None:
 
     from lookalike.backend import quiet_native_stderr
 
-    with quiet_native_stderr():
+    with quiet_native_stderr():  # (the imports only: fd 2 is the whole process's)
         import tf2onnx
-
-        for name in ("tf2onnx", "tensorflow"):  # tf2onnx logs every optimiser it skips, with its traceback
-            logging.getLogger(name).setLevel(logging.ERROR)
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-        signature = tf.TensorSpec((None, size, size, 3), tf.float32, name="images")
-        forward = tf.function(lambda images: model(images, training=False)).get_concrete_function(signature)
-        # every captured tensor a constant (a Normalization layer's mean and variance too, else they become inputs)
-        frozen = convert_variables_to_constants_v2(forward)
-        graph = frozen.graph.as_graph_def()
-        inputs = [t.name for t in frozen.inputs]
-        outputs = [t.name for t in frozen.outputs]
-        tf2onnx.convert.from_graph_def(graph, input_names=inputs, output_names=outputs, opset=OPSET, output_path=out)
+    for name in ("tf2onnx", "tensorflow"):  # tf2onnx logs every optimiser it skips, with its traceback
+        logging.getLogger(name).setLevel(logging.ERROR)
+    signature = tf.TensorSpec((None, size, size, 3), tf.float32, name="images")
+    forward = tf.function(lambda images: model(images, training=False)).get_concrete_function(signature)
+    # every captured tensor a constant (a Normalization layer's mean and variance too, else they become inputs)
+    frozen = convert_variables_to_constants_v2(forward)
+    graph = frozen.graph.as_graph_def()
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    tf2onnx.convert.from_graph_def(graph, input_names=inputs, output_names=outputs, opset=OPSET, output_path=out)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+os.environ["LOOKALIKE_RUNTIME"] = "tensorflow"  # the notebook's baseline below calls the Keras model itself
 EMBED_SAMPLE = 5000  # images for the embedding-throughput rows
 FILTERED_QUERIES = 200
 BY_ID_QUERIES = 50

@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # converted models and maps of this run in a fresh cache (subprocesses inherit it), never the user's
 os.environ["LOOKALIKE_CACHE"] = tempfile.mkdtemp(prefix="lookalike-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LOOKALIKE_CACHE"], True)
+os.environ.pop("LOOKALIKE_RUNTIME", None)  # the tests choose their runtime (lookalike.onnxrt)
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,21 @@ def test_self_neighbours_exclude_the_item_but_keep_its_copies() -> None:
     assert np.allclose(np.sort(full, axis=1)[:, :3], dist, atol=1e-5)
 
 
+def test_the_sample_recall_measures_neighbours_against_exact_search() -> None:
+    from lookalike.audit import _sample_recall
+
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(80, 6)).astype(np.float32)
+    ids = [str(i) for i in range(80)]
+    idx, dist = self_neighbours(v, 4)
+    assert _sample_recall(ids, v, idx, dist, 4, 30, seed=0) == (1.0, 30)
+    worse_idx, worse_dist = idx.copy(), dist.copy()
+    worse_idx[:, 3] = (np.arange(80) + 40) % 80  # each item's 4th neighbour replaced by a far one
+    worse_dist[:, 3] = np.linalg.norm(v - v[worse_idx[:, 3]], axis=1)
+    recall, _ = _sample_recall(ids, v, worse_idx, worse_dist, 4, 80, seed=0)
+    assert 0.74 <= recall < 0.8  # about one of four wrong (a far item that is truly 4th-nearest still counts)
+
+
 def test_a_flipped_label_comes_first_with_the_right_suggestion(planted: str) -> None:
     with Gallery.open("planted", planted) as g:
         r = audit(g, k=5, top=5)

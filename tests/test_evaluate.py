@@ -145,13 +145,18 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
         wrong = {m["id"] for m in part.mistakes}
         test_ids = g.scan("test")[0]
         assert part.accuracy_same_queries == pytest.approx(np.mean([test_ids[i] not in wrong for i in rows]))
-        pret = part.retrieval
-        assert pret["precision_queries_exact"] == pret["r_queries_exact"] == 30 and pret["r_queries_store"] == 60
+        pret = part.retrieval  # the store's R metrics on the same sample: the exact ones beside them need no more ranking
+        assert pret["precision_queries_exact"] == pret["r_queries_exact"] == pret["r_queries_store"] == 30
+        assert "exact_same_queries" not in pret and pret["queries"] == 60
         want_part = _independent_r_metrics(test_vecs[rows], y_test[rows], train_vecs, y_train)
         assert (pret["exact"]["r_precision"], pret["exact"]["map_at_r"]) == pytest.approx(want_part)
-        assert (pret["exact_same_queries"]["r_precision"], pret["exact_same_queries"]["map_at_r"]) == pytest.approx(want)
-        monkeypatch.setattr(ev, "EXACT_R_CELLS", 10)  # too many exact ranks: the store's queries (here all 60)
-        assert evaluate(g, seed=3).retrieval["r_queries_exact"] == 60
+        monkeypatch.setattr(ev, "EXACT_R_CELLS", 10)  # too many exact ranks: the store's R sample, drawn from the exact one
+        monkeypatch.setattr(ev, "R_BUDGET", 100)
+        tight = evaluate(g, seed=3, r_sample=10).retrieval
+        picked = np.sort(rows[np.random.default_rng(3).choice(30, 10, replace=False)])
+        assert tight["r_queries_exact"] == tight["r_queries_store"] == 10 and tight["precision_queries_exact"] == 30
+        want_tight = _independent_r_metrics(test_vecs[picked], y_test[picked], train_vecs, y_train)
+        assert (tight["exact"]["r_precision"], tight["exact"]["map_at_r"]) == pytest.approx(want_tight)
 
 
 def test_retrieval_metrics_on_small_and_disjoint_collections(tmp_path: Path, db: str) -> None:

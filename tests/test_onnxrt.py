@@ -47,13 +47,13 @@ def test_the_runtime_choice(monkeypatch: pytest.MonkeyPatch, env, size, precisio
     assert onnxrt.wanted(spec) is wanted
 
 
-def test_what_cannot_be_had_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_cannot_be_had_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv(onnxrt.RUNTIME_ENV, "fast")
     with pytest.raises(InputError, match=r"LOOKALIKE_RUNTIME='fast' is not a runtime: use one of auto, tensorflow, onnx"):
         onnxrt.wanted(SPEC)
-    monkeypatch.setenv(onnxrt.RUNTIME_ENV, "onnx")
-    with pytest.raises(EmbedderError, match=r"float32 only: pass --precision float32"):
-        onnxrt.wanted(make_spec("mobilenetv3large", weights="random", input_size=224, precision="bfloat16"))
+    monkeypatch.setenv(onnxrt.RUNTIME_ENV, "onnx")  # a bfloat16 collection stays searchable: TensorFlow, said in one line
+    assert not onnxrt.wanted(make_spec("mobilenetv3large", weights="random", input_size=224, precision="bfloat16"))
+    assert "ONNX Runtime runs float32 only" in capsys.readouterr().err
     monkeypatch.setattr(onnxrt, "installed", lambda: False)
     with pytest.raises(EmbedderError, match=r"pip install 'lookalike\[onnx\]'"):
         onnxrt.wanted(SPEC)
@@ -142,11 +142,24 @@ def test_a_conversion_that_disagrees_or_fails_is_refused_and_remembered(converte
     assert emb.runtime == "tensorflow" and np.abs(emb.embed(PICTURES) - tf_emb.embed(PICTURES)).max() < 1e-6
     assert capsys.readouterr().err == ""
 
+    note.write_text(note.read_text().replace('"onnxruntime": "', '"onnxruntime": "0.'))  # made by another version
+    assert not onnxrt._refused(note)  # tried again after an upgrade
+
     note.unlink()
     monkeypatch.setattr(onnxrt, "_tf2onnx", lambda *a: (_ for _ in ()).throw(ValueError("unsupported op")))
     assert onnxrt.load(SPEC, lambda: tf_emb._model, tf_emb.backbone.preprocess, tf_emb._finish) is None
     assert "conversion failed (ValueError: unsupported op)" in capsys.readouterr().err
     assert [p.name for p in cache.iterdir()] == [note.name]  # the note alone: no model, no temporary file
+
+
+def test_an_unwritable_cache_falls_back_to_tensorflow(converted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(blocked))  # $LOOKALIKE_CACHE/onnx cannot be made
+    tf_emb = converted["tf"]
+    assert onnxrt.load(SPEC, lambda: tf_emb._model, tf_emb.backbone.preprocess, tf_emb._finish) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not writable" in err[0]
 
 
 def test_a_bad_runtime_on_the_command_line_is_one_line(monkeypatch: pytest.MonkeyPatch, runner, tiny_npz: Path, db: str) -> None:
