@@ -44,7 +44,7 @@ DUPLICATE_FACTOR = 0.25  # default threshold = this x the median nearest-neighbo
 METHODS = ("vote", "margin")
 CHUNK = 2048  # items whose neighbours are computed at once (progress is reported per chunk)
 STORE_SAMPLE = 1000  # items whose store answers are checked against the exact ones
-EXACT_MAX = 100_000  # items whose neighbours are computed exactly (~80 s here at 100,000); past it the store answers
+EXACT_MAX = 100_000  # items whose neighbours are computed exactly (audit: 350 s here at 100,000); past it the store answers
 QUERY_CHUNK = 1000  # store queries asked at once past EXACT_MAX
 MARGIN = 5  # neighbours asked beyond k + 1 past EXACT_MAX
 AUDIT_NOTE = "lookalike_audit"  # the collection metadata key of the last saved audit
