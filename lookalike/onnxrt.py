@@ -186,6 +186,8 @@ def _convert(
         try:
             _tf2onnx(model, spec.input_size, tmp)
             ours = _unit(finish(OnnxModel(tmp).predict_on_batch(x)))
+        except OSError:  # the cache (a full disk): not the model's fault, so nothing is noted (load says it)
+            raise
         except Exception as exc:  # tf2onnx and onnxruntime raise many kinds on an operator they cannot take
             return _refuse(note, info, f"conversion failed ({first_line(exc, 100)})", spec)
         diff = float(np.abs(ours - _unit(finish(np.asarray(model.predict_on_batch(x), np.float32)))).max())
