@@ -122,26 +122,30 @@ class AuditReport:
         return out
 
 
-def self_neighbours(vectors: np.ndarray, k: int, progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` nearest other rows (exact): (indices, Euclidean distances), ``(n, k)``, nearest first.
+def self_neighbours(
+    vectors: np.ndarray, k: int, progress: Callable[[int, int], None] | None = None, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows (exact): (indices, Euclidean distances), ``(n, k)``, nearest first; with
+    ``rows``, those of these rows only (``(len(rows), k)``).
 
     The row itself is dropped by index, so an exact copy of it still counts as a neighbour.
     """
     n = len(vectors)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
     k = min(k, n - 1)
-    idx = np.empty((n, k), dtype=int)
-    dist = np.empty((n, k))
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        got, d2 = exact_neighbours(vectors[start:stop], vectors, k + 1)
-        for row in range(stop - start):
-            keep = got[row] != start + row
+    idx = np.empty((len(rows), k), dtype=int)
+    dist = np.empty((len(rows), k))
+    for start in range(0, len(rows), CHUNK):
+        chunk = rows[start : start + CHUNK]
+        got, d2 = exact_neighbours(vectors[chunk], vectors, k + 1)
+        for row, item in enumerate(chunk):
+            keep = got[row] != item
             if keep.all():  # itself not among the k+1 (more than k exact copies): drop the farthest
                 keep[-1] = False
             idx[start + row] = got[row][keep][:k]
             dist[start + row] = np.sqrt(np.maximum(d2[row][keep][:k], 0.0))
         if progress is not None:
-            progress(stop, n)
+            progress(start + len(chunk), len(rows))
     return idx, dist
 
 
@@ -347,32 +351,36 @@ def _store_recall(
     gallery: Gallery, ids: list[str], vecs: np.ndarray, nn: np.ndarray, dist: np.ndarray, k: int, sample: int, seed: int
 ) -> tuple[float, int]:
     """Share of each sampled item's exact ``k`` neighbours that the store's ``k`` answers hold (a tie at the k-th distance counts)."""
-    pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(sample, len(ids)), replace=False))
+    pick = _pick(len(ids), sample, seed)
     if not len(pick):
         return float("nan"), 0
     answers = gallery.neighbours(vecs[pick], k + 1, metadata=False)
-    found = []
-    for row, i in zip(answers, pick):
-        got = [n for n in row if n.id != ids[i]][:k]
-        exact = {ids[j] for j in nn[i]}
-        hits = sum(n.id in exact or n.distance <= dist[i, -1] * (1 + 1e-4) + 1e-9 for n in got)
-        found.append(hits / k)
+    found = [
+        _held([(n.id, n.distance) for n in row if n.id != ids[i]][:k], {ids[j] for j in nn[i]}, dist[i, -1], k)
+        for row, i in zip(answers, pick)
+    ]
     return float(np.mean(found)), len(pick)
 
 
 def _sample_recall(ids: list[str], vecs: np.ndarray, nn: np.ndarray, dist: np.ndarray, k: int, sample: int, seed: int) -> tuple[float, int]:
     """Share of each sampled item's exact ``k`` neighbours that the store's answers ``nn`` hold (a tie at the k-th
     distance counts): exact search on the sample only, so it grows as the collection."""
-    pick = np.sort(np.random.default_rng(seed).choice(len(ids), min(sample, len(ids)), replace=False))
+    pick = _pick(len(ids), sample, seed)
     if not len(pick):
         return float("nan"), 0
-    got, d2 = exact_neighbours(vecs[pick], vecs, k + 1)
-    found = []
-    for r, i in enumerate(pick):
-        keep = got[r] != i
-        exact, kth = set(got[r][keep][:k].tolist()), float(np.sqrt(max(d2[r][keep][:k][-1], 0.0)))
-        found.append(sum(int(j) in exact or d <= kth * (1 + 1e-4) + 1e-9 for j, d in zip(nn[i], dist[i])) / k)
+    exact_nn, exact_dist = self_neighbours(vecs, k, rows=pick)
+    found = [_held(list(zip(nn[i], dist[i])), set(exact_nn[r].tolist()), exact_dist[r, -1], k) for r, i in enumerate(pick)]
     return float(np.mean(found)), len(pick)
+
+
+def _pick(n: int, sample: int, seed: int) -> np.ndarray:
+    """The seeded sample of items whose answers are checked (sorted rows)."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+
+
+def _held(answers: list[tuple[Any, float]], exact: set[Any], kth: float, k: int) -> float:
+    """Share of the exact ``k`` that ``answers`` (key, distance) hold: a key among ``exact``, or a tie at the k-th distance."""
+    return sum(key in exact or d <= kth * (1 + 1e-4) + 1e-9 for key, d in answers) / k
 
 
 def save_audit(gallery: Gallery, report: AuditReport) -> dict[str, Any]:

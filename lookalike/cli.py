@@ -871,13 +871,14 @@ def runtime_line() -> str:
     """Which runtime embeds photos here: ``$LOOKALIKE_RUNTIME`` and whether the onnx extra is installed."""
     from lookalike import onnxrt
     from lookalike.backbones import BACKBONES
+    from lookalike.embedder import DIGIT_INPUT
 
     choice = onnxrt.runtime_choice()
     if choice == "tensorflow":
         return f"runtime: TensorFlow (${onnxrt.RUNTIME_ENV}=tensorflow)"
     fast = ", ".join(b.name for b in BACKBONES.values() if b.onnx)
     if onnxrt.installed():
-        where = "every backbone that converts" if choice == "onnx" else f"{fast} in float32 from {onnxrt.AUTO_MIN_SIZE} px"
+        where = "every backbone that converts" if choice == "onnx" else f"{fast} in float32 above {DIGIT_INPUT} px"
         return f"runtime: ONNX Runtime for {where}, TensorFlow else (${onnxrt.RUNTIME_ENV}={choice})"
     return f"runtime: TensorFlow; ONNX Runtime embeds {fast} about 2x faster: {onnxrt.ONNX_EXTRA}"
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.backbones import BACKBONES
+from lookalike.embedder import DIGIT_INPUT
 from lookalike.errors import EmbedderError, InputError
 from lookalike.util import cache_dir, first_line
 
@@ -42,7 +43,6 @@ RUNTIMES = ("auto", "tensorflow", "onnx")
 ONNX_EXTRA = "pip install 'lookalike[onnx]'"
 MODULES = ("tf2onnx", "onnx", "onnxruntime")
 AGREE = 1e-3  # largest difference allowed between the two runtimes' L2-normalised vectors
-AUTO_MIN_SIZE = 65  # auto: ONNX from this side up (photo sizes; digits keep TensorFlow's bfloat16)
 FORMAT = 1  # bump when the conversion changes, so cached files are made again
 OPSET = 17
 CHECK_IMAGES = 4
@@ -75,7 +75,8 @@ def wanted(spec: EmbedderSpec) -> bool:
             return False
         return True
     fast = spec.model in BACKBONES and BACKBONES[spec.model].onnx
-    return fast and spec.precision == "float32" and spec.input_size >= AUTO_MIN_SIZE and installed()
+    # (photo sizes only: digit sizes keep TensorFlow's bfloat16)
+    return fast and spec.precision == "float32" and spec.input_size > DIGIT_INPUT and installed()
 
 
 def cache_key(spec: EmbedderSpec) -> str:
@@ -94,13 +95,11 @@ def cache_paths(spec: EmbedderSpec) -> tuple[Path, Path]:
 class OnnxModel:
     """A converted backbone on ONNX Runtime's CPU provider, with Keras's ``predict_on_batch`` call."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
-        if threads:
-            options.intra_op_num_threads = threads
         # threads sleep between calls instead of spinning: an ingest decodes on the same cores meanwhile
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)

@@ -134,7 +134,6 @@ def make_source(mnist: Path, n: int, out: Path, seed: int = 0) -> Path:
 def run(argv: list[str], timeout: float) -> dict[str, Any]:
     """Run ``argv``: wall seconds, peak RSS (MB, from ``wait4``), exit code, its JSON output (or last line)."""
     import tempfile
-    import threading
 
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -150,7 +149,7 @@ def run(argv: list[str], timeout: float) -> dict[str, Any]:
                 proc.returncode = -9
                 return {"seconds": time.perf_counter() - started, "timeout": timeout}
             else:
-                threading.Event().wait(0.05)
+                time.sleep(0.05)
         proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
         out.seek(0)
