@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -41,9 +42,15 @@ T = TypeVar("T")
 DEFAULT_DB = "./lookalike-db"
 RECORD_KEY = "lookalike"
 PAGE = 5000  # rows per get() page, below Chroma's 32,766-record limit
+# a scan lists the matching ids first (ids only: 0.33 s for 100,000), then reads them by id, PAGE at a time: a page by
+# offset costs more the further it starts (100,000 items: 290 ms at offset 50,000, 450 ms at 95,000), a page by id does not
+ID_PAGE = 100_000
 # ef_search 64: recall@1 0.9999 on MNIST's 10,000 held-out VGG16 vectors against 60,000, the same as
 # ef_search 200, in 6.7 s instead of 12.2 s (32: 3.6 s, same recall); see docs/performance.md.
-HNSW = {"space": "l2", "ef_construction": 200, "ef_search": 64, "max_neighbors": 32}
+# max_neighbors 16 and ef_construction 100 (Chroma's defaults; collections made by 0.2.0 and earlier have 32 and 200,
+# and keep them): 1,012 against 688 vectors/s written at 60,000 784-d MNIST vectors, the same recall@10 (0.9993
+# on 1,000 held-out digits), queries 2.2 against 2.8 ms (docs/scale.md)
+HNSW = {"space": "l2", "ef_construction": 100, "ef_search": 64, "max_neighbors": 16}
 # a label partition is small (a tenth of MNIST): a wider search costs ~1 ms and lifts label-filtered
 # recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query)
 PARTITION_HNSW = {**HNSW, "ef_search": 256}
@@ -55,6 +62,9 @@ PROBE = 100  # neighbours asked unfiltered before falling back to a ``where`` qu
 # a filter that the probe finds too rarely and that matches at most this many items is answered exactly, by brute
 # force over the matching items (their ids from SQLite, their vectors by id); a wider one by Chroma's ``where``
 EXACT_MAX = 2000
+# ... and the matching items of the last NARROW_KEPT such filters are kept (ids, vectors, metadata) until the next write:
+# the next query with the same filter skips SQLite (at 100,000 items: 250 ms to list 900 ids, 180 ms to read their vectors)
+NARROW_KEPT = 8
 # a warm collection (see VectorCollection.keep_warm) plans each filtered query from its in-memory mirror:
 BROAD = 0.05  # a filter matching at least this share of the items: over-fetch unfiltered, then keep the matches
 OVERFETCH = 3.0  # ... asking OVERFETCH x k / share neighbours (+ PROBE_MIN), at most PROBE_MAX
@@ -144,6 +154,8 @@ class VectorCollection:
         self._generation = 0  # writes so far (a mirror read while one happened is read again)
         self._loader: threading.Thread | None = None
         self.dim = 0  # the vectors' length, when the owner knows it (an empty collection's mirror needs it)
+        # a narrow filter's matching items (see NARROW_KEPT): filter's JSON -> (generation, ids, vectors, metadatas)
+        self._narrow: dict[str, tuple[int, list[str], np.ndarray, list[dict[str, Any]]]] = {}
 
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
@@ -189,18 +201,23 @@ class VectorCollection:
                     return self._mirror
                 generation = self._generation
             count = self.count()
-            mir: Mirror | None = None
-            for ids, vecs, metas in self.pages(vectors=True):
-                if mir is None:
-                    dim = vecs.shape[1] if vecs is not None and vecs.ndim == 2 else self.dim
-                    mir = Mirror(dim, vectors=count * dim * 4 <= MIRROR_VECTORS_MB * 2**20)
-                mir.put(ids, vecs if mir.keeps_vectors else None, metas)
+            dim = self.dim or self._stored_dim()
+            mir = Mirror(dim, vectors=dim > 0 and count * dim * 4 <= MIRROR_VECTORS_MB * 2**20)
+            for ids, vecs, metas in self.pages(vectors=mir.keeps_vectors):  # (vectors read only when they are kept)
+                mir.put(ids, vecs, metas)
             with self._mirror_lock:
                 if self._generation == generation:  # no write while it was read: it is the collection now
-                    self._mirror = mir or Mirror(self.dim, vectors=self.dim > 0)
+                    self._mirror = mir
                     log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
                     return self._mirror
         raise StoreError(f"collection {self.name!r} kept changing while it was read: run the query again")
+
+    def _stored_dim(self) -> int:
+        """The length of a stored vector (0 when the collection is empty)."""
+        with self._guard():
+            got = self._c.get(limit=1, include=["embeddings"])
+        embs = got.get("embeddings")
+        return int(np.asarray(embs).shape[1]) if embs is not None and len(embs) else 0
 
     @property
     def raw_record(self) -> str | None:
@@ -437,21 +454,32 @@ class VectorCollection:
     def pages(
         self, where: dict[str, Any] | None = None, *, vectors: bool = True, metadatas: bool = True
     ) -> Iterator[tuple[list[str], np.ndarray | None, list[dict[str, Any]]]]:
-        """The items matching ``where``, ``PAGE`` at a time: (ids, vectors or None, metadatas or empty dicts)."""
+        """The items matching ``where``, ``PAGE`` at a time: (ids, vectors or None, metadatas or empty dicts).
+
+        Paged by id, not by offset: the matching ids are listed first (``ID_PAGE`` at a time, ids only), then read
+        by id. An item removed during the scan is left out; one added after the listing is not read."""
         include = (["metadatas"] if metadatas else []) + (["embeddings"] if vectors else [])
-        offset = 0
-        while True:
+        listed: list[str] = []
+        with self._guard():
+            while True:
+                got = self._c.get(where=where, limit=ID_PAGE, offset=len(listed), include=[])
+                listed += got["ids"]
+                if len(got["ids"]) < ID_PAGE:
+                    break
+        listed = list(dict.fromkeys(listed))  # (a write between two listings can shift an id into the next one)
+        for start in range(0, len(listed), PAGE):
+            chunk = listed[start : start + PAGE]
+            if not include:
+                yield chunk, None, [{} for _ in chunk]
+                continue
             with self._guard():
-                got = self._c.get(where=where, limit=PAGE, offset=offset, include=include)
+                got = self._c.get(ids=chunk, include=include)
             n = len(got["ids"])
             if n == 0:
-                return
+                continue
             vecs = np.asarray(got["embeddings"], np.float32) if vectors else None
             metas = list(got["metadatas"]) if metadatas else [{} for _ in range(n)]
             yield list(got["ids"]), vecs, metas
-            offset += n
-            if n < PAGE:
-                return
 
     def query(
         self,
@@ -494,6 +522,14 @@ class VectorCollection:
             self.ensure_loading()
         if where is not None and mir is not None:
             return self._planned(mir, vectors, k, where, excluded, metadata)
+        if where is None and metadata and mir is not None:  # metadata from the mirror: Chroma's read of it is most of a query
+            found = self.query(vectors, k, exclude=exclude, metadata=False)
+            with self._mirror_lock:  # (an item removed since is left out)
+                return [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in found]
+        kept = self._kept_narrow(where) if where is not None else None
+        if kept is not None:  # a narrow filter met before (and no write since): exact over its items, no probe
+            self.plan_counts["brute"] += len(vectors)
+            return _nearest_of(vectors, k, *kept, excluded, metadata)
         if where is None:
             # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
             share = min(1.0, len(excluded) / max(self.count() - len(excluded), 1)) if k > EXTRA and excluded else 0.0
@@ -513,10 +549,10 @@ class VectorCollection:
             self.plan_counts["probe"] += len(out) - len(short)
         if short:
             log.debug("%d of %d queries had fewer than %d matches among %d neighbours", len(short), len(out), k, probe)
-            allowed = self._matching_ids(where, EXACT_MAX + 1) if where is not None else None
-            if allowed is not None and len(allowed) <= EXACT_MAX:  # a narrow filter: exact, over the matching items alone
+            narrow = self._narrow_items(where) if where is not None else None
+            if narrow is not None:  # a narrow filter: exact, over the matching items alone
                 self.plan_counts["brute"] += len(short)
-                for i, row in zip(short, self._exact(vectors[short], k, allowed, excluded, with_meta)):
+                for i, row in zip(short, _nearest_of(vectors[short], k, *narrow, excluded, with_meta)):
                     out[i] = row
             else:
                 self.plan_counts["where"] += len(short)
@@ -576,10 +612,37 @@ class VectorCollection:
                 out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in out]
         return out
 
-    def _matching_ids(self, where: dict[str, Any], limit: int) -> list[str]:
-        """Up to ``limit`` ids of items matching ``where`` (a narrow filter lists few: SQLite alone, no index)."""
+    def _kept_narrow(self, where: dict[str, Any]) -> tuple[list[str], np.ndarray, list[dict[str, Any]]] | None:
+        """A narrow filter's items as :meth:`_narrow_items` kept them, when no write happened since."""
+        kept = self._narrow.get(json.dumps(where, sort_keys=True))
+        if kept is None or kept[0] != self._generation or len(kept[1]) > EXACT_MAX:
+            return None
+        return kept[1], kept[2], kept[3]
+
+    def _narrow_items(self, where: dict[str, Any]) -> tuple[list[str], np.ndarray, list[dict[str, Any]]] | None:
+        """(ids, vectors, metadatas) of the items matching ``where`` when they are at most ``EXACT_MAX``, else None.
+        Their ids are listed from SQLite alone (no index), then read by id; a local collection keeps the answer
+        until its next write (its lock keeps other writers out; a server's other clients may write, so it does not)."""
+        kept = self._kept_narrow(where)
+        if kept is not None:
+            return kept
+        key = json.dumps(where, sort_keys=True)
+        generation = self._generation
         with self._guard():
-            return list(self._c.get(where=where, limit=limit, include=[])["ids"])
+            listed = list(self._c.get(where=where, limit=EXACT_MAX + 1, include=[])["ids"])
+        if len(listed) > EXACT_MAX:
+            return None
+        ids, vecs, metas = self.get(listed, vectors=True)
+        if vecs is None or len(ids) == 0:
+            vecs = np.zeros((0, self.dim), np.float32)
+        if not is_server(self._store.db):
+            with self._mirror_lock:
+                if self._generation == generation:  # (not when a write ran meanwhile)
+                    self._narrow.pop(key, None)
+                    while len(self._narrow) >= NARROW_KEPT:
+                        self._narrow.pop(next(iter(self._narrow)))
+                    self._narrow[key] = (generation, ids, vecs, metas)
+        return ids, vecs, metas
 
     def _exact(self, vectors: np.ndarray, k: int, ids: Sequence[str], excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:
         """The exact ``k`` nearest of ``ids`` (not ``excluded``) to each row of ``vectors``, by brute force."""
@@ -588,11 +651,7 @@ class VectorCollection:
             return [[] for _ in range(len(vectors))]
         got_ids, got_vecs, got_metas = self.get(keep_ids, vectors=True)
         assert got_vecs is not None
-        rows = _nearest(vectors, got_vecs, np.array(got_ids), k)
-        if not metadata:
-            return rows
-        meta_of = dict(zip(got_ids, got_metas))
-        return [[Neighbor(n.id, n.distance, meta_of[n.id]) for n in row] for row in rows]
+        return _nearest_of(vectors, k, got_ids, got_vecs, got_metas, (), metadata)
 
     def _query(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None, metadata: bool) -> list[list[Neighbor]]:
         out: list[list[Neighbor]] = []
@@ -620,6 +679,26 @@ class VectorCollection:
                         metas = [{}] * len(ids)
                     out.append([Neighbor(i, float(np.sqrt(max(d, 0.0))), m) for i, d, m in zip(ids, got["distances"][row], metas)])
         return out
+
+
+def _nearest_of(
+    queries: np.ndarray,
+    k: int,
+    ids: Sequence[str],
+    vecs: np.ndarray,
+    metas: Sequence[dict[str, Any]],
+    excluded: Collection[str],
+    metadata: bool,
+) -> list[list[Neighbor]]:
+    """The exact ``k`` nearest of the given items (not ``excluded``) to each query, with their metadata when asked."""
+    rows = [i for i, x in enumerate(ids) if x not in excluded] if excluded else list(range(len(ids)))
+    if not rows:
+        return [[] for _ in range(len(queries))]
+    found = _nearest(queries, vecs[rows], np.array([ids[i] for i in rows]), k)
+    if not metadata:
+        return found
+    meta_of = dict(zip(ids, metas))
+    return [[Neighbor(n.id, n.distance, dict(meta_of[n.id])) for n in row] for row in found]
 
 
 def _nearest(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int) -> list[list[Neighbor]]:

@@ -11,15 +11,18 @@ by default: the model kept out of the way). Then, each command as a user runs it
 it, single queries (p50 and p99 of 200: unfiltered, a label filter, and a metadata filter at 1%
 selectivity: ``index < N/100`` on the training items), ``evaluate``, ``audit``, ``check``,
 ``export`` and ``import`` (the ``parquet`` extra), ``map`` (PCA and t-SNE) and ``clusters`` on their
-default samples. Queries are timed as one command asks them (nothing in memory) and warm, as the service
-and the app ask them (the mirror plans filtered queries). For the label partitions' decision the same
+default samples. Queries (k=10, with the hits' metadata, as a search shows them) are timed as one command
+asks them (nothing in memory but a narrow filter's items, kept after its first query, which is timed
+apart) and warm, as the service and the app ask them (the mirror plans filtered queries). For the label partitions' decision the same
 digits are also ingested without them (``flat``), and a label filter timed there, cold and warm. It
 prints each figure's exponent fitted over the sizes (time ~ N^b) and writes JSON after every step:
 a run stopped (``--minutes``, Ctrl-C, a kill) is resumed by running it again.
 Each command has ``--timeout`` seconds; one that runs past it is recorded as such, not waited for.
 
-Not measured here yet (the issue asks for them): the service at 16 clients, the app's first render of
-each page, and the peers (scikit-learn, faiss, hnswlib) on the same vectors.
+Then the service (``lookalike serve --preload``: its start-up, then ``scripts/loadtest.py`` at 16 clients
+for 30 s, image uploads and stored ids, half label-filtered, with its RSS) and the app
+(``scripts/app_pages.py``: the first render of each page in headless chromium, the ``app`` extra and
+Debian's chromium). The peers (scikit-learn, faiss, hnswlib) are ``scripts/peers.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 
 LOOKALIKE = [str(Path(sys.executable).with_name("lookalike"))]  # the command users run, from this environment
 QUERIES = 200
+HERE = Path(__file__).resolve().parent
 
 QUERY_CHILD = """
 import json, sys, time
@@ -67,12 +71,16 @@ def timed(prefix):
         lat = []
         for v in vecs:
             t = time.perf_counter()
-            g.neighbours(v[None], 10, metadata=False, **kw)
+            g.neighbours(v[None], 10, **kw)  # (with the hits' metadata, as a search shows them)
             lat.append((time.perf_counter() - t) * 1000)
         out[f"{prefix}_{name}_p50_ms"] = float(np.percentile(lat, 50))
         out[f"{prefix}_{name}_p99_ms"] = float(np.percentile(lat, 99))
 
 
+if "meta_1pct" in filters:  # a new process's first query with a narrow filter (the others below reuse its items)
+    t = time.perf_counter()
+    g.neighbours(vecs[:1], 10, **filters["meta_1pct"])
+    out["query_meta_1pct_first_ms"] = (time.perf_counter() - t) * 1000
 timed("query")  # as one command asks: nothing kept in memory
 t = time.perf_counter()
 g.keep_warm(load=True)  # as the service and the app ask: the mirror plans filtered queries
@@ -90,6 +98,42 @@ lookalike.gallery.MAX_PARTITIONS = 0  # (measurement only) the same ingest witho
 from lookalike.ingest import ingest
 r = ingest("mnist", source=sys.argv[1], embedder=sys.argv[2], db=sys.argv[3])
 print(json.dumps(r.to_dict()))
+"""
+
+
+SERVICE_CHILD = """
+import json, os, socket, subprocess, sys, time, urllib.request
+lookalike, db, src, loadtest = sys.argv[1:5]
+with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+url = f"http://127.0.0.1:{port}"
+t = time.perf_counter()
+log = open(db.rstrip("/") + "-serve.log", "w+")  # (a pipe left unread would stop a chatty server)
+server = subprocess.Popen([lookalike, "serve", "--db", db, "--port", str(port), "--preload"], stdout=log, stderr=log)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+while True:
+    try:
+        with opener.open(url + "/health", timeout=5):
+            break
+    except OSError:
+        if server.poll() is not None:
+            log.seek(0)
+            sys.exit("the service did not start: " + log.read()[-300:])
+        time.sleep(0.5)
+up = time.perf_counter() - t
+try:
+    argv = [sys.executable, loadtest, "--url", url, "--clients", "16", "--seconds", "30", "--requests", "1000000"]
+    argv += ["--source", src, "--server-pid", str(server.pid), "--warmup-seconds", "5", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+finally:
+    server.terminate()
+    server.wait(timeout=60)
+report = json.loads(done.stdout)
+out = {"up_s": up, "rss_end_mb": report["server_rss_mb"]["end"]}
+for kind in ("all", "image", "id"):
+    out.update({f"{kind}_{k}": v for k, v in report[kind].items() if k in ("per_s", "p50_ms", "p99_ms", "errors")})
+print(json.dumps(out))
 """
 
 
@@ -190,6 +234,8 @@ def measure(n: int, args: argparse.Namespace, done: dict[str, Any], save: Any) -
         ("clusters", [*LOOKALIKE, "clusters", *col, "--json"]),
         ("export", [*LOOKALIKE, "export", "mnist", "--db", str(db), "--out", str(work / f"export-{n}.parquet")]),
         ("import", [*LOOKALIKE, "import", str(work / f"export-{n}.parquet"), "--db", str(work / f"db-import-{n}"), "--collection", "copy"]),
+        ("service", [sys.executable, "-c", SERVICE_CHILD, LOOKALIKE[0], str(db), str(src), str(HERE / "loadtest.py")]),
+        ("app", [sys.executable, str(HERE / "app_pages.py"), *col, "--source", str(src), "--out", str(work / f"app-{n}"), "--json"]),
     ]
     for step, path in (("ingest", db), ("ingest_flat", flat)):
         if step not in done and path.exists():
@@ -227,12 +273,14 @@ def _trim(name: str, got: dict[str, Any]) -> dict[str, Any]:
         "ingest_flat": ("images_per_s", "write_seconds", "seconds"),
         "queries": tuple(j),
         "queries_flat": tuple(j),
+        "service": tuple(j),
+        "app": tuple(k for k in j if k.endswith("_s") or k == "upload_answered_s"),
         "evaluate": ("accuracy", "exact_accuracy", "recall_at_1", "n_queries", "exact_queries", "queries_per_s", "seconds"),
         "audit": ("n_items", "neighbours_by", "store_recall_at_k", "store_sample", "seconds", "timings"),
         "check": ("ok", "seconds"),
         "clusters": ("n_items", "silhouette_sample", "seconds"),
     }.get(name, ())
-    got.update({f"{name}_{k}" if not name.startswith("queries") else k: j[k] for k in keep if k in j})
+    got.update({f"{name}_{k}" if not name.startswith(("queries", "service", "app")) else k: j[k] for k in keep if k in j})
     return got
 
 
@@ -248,6 +296,7 @@ FIGURES = {  # table rows: (step, key)
     "label p99 ms": ("queries", "query_label_p99_ms"),
     "1% filter p50 ms": ("queries", "query_meta_1pct_p50_ms"),
     "1% filter p99 ms": ("queries", "query_meta_1pct_p99_ms"),
+    "1% filter first ms": ("queries", "query_meta_1pct_first_ms"),
     "warm-up s": ("queries", "warm_s"),
     "warm query p50 ms": ("queries", "warm_none_p50_ms"),
     "warm query p99 ms": ("queries", "warm_none_p99_ms"),
@@ -268,6 +317,19 @@ FIGURES = {  # table rows: (step, key)
     "clusters s": ("clusters", "seconds"),
     "export s": ("export", "seconds"),
     "import s": ("import", "seconds"),
+    "service up s": ("service", "up_s"),
+    "service 16 clients /s": ("service", "all_per_s"),
+    "service p50 ms": ("service", "all_p50_ms"),
+    "service p99 ms": ("service", "all_p99_ms"),
+    "service id p50 ms": ("service", "id_p50_ms"),
+    "service RSS MB": ("service", "rss_end_mb"),
+    "app up s": ("app", "app_up_s"),
+    "app map first s": ("app", "map_first_computation_s"),
+    "app search s": ("app", "first_render_search_s"),
+    "app map s": ("app", "first_render_map_s"),
+    "app evaluation s": ("app", "first_render_evaluation_s"),
+    "app clusters s": ("app", "first_render_clusters_s"),
+    "app audit s": ("app", "first_render_audit_s"),
 }
 
 

@@ -109,6 +109,20 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
         assert [h.id for h in got] == [ids[label_rows[j]] for j in np.argsort(d, kind="stable")[:5]]
 
 
+def test_a_warm_collection_reads_unfiltered_hits_metadata_from_its_mirror(big: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Gallery.open(db=big) as g:
+        cold = [search(g, id=f"mnist:test:{i}", k=8) for i in range(5)]
+        g.keep_warm(load=True)
+        col = g.collection()
+        asked: list[list[str]] = []
+        real = col._c.query
+        monkeypatch.setattr(col._c, "query", lambda *a, **kw: asked.append(kw["include"]) or real(*a, **kw))
+        warm = [search(g, id=f"mnist:test:{i}", k=8) for i in range(5)]
+        assert asked and all("metadatas" not in inc for inc in asked)  # not read from Chroma ...
+        assert [[(h.id, h.metadata) for h in hits] for hits in warm] == [[(h.id, h.metadata) for h in hits] for hits in cold]
+        assert all({"split", "label", "index"} <= set(h.metadata) for hits in warm for h in hits)  # ... yet there, as stored
+
+
 def test_where_in_the_cli_and_the_service(big: str) -> None:
     from lookalike.service import Service
 

@@ -53,10 +53,21 @@ def test_create_add_query_scan(db: str, monkeypatch: pytest.MonkeyPatch) -> None
     assert [n.id for n in excluding] == [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in np.argsort(exact)[1:4]]
     assert excluding[0].metadata == {}
     monkeypatch.setattr(store_mod, "PAGE", 7)  # force several pages
+    monkeypatch.setattr(store_mod, "ID_PAGE", 6)  # ... and several id listings
     ids, got, metas = col.scan({"split": "train"})
     assert len(ids) == 20 == len(set(ids)) and got.shape == (20, 784)
     row = ids.index("mnist:train:4")
     assert np.allclose(got[row], vecs[4])
+    assert [m["split"] for m in metas] == ["train"] * 20
+    every = list(col.pages(vectors=False, metadatas=False))
+    assert sorted(i for page, _, _ in every for i in page) == sorted(f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in range(30))
+    assert max(len(page) for page, _, _ in every) == 7
+    scan = col.pages(vectors=True)  # paged by id: an item removed during a scan is left out, nothing else is
+    first_ids, _, _ = next(scan)
+    col.delete(["mnist:train:29"])
+    rest = [i for page, _, _ in scan for i in page]
+    assert len(first_ids) + len(rest) == 29 and "mnist:train:29" not in first_ids + rest
+    col.add(["mnist:train:29"], vecs[29:30], [metas[0] | {"split": "train", "label": 9}])
     col.add(["mnist:train:1"], vecs[:1] * 0, [metas[0]])  # re-adding an id is skipped, not duplicated
     assert col.count() == 30
     assert np.allclose(col.get(["mnist:train:1"], vectors=True)[1], vecs[1])
@@ -113,6 +124,22 @@ def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch:
         assert [int(n.id.rsplit(":", 1)[1]) for n in row] == want
     assert calls[0] == (32, None)  # the unfiltered probe of max(4k + 16, PROBE)
     assert col.plan_counts["brute"] > 0 and all(where is None for _, where in calls)
+    # a narrow filter's items are kept: the same filter again reads nothing from Chroma, until the next write
+    reads: list[object] = []
+    chroma_get = col._c.get
+    monkeypatch.setattr(col._c, "get", lambda *a, **kw: reads.append(kw.get("where")) or chroma_get(*a, **kw))
+    brute, probes = col.plan_counts["brute"], len(calls)
+    for i in range(10):
+        (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
+        assert [int(n.id.rsplit(":", 1)[1]) for n in row] == _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
+    assert reads == [] and col.plan_counts["brute"] == 2 * brute  # the filters answered by brute force: again, from memory
+    assert len(calls) == probes + 10 - brute  # ... with no probe either (the others: the probe, as before)
+    col.add(["mnist:train:60"], vecs[:1] + 0.5, [{"label": 0, "label_name": "0", "split": "train"}])
+    vecs, labels = np.concatenate([vecs, vecs[:1] + 0.5]), np.append(labels, 0)
+    for i in range(10):  # after a write, the kept items are let go: read again, with the new item
+        (row,) = col.query(vecs[i : i + 1], 4, where={"label": (i + 5) % 10})
+        assert [int(n.id.rsplit(":", 1)[1]) for n in row] == _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
+    assert any(w is not None for w in reads)
     monkeypatch.setattr(store_mod, "EXACT_MAX", 3)  # a filter matching more than that: Chroma's where answers
     for i in range(10):
         want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
