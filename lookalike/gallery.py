@@ -120,10 +120,18 @@ class Gallery:
 
     @classmethod
     def create(
-        cls, store: Store, name: str, record: Record, *, max_pixels: int | None = None, notes: dict[str, str] | None = None
+        cls,
+        store: Store,
+        name: str,
+        record: Record,
+        *,
+        max_pixels: int | None = None,
+        notes: dict[str, str] | None = None,
+        partitions: bool = True,
     ) -> Gallery:
-        """A new, empty collection ``name`` holding ``record`` (label partitions when it has 1-100 labels) and ``notes``."""
-        partitioned = 0 < len(record.label_names) <= MAX_PARTITIONS
+        """A new, empty collection ``name`` holding ``record`` and ``notes``, with label partitions when it has 1-100
+        labels (unless not ``partitions``)."""
+        partitioned = partitions and 0 < len(record.label_names) <= MAX_PARTITIONS
         record = replace(record, label_partitions=partitioned)
         col = store.create(name, record.to_json(), partitioned, notes)
         return cls(store, name, max_pixels=max_pixels, _collection=col)

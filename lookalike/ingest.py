@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images to do)
 UPGRADE_BATCH = 1000  # items per write when upgrading a collection of an earlier release
+# embedded items are written to the store this many at a time, or after WRITE_SECONDS, whichever comes first: each
+# Chroma write call costs ~40 ms besides its items (10,000 784-d vectors: 436/s in calls of 25, 1,041/s in calls of
+# 256, 1,329/s in calls of 5,000), and a batch spread over ten label partitions makes ten calls of a tenth each
+WRITE_BATCH = int(os.environ.get("LOOKALIKE_WRITE_BATCH", "5000"))
+WRITE_SECONDS = 10.0
 
 
 @dataclass
@@ -135,6 +140,7 @@ def ingest(
     relocate: bool = False,
     gps: bool = False,
     metadata: str | None = None,
+    label_partitions: bool | None = None,
 ) -> IngestReport:
     """Embed ``dataset`` into ``collection`` (default: the dataset's name) of the store at ``db`` (or ``store``).
 
@@ -149,7 +155,8 @@ def ingest(
     ``decode_workers`` threads (default: the cores, at most 4) ahead of the embedder, straight to
     about its input size; links out of a folder are followed only with ``follow_links``. ``wait``: seconds to wait
     for another process's lock on a local store. ``progress(done, total)`` is called after each
-    written batch.
+    embedded batch; items are written ``WRITE_BATCH`` (5,000) at a time or every ``WRITE_SECONDS`` (10 s), and
+    ``$LOOKALIKE_WRITE_BATCH`` sets the first.
 
     A folder is mirrored (:mod:`lookalike.catalogue`): new files are added with a split given once,
     changed files re-embedded and replaced, touched ones get new metadata, files gone are reported
@@ -160,6 +167,10 @@ def ingest(
     whole before anything is written and recorded for later syncs (default: the one recorded); it owns
     the folder items' fields beyond lookalike's own, so an edited sidecar updates them (nothing embedded).
     A folder collection written before living folders is upgraded in place first.
+
+    ``label_partitions`` (a new collection only; refused when it differs from an existing one's): False makes it
+    without label partitions, which halves its write time but answers label filters the way other filters are
+    answered (see :meth:`lookalike.store.VectorCollection.query`); default: partitions when it has 1-100 labels.
 
     ``ray`` (or a ``ray_address``: ``auto``, ``ray://HOST:PORT``) embeds on a Ray Data actor pool
     of ``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each; default as many as the
@@ -202,6 +213,12 @@ def ingest(
             store = None  # no store yet: it is created only once there is something to write
     try:
         gallery = Gallery(store, name) if store is not None and store.exists(name) else None
+        if gallery is not None and label_partitions is not None and label_partitions != gallery.record.label_partitions:
+            have = "has" if gallery.record.label_partitions else "has no"
+            raise InputError(
+                f"collection {name!r} {have} label partitions: --label-partitions/--no-label-partitions is for a new collection"
+                " (choose another --collection)"
+            )
         if seed is None:
             seed = int(gallery.record.protocol.get("seed") or 0) if gallery is not None else 0
         if gallery is not None and dataset == "folder" and gallery.record.dataset == "folder":
@@ -251,7 +268,20 @@ def ingest(
                 gallery, todo, stored = _replan(store, name, gallery, todo, stored, ds, record, report)
             started = time.perf_counter()
             report.ray_workers = _stream_ray(
-                ds, todo, spec, record, name, store, gallery, ray_options, batch_size, max_pixels, skipped, writes, progress
+                ds,
+                todo,
+                spec,
+                record,
+                name,
+                store,
+                gallery,
+                ray_options,
+                batch_size,
+                max_pixels,
+                skipped,
+                writes,
+                progress,
+                partitions=label_partitions is not False,
             )
         elif todo:
             if model_obj is None:
@@ -261,7 +291,7 @@ def ingest(
                 store = Store(db, create=True, wait=wait)
                 gallery, todo, stored = _replan(store, name, gallery, todo, stored, ds, record, report)  # made meanwhile?
             if gallery is None:
-                gallery = Gallery.create(store, name, record)
+                gallery = Gallery.create(store, name, record, partitions=label_partitions is not False)
             started = time.perf_counter()  # the model's and the store's start-up are not ingest time
             _stream(ds, todo, model_obj, gallery, batch_size, decode_workers, skipped, writes, progress)
         report.seconds = time.perf_counter() - started
@@ -524,7 +554,9 @@ def _replacing(meta: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
 
 class _Writes:
     """Writes embedded items to the collection (new ones added, changed ones replaced), counting and timing them;
-    ``extra``: fields of a sidecar by id; ``stored``: the replaced items' metadata now."""
+    ``extra``: fields of a sidecar by id; ``stored``: the replaced items' metadata now. Items are kept until
+    ``WRITE_BATCH`` are waiting or the first waited ``WRITE_SECONDS`` (then written in one go), and at the end
+    (:meth:`flush`). A process killed meanwhile loses only what was not written: a resumed ingest embeds it again."""
 
     def __init__(
         self,
@@ -537,8 +569,28 @@ class _Writes:
     ) -> None:
         self.ds, self.report, self.replace_ids, self.stages = ds, report, replace_ids, stages
         self.extra, self.stored = extra or {}, stored or {}
+        self._gallery: Gallery | None = None
+        self._items: list = []
+        self._vectors: list[np.ndarray] = []
+        self._since = 0.0
+        self.written = 0
 
     def __call__(self, gallery: Gallery, items: list, vectors: np.ndarray) -> None:
+        if not self._items:
+            self._since = time.perf_counter()
+        self._gallery = gallery
+        self._items += items
+        self._vectors.append(vectors)
+        if len(self._items) >= WRITE_BATCH or time.perf_counter() - self._since >= WRITE_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the items waiting."""
+        if not self._items:
+            return
+        assert self._gallery is not None
+        gallery, items, vectors = self._gallery, self._items, np.concatenate(self._vectors)
+        self._items, self._vectors = [], []
         t = time.perf_counter()
         metas = [{**it.metadata(self.ds.name, self.ds.label_names), **self.extra.get(it.id, {})} for it in items]
         metas = [_replacing(m, self.stored.get(it.id, {})) if it.id in self.replace_ids else m for it, m in zip(items, metas)]
@@ -552,6 +604,8 @@ class _Writes:
             for j in new:
                 self.report.added[items[j].split] += 1
         self.stages["write"] += time.perf_counter() - t
+        self.written += len(items)
+        log.info("stored %d", self.written)
 
 
 def _stream_ray(
@@ -568,6 +622,8 @@ def _stream_ray(
     skipped: list[tuple[str, Unreadable]],
     write: _Writes,
     progress: Progress | None,
+    *,
+    partitions: bool = True,
 ) -> int:
     """Embed ``todo`` on Ray (workers read and embed), write here as batches come back (the collection made at the
     first); returns the number of Ray workers."""
@@ -575,7 +631,7 @@ def _stream_ray(
 
     if not todo:  # another process stored them all meanwhile
         if gallery is None:
-            Gallery.create(store, name, record)
+            Gallery.create(store, name, record, partitions=partitions)
         return 0
     by_id = {it.id: it for it in todo}
     rows = [(it.id, it.metadata(ds.name, ds.label_names)) for it in todo]
@@ -600,14 +656,15 @@ def _stream_ray(
                         source_errors.append(detail)
             if ok:
                 if gallery is None:
-                    gallery = Gallery.create(store, name, record)
+                    gallery = Gallery.create(store, name, record, partitions=partitions)
                 write(gallery, [by_id[got.ids[j]] for j in ok], got.vectors[ok])
             done += len(got.ids)
-            log.info("stored %d/%d", done, len(todo))
+            log.info("embedded %d/%d", done, len(todo))
             if progress is not None:
                 progress(done, len(todo))
+        write.flush()
     if gallery is None:
-        Gallery.create(store, name, record)  # as a plain ingest does, even when nothing could be read
+        Gallery.create(store, name, record, partitions=partitions)  # as a plain ingest does, even when nothing could be read
     if source_errors:
         log.warning("%d items: a Ray worker could not read the source: %s", len(source_errors), source_errors[0])
     return workers
@@ -624,7 +681,8 @@ def _stream(
     write: _Writes,
     progress: Progress | None,
 ) -> None:
-    """Decode (ahead, on threads), embed and write ``todo`` batch by batch; ``write.stages`` sums each stage's wall time."""
+    """Decode (ahead, on threads), embed and write ``todo`` batch by batch (``write`` groups them for the store);
+    ``write.stages`` sums each stage's wall time."""
     done = 0
     stages = write.stages
     for batch in read_batches(ds, todo, batch_size, workers):
@@ -637,9 +695,10 @@ def _stream(
             stages["embed"] += time.perf_counter() - t
             write(gallery, [it for it, _ in ok], vectors)
         done += len(batch.items)
-        log.info("stored %d/%d", done, len(todo))
+        log.info("embedded %d/%d", done, len(todo))
         if progress is not None:
             progress(done, len(todo))
+    write.flush()
     if skipped:
         log.warning("skipped %d images (unreadable or over the pixel limit)", len(skipped))
 

@@ -14,6 +14,21 @@ import numpy as np
 from lookalike.util import label_name
 
 TIE_RTOL = 1e-5  # relative tolerance on squared distance for a tie in the recall audit
+SCORES_MB = 256  # the most memory a block of query x index scores takes (a million indexed items: 64 queries a block)
+
+
+def _block(chunk: int, n: int) -> int:
+    """Queries per block: at most ``chunk``, and fewer when ``n`` indexed items would pass ``SCORES_MB`` of scores."""
+    return max(1, min(chunk, int(SCORES_MB * 2**20 // (8 * max(n, 1)))))
+
+
+def squared_norms(x: np.ndarray, rows: int = 65_536) -> np.ndarray:
+    """``|x_i|^2`` of each row, summed in float64 a block of rows at a time (no float64 copy of all of ``x``)."""
+    out = np.empty(len(x))
+    for start in range(0, len(x), rows):
+        block = np.asarray(x[start : start + rows], np.float64)
+        out[start : start + rows] = np.einsum("ij,ij->i", block, block)
+    return out
 
 
 def exact_neighbours(queries: np.ndarray, index: np.ndarray, k: int, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -26,9 +41,10 @@ def exact_neighbours(queries: np.ndarray, index: np.ndarray, k: int, chunk: int 
     k = min(k, n)
     cand = min(k + 8, n)
     index32 = np.ascontiguousarray(index, dtype=np.float32)
-    norms = (index32.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    norms = squared_norms(index32).astype(np.float32)
     idx = np.empty((len(queries), k), dtype=int)
     d2 = np.empty((len(queries), k))
+    chunk = _block(chunk, n)
     for start in range(0, len(queries), chunk):
         q = np.asarray(queries[start : start + chunk], dtype=np.float32)
         approx = (q * np.float32(-2.0)) @ index32.T
@@ -91,8 +107,9 @@ def exact_ranking(queries: np.ndarray, index: np.ndarray, k: int, chunk: int = 2
     n = len(index)
     k = min(k, n)
     index32 = np.ascontiguousarray(index, dtype=np.float32)
-    norms = (index32.astype(np.float64) ** 2).sum(1).astype(np.float32)
+    norms = squared_norms(index32).astype(np.float32)
     out = np.empty((len(queries), k), dtype=int)
+    chunk = _block(chunk, n)
     for start in range(0, len(queries), chunk):
         q = np.asarray(queries[start : start + chunk], dtype=np.float32)
         score = (q * np.float32(-2.0)) @ index32.T

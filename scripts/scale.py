@@ -93,10 +93,8 @@ print(json.dumps(out))
 
 FLAT_INGEST = """
 import json, sys
-import lookalike.gallery
-lookalike.gallery.MAX_PARTITIONS = 0  # (measurement only) the same ingest without label partitions
 from lookalike.ingest import ingest
-r = ingest("mnist", source=sys.argv[1], embedder=sys.argv[2], db=sys.argv[3])
+r = ingest("mnist", source=sys.argv[1], embedder=sys.argv[2], db=sys.argv[3], label_partitions=False)  # --no-label-partitions
 print(json.dumps(r.to_dict()))
 """
 

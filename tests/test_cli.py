@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -232,10 +233,11 @@ def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "LOOKALIKE_WRITE_BATCH": "25"},  # (each batch written as soon as it is embedded)
     )
     assert proc.stderr is not None
     for line in proc.stderr:  # wait for the first written batch, then kill -9 mid-ingest
-        if "stored 25/600" in line:
+        if "stored 25" in line:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

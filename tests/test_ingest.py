@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from lookalike.embedder import PixelEmbedder
 from lookalike.errors import EmbedderError, InputError, MismatchError
 from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
+
+ingest_mod = importlib.import_module("lookalike.ingest")  # (the package exports the function under the same name)
 
 
 class CountingEmbedder(PixelEmbedder):
@@ -51,7 +54,8 @@ def test_ingest_then_rerun_adds_nothing(tiny_npz: Path, db: str) -> None:
     assert col.count() == 250
 
 
-def test_interrupted_ingest_resumes_without_duplicates_or_reembedding(tiny_npz: Path, db: str) -> None:
+def test_interrupted_ingest_resumes_without_duplicates_or_reembedding(tiny_npz: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_mod, "WRITE_BATCH", 40)  # each batch written as soon as it is embedded
     emb = CountingEmbedder()
     calls = []
 
@@ -169,3 +173,45 @@ def test_photos_are_found_by_their_own_file_and_phone_shots_read_upright(tmp_pat
         assert hit.id.endswith("c2/0.jpg") and hit.distance < 0.05
         sideways.save(tmp_path / "no-exif.jpg", quality=92)  # without the tag it is another picture
         assert search(g, image=tmp_path / "no-exif.jpg", k=1)[0].distance > 10 * hit.distance
+
+
+def test_no_label_partitions_makes_a_collection_without_them_and_filters_stay_exact(tiny_npz: Path, db: str) -> None:
+    from typer.testing import CliRunner
+
+    from lookalike.cli import app
+    from lookalike.search import search
+
+    r = CliRunner().invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--no-label-partitions", "--db", db])
+    assert r.exit_code == 0, r.output
+    with Gallery.open("mnist", db) as g:
+        assert g.record.label_partitions is False and g.store.names() == ["mnist"]
+        assert [c for c, _ in g.store.all_collections()] == ["mnist"]  # no hidden NAME.pLABEL collections
+        ids, vecs, metas = g.scan("train")
+        q = g.vector("mnist:test:3")
+        threes = [i for i, m in enumerate(metas) if m["label"] == 3]
+        d = np.sqrt(((vecs[threes] - q) ** 2).sum(1))
+        assert [h.id for h in search(g, id="mnist:test:3", k=5, labels=["3"], where={"split": "train"})] == [
+            ids[threes[j]] for j in np.argsort(d, kind="stable")[:5]
+        ]
+    with pytest.raises(InputError, match="has no label partitions: --label-partitions/--no-label-partitions is for a new collection"):
+        ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db, label_partitions=True)
+    ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db, collection="parts")  # the default: partitions
+    with Gallery.open("parts", db) as g:
+        assert g.record.label_partitions is True and len(g.store.all_collections()) == 2 + 10
+
+
+def test_embedded_batches_are_written_to_the_store_in_large_calls(tiny_npz: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Chroma write costs ~40 ms besides its items, and a batch spread over ten label partitions is ten writes:
+    batches of 40 are written together, WRITE_BATCH at a time, the rest at the end."""
+    monkeypatch.setattr(ingest_mod, "WRITE_BATCH", 100)
+    writes: list[int] = []
+    real = Gallery.add
+    monkeypatch.setattr(Gallery, "add", lambda self, ids, *a, **kw: writes.append(len(ids)) or real(self, ids, *a, **kw))
+    seen: list[int] = []
+    report = ingest("mnist", source=str(tiny_npz), embedder="pixels", batch_size=40, db=db, progress=lambda d, t: seen.append(d))
+    assert writes == [120, 120, 10] and report.stored == {"train": 200, "test": 50}  # (40-item batches until >= 100)
+    assert seen == [40, 80, 120, 160, 200, 240, 250]  # progress follows the embedding, batch by batch
+    monkeypatch.setattr(ingest_mod, "WRITE_SECONDS", 0.0)  # ... or when the first waiting batch has waited long enough
+    writes.clear()
+    ingest("mnist", source=str(tiny_npz), embedder="pixels", batch_size=40, db=db, collection="again")
+    assert writes == [40] * 6 + [10]

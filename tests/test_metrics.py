@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import lookalike.metrics as metrics
 from lookalike.metrics import (
     confusion,
     duplicate_groups,
@@ -138,3 +139,17 @@ def test_duplicate_groups_are_connected_components() -> None:
     assert [g.tolist() for g in groups] == [[1, 2, 5], [7, 8]]
     assert duplicate_groups(np.zeros((0, 2), int), 4) == []
     assert outlier_scores(np.array([[1.0, 3.0], [0.0, 0.0]])).tolist() == [2.0, 0.0]
+
+
+def test_exact_search_in_small_blocks_gives_the_same_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A million indexed items would make a block of 512 queries 2 GB of scores: blocks shrink to stay under SCORES_MB."""
+    rng = np.random.default_rng(3)
+    index, queries = rng.standard_normal((3000, 12)).astype(np.float32), rng.standard_normal((40, 12)).astype(np.float32)
+    whole = metrics.exact_neighbours(queries, index, 5), metrics.exact_ranking(queries, index, 50)
+    assert metrics._block(512, 3000) == 512 and metrics._block(512, 1_000_000) == 33
+    monkeypatch.setattr(metrics, "SCORES_MB", 0.1)  # 4 queries a block here
+    assert metrics._block(512, 3000) == 4
+    idx, d2 = metrics.exact_neighbours(queries, index, 5)
+    assert np.array_equal(idx, whole[0][0]) and np.allclose(d2, whole[0][1])
+    assert np.array_equal(metrics.exact_ranking(queries, index, 50), whole[1])
+    assert np.allclose(metrics.squared_norms(index, rows=7), (index.astype(np.float64) ** 2).sum(1))
