@@ -8,8 +8,10 @@ neighbour; ties at equal distance count) and ``exact_accuracy`` (the accuracy ex
 Retrieval metrics (Musgrave, Belongie and Lim 2020, section 3.2), through the store and exactly:
 precision@1/5/10 over every held-out query; R-precision and MAP@R, which rank R items per query
 (R = the indexed items of its label: ~6,000 on MNIST), over every query when that is at most
-``R_BUDGET`` ranked items in all, else over a seeded sample of ``r_sample`` queries (the exact
-ranking always over every query, and over the sample too for comparison).
+``R_BUDGET`` ranked items in all, else over a seeded sample of ``r_sample`` queries, fewer (at least
+``R_MIN``) when R is so long that they would rank more than ``R_RESULTS`` items (the exact ranking over
+the queries exact search answered while they fit in ``EXACT_R_CELLS`` ranks, and over the sample too
+for comparison).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ SAVED_MISTAKES = 1000  # mistakes kept with a saved report (all are counted)
 PRECISION_KS = (1, 5, 10)
 R_BUDGET = 2_000_000  # ranked items the R metrics may ask the store for (queries x largest R) before sampling
 R_SAMPLE = 300  # held-out queries the store's R metrics use past that budget (~50 ms each at R ~ 6,000)
+# ... and fewer when R is so long that they would rank more than R_RESULTS items (a million digits: R ~ 100,000, 100
+# queries), at least R_MIN; the store is asked RANK_CHUNK ranked items at a time (each is a Python object when answered)
+R_RESULTS = 10_000_000
+R_MIN = 50
+RANK_CHUNK = 1_000_000
 # exact search costs queries x indexed items: past EXACT_PAIRS (70,000 MNIST digits: 6e8, every query exact), a
 # seeded sample of max(EXACT_MIN, EXACT_PAIRS // indexed) queries is answered exactly (1,111 at 1,000,000 items)
 EXACT_PAIRS = 1_000_000_000
@@ -166,7 +173,13 @@ def _store_ranking(
 ) -> Any:
     """The store's ``k`` nearest indexed items of each query, as rows of ``train_ids`` (and, with ``distances``, the
     distance of each first answer)."""
-    answers = gallery.neighbours(queries, k, exclude=set(test_ids), metadata=False)
+    excluded = set(test_ids)
+    step = max(1, RANK_CHUNK // max(k, 1))
+    answers = [
+        a
+        for start in range(0, len(queries), step)
+        for a in gallery.neighbours(queries[start : start + step], k, exclude=excluded, metadata=False)
+    ]
     row = {id_: i for i, id_ in enumerate(train_ids)}
     if any(len(a) != k for a in answers):
         raise StoreError(
@@ -279,8 +292,9 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     # same queries never need a ranking of every query), a seeded r_sample of them past R_BUDGET
     pool = h.exact_rows if h.sampled else everyone
     sample = pool
-    if len(pool) * r_max > R_BUDGET and len(pool) > r_sample:
-        sample = np.sort(pool[np.random.default_rng(seed).choice(len(pool), r_sample, replace=False)])
+    n_sample = min(r_sample, max(R_MIN, R_RESULTS // max(r_max, 1)))
+    if len(pool) * r_max > R_BUDGET and len(pool) > n_sample:
+        sample = np.sort(pool[np.random.default_rng(seed).choice(len(pool), n_sample, replace=False)])
     exact_r = h.exact_rows if len(h.exact_rows) * r_max <= EXACT_R_CELLS else sample
     nothing = np.zeros((0, 0), int)
     # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank

@@ -157,6 +157,18 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
         assert tight["r_queries_exact"] == tight["r_queries_store"] == 10 and tight["precision_queries_exact"] == 30
         want_tight = _independent_r_metrics(test_vecs[picked], y_test[picked], train_vecs, y_train)
         assert (tight["exact"]["r_precision"], tight["exact"]["map_at_r"]) == pytest.approx(want_tight)
+        # R so long that r_sample queries would rank more than R_RESULTS items: fewer (at least R_MIN), asked a few at a time
+        monkeypatch.setattr(ev, "R_RESULTS", tight["r_max"] * 7)
+        monkeypatch.setattr(ev, "R_MIN", 3)
+        monkeypatch.setattr(ev, "RANK_CHUNK", 1)  # (one query a call)
+        short = evaluate(g, seed=3, r_sample=10).retrieval
+        picked = np.sort(rows[np.random.default_rng(3).choice(30, 7, replace=False)])
+        assert short["r_queries_exact"] == short["r_queries_store"] == 7
+        want_short = _independent_r_metrics(test_vecs[picked], y_test[picked], train_vecs, y_train)
+        assert (short["exact"]["r_precision"], short["exact"]["map_at_r"]) == pytest.approx(want_short)
+        assert short["store"]["map_at_r"] == pytest.approx(short["exact"]["map_at_r"], abs=0.01)
+        monkeypatch.setattr(ev, "R_RESULTS", 1)
+        assert evaluate(g, seed=3, r_sample=10).retrieval["r_queries_store"] == 3  # (R_MIN)
 
 
 def test_retrieval_metrics_on_small_and_disjoint_collections(tmp_path: Path, db: str) -> None:
