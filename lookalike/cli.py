@@ -1048,6 +1048,8 @@ def check(
             typer.echo(f"  label partitions: {len(r.partitions)}, holding {sum(r.partitions.values())} items")
         for problem in r.problems:
             typer.echo(f"  problem: {problem}")
+        for note in r.notes:
+            typer.echo(f"  note: {note}")
         typer.echo(f"  {'ok' if r.ok else 'DAMAGED'}" + (f": {r.fix}" if r.fix else ""))
     if not r.ok:
         raise typer.Exit(1)
