@@ -568,7 +568,9 @@ def serve(
     max_batch: Annotated[
         Optional[int], typer.Option(help="Most image queries embedded as one batch (1: no batching) [default: 32]")
     ] = None,
-    preload: Annotated[bool, typer.Option("--preload", help="Build every collection's embedder before serving")] = False,
+    preload: Annotated[
+        bool, typer.Option("--preload", help="Build every collection's embedder and read its filter mirror before serving")
+    ] = False,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request")] = False,
 ) -> None:
     """Serve the store's collections over HTTP (JSON; docs at /docs) with warm embedders: pip install 'lookalike[serve]'."""
@@ -589,7 +591,7 @@ def serve(
     batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     with Service(db, wait=wait, max_pixels=max_pixels, window=window, max_batch=batch, files=files) as service:
         sock = bind(host, port)
-        names = service.warm() if preload else service.store.names()
+        names = service.warm(mirrors=True) if preload else service.store.names()
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{sock.getsockname()[1]}"
         typer.echo(

@@ -141,3 +141,12 @@ def test_health_and_collections_hold_no_paths(service: Service, stored: str) -> 
     (col,) = service.collections()
     assert col["name"] == "mnist" and col["count"] == 250 and col["label_names"][:2] == ["0", "1"]
     assert stored not in repr(service.collections()) and stored not in repr(service.health())
+
+
+def test_warming_with_mirrors_reads_each_collections_mirror_before_any_query(service: Service) -> None:
+    """`serve --preload`: embedders built and filter mirrors read before serving (a filtered query is planned warm)."""
+    assert service.warm(mirrors=True) == ["mnist"]
+    col = service.gallery("mnist").collection()
+    assert col.warm and col.from_mirror(len) == 250  # read now, not in the background
+    service.search("mnist", id="mnist:test:1", k=3, where={"split": "train"})
+    assert col.plan_counts["overfetch"] + col.plan_counts["mirror"] == 1 and col.plan_counts["probe"] == 0
