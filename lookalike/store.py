@@ -60,11 +60,13 @@ QUERY_BATCH = 500  # query vectors per Chroma call (larger batches were no faste
 META_RESULTS = 32_000
 PROBE = 100  # neighbours asked unfiltered before falling back to a ``where`` query
 # a filter that the probe finds too rarely and that matches at most this many items is answered exactly, by brute
-# force over the matching items (their ids from SQLite, their vectors by id); a wider one by Chroma's ``where``
-EXACT_MAX = 2000
-# ... and the matching items of the last NARROW_KEPT such filters are kept (ids, vectors, metadata) until the next write:
-# the next query with the same filter skips SQLite (at 100,000 items: 250 ms to list 900 ids, 180 ms to read their vectors)
+# force over the matching items (their ids from SQLite, their vectors by id); a wider one by Chroma's ``where``, which
+# costs as much every time (300,000 items, a 1% filter of 2,700: 1.5 s a query)
+EXACT_MAX = 10_000
+# ... and the matching items of the last NARROW_KEPT such filters (at most NARROW_MB of vectors) are kept until the next
+# write: the same filter again skips SQLite (at 100,000 items: 250 ms to list 900 ids, 180 ms to read their vectors)
 NARROW_KEPT = 8
+NARROW_MB = 256
 # a warm collection (see VectorCollection.keep_warm) plans each filtered query from its in-memory mirror:
 BROAD = 0.05  # a filter matching at least this share of the items: over-fetch unfiltered, then keep the matches
 OVERFETCH = 3.0  # ... asking OVERFETCH x k / share neighbours (+ PROBE_MIN), at most PROBE_MAX
@@ -639,7 +641,8 @@ class VectorCollection:
             with self._mirror_lock:
                 if self._generation == generation:  # (not when a write ran meanwhile)
                     self._narrow.pop(key, None)
-                    while len(self._narrow) >= NARROW_KEPT:
+                    budget = NARROW_MB * 2**20 - vecs.nbytes
+                    while self._narrow and (len(self._narrow) >= NARROW_KEPT or sum(v[2].nbytes for v in self._narrow.values()) > budget):
                         self._narrow.pop(next(iter(self._narrow)))
                     self._narrow[key] = (generation, ids, vecs, metas)
         return ids, vecs, metas

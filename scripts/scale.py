@@ -309,13 +309,16 @@ FIGURES = {  # table rows: (step, key)
     "flat warm label p50": ("queries_flat", "warm_label_p50_ms"),
     "flat warm label p99": ("queries_flat", "warm_label_p99_ms"),
     "evaluate s": ("evaluate", "seconds"),
+    "evaluate peak MB": ("evaluate", "peak_rss_mb"),
     "audit s": ("audit", "seconds"),
+    "audit peak MB": ("audit", "peak_rss_mb"),
     "check s": ("check", "seconds"),
     "map pca s": ("map_pca", "seconds"),
     "map tsne s": ("map_tsne", "seconds"),
     "clusters s": ("clusters", "seconds"),
     "export s": ("export", "seconds"),
     "import s": ("import", "seconds"),
+    "import peak MB": ("import", "peak_rss_mb"),
     "service up s": ("service", "up_s"),
     "service 16 clients /s": ("service", "all_per_s"),
     "service p50 ms": ("service", "all_p50_ms"),
@@ -382,7 +385,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.markdown:
         saved = json.loads(Path(args.json).read_text())
-        print(markdown(saved["table"], saved["results"]))
+        print(markdown(table(saved["results"]), saved["results"]))
         return 0
     args.deadline = time.monotonic() + args.minutes * 60
     path = Path(args.json)
