@@ -144,8 +144,8 @@ def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch:
     col.add(["mnist:train:61"], vecs[:1] + 0.7, [{"label": 1, "label_name": "1", "split": "train"}])
     for _ in range(2):
         reads.clear()
-        col.query(vecs[6:7], 4, where={"label": 1})
-        assert reads == [{"label": 1}, None]  # the ids listed by SQLite, then read by id: every time
+        ids, _, _ = col._narrow_items({"label": 1})
+        assert len(ids) == 7 and reads == [{"label": 1}, None]  # the ids listed by SQLite, then read by id: every time
     monkeypatch.setattr(store_mod, "EXACT_MAX", 3)  # a filter matching more than that: Chroma's where answers
     for i in range(10):
         want = _exact_filtered(vecs, vecs[i], labels == (i + 5) % 10, 4)
