@@ -637,7 +637,7 @@ class VectorCollection:
         ids, vecs, metas = self.get(listed, vectors=True)
         if vecs is None or len(ids) == 0:
             vecs = np.zeros((0, self.dim), np.float32)
-        if not is_server(self._store.db):
+        if not is_server(self._store.db) and vecs.nbytes <= NARROW_MB * 2**20:
             with self._mirror_lock:
                 if self._generation == generation:  # (not when a write ran meanwhile)
                     self._narrow.pop(key, None)
