@@ -219,7 +219,7 @@ def ingest(
         Optional[bool],
         typer.Option(
             "--label-partitions/--no-label-partitions",
-            help="A new collection: keep each label's vectors in an index of its own too (label filters in ms; writes 2x slower)"
+            help="A new collection: keep each label's vectors in an index of its own too (label filters in ms; writes ~1.7x slower)"
             " [default: with 1-100 labels]",
         ),
     ] = None,
