@@ -136,6 +136,30 @@ def _dinov2_small(size: int, pretrained: bool) -> Any:
     return keras.Model(images, backbone({"images": images}), name="dinov2_small")
 
 
+SMALLCNN_WIDTHS = (32, 64, 128)  # a 5x5 stride-2 stem, then one 3x3 convolution a stage, 2x2 max pooling between
+
+
+def _smallcnn(size: int, pretrained: bool) -> Any:
+    """lookalike's own small CNN for digits and scans: no published weights (seeded random, a file, or trained by
+    ``lookalike train --self-supervised``). 0-255 RGB in, rescaled inside; feature maps of ``size / 4`` out."""
+    if pretrained:
+        raise EmbedderError(
+            "smallcnn has no published weights: pass --weights random, or train it: lookalike train DATASET --self-supervised"
+        )
+    import keras
+
+    images = keras.Input((size, size, 3), name="images")
+    h = keras.layers.Rescaling(1 / 255.0, name="rescale")(images)
+    for i, width in enumerate(SMALLCNN_WIDTHS):
+        if i == 2:
+            h = keras.layers.MaxPooling2D(name="pool2")(h)
+        kernel, stride = (5, 2) if i == 0 else (3, 1)
+        h = keras.layers.Conv2D(width, kernel, strides=stride, padding="same", use_bias=False, name=f"conv{i + 1}")(h)
+        h = keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
+        h = keras.layers.ReLU(name=f"relu{i + 1}")(h)
+    return keras.Model(images, h, name="smallcnn")
+
+
 def require_hub(name: str) -> Any:
     """``keras_hub``, or EmbedderError naming the extra to install."""
     try:
@@ -263,6 +287,22 @@ BACKBONES: dict[str, Backbone] = {
             small_size=42,
             tokens=True,
             extra="hub",
+        ),
+        Backbone(
+            "smallcnn",
+            "lookalike's small CNN (digits, scans), no published weights: train it with lookalike train --self-supervised",
+            _smallcnn,
+            _raw,
+            "grey->RGB, resized to SxS (Pillow, bilinear), 0-255 into the model, which divides by 255 inside",
+            28,
+            SMALLCNN_WIDTHS[-1],
+            "avg",
+            ("avg", "max"),
+            95_456,
+            0.0154,  # 7.7 M multiply-adds at 28 px
+            sources=("scripts/selfsup.py, docs/self-supervised.md",),
+            min_size=8,
+            small_size=28,
         ),
     ]
 }

@@ -121,8 +121,9 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
 
 
 @contextmanager
-def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar (rate and ETA) on stderr, fed by ``progress(done, total)`` calls."""
+def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[..., None]]:
+    """A rich progress bar (rate and ETA) on stderr, fed by ``progress(done, total)`` calls (``note=``: a figure shown
+    after it, such as the loss)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -135,6 +136,7 @@ def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, in
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[note]}"),
         console=console,
         transient=False,
         disable=not console.is_terminal,
@@ -142,12 +144,12 @@ def _progress_bar(label: str, unit: str = "img/s") -> Iterator[Callable[[int, in
     task = None
     started = time.perf_counter()
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, note: str = "") -> None:
         nonlocal task
         if task is None:
-            task = bar.add_task(label, total=total, rate="-")
+            task = bar.add_task(label, total=total, rate="-", note=note)
         rate = done / max(time.perf_counter() - started, 1e-9)
-        bar.update(task, completed=done, rate=f"{rate:.0f}")
+        bar.update(task, completed=done, total=total, rate=f"{rate:.0f}" if rate >= 10 else f"{rate:.2f}", note=note)
 
     with bar:
         yield update
@@ -1090,39 +1092,131 @@ def quickstart(
 
 @command()
 def train(
-    dataset: DatasetArg,
+    dataset: Annotated[Optional[str], typer.Argument(help="mnist, fashion-mnist, mnist-sample (offline) or folder")] = None,
     path: PathArg = None,
     out: Annotated[str, typer.Option(help="Where to save the model (.keras)")] = "lookalike-model.keras",
     source: SourceOpt = None,
     limit: Annotated[Optional[int], typer.Option(help="Use only N items, as in ingest (held-out items are never trained on)")] = None,
     test_size: Annotated[Optional[float], typer.Option(help="Hold out N items (or a fraction below 1), as in ingest")] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, sampling, shuffling and augmentation")] = 0,
+    self_supervised: Annotated[
+        bool, typer.Option("--self-supervised", help="Learn from the images alone (SimCLR), reading no label")
+    ] = False,
+    collection: Annotated[
+        Optional[str], typer.Option("--collection", "-c", help="--self-supervised: learn from this stored collection's indexed items")
+    ] = None,
+    db: DbOpt = None,
+    backbone: Annotated[
+        Optional[str], typer.Option(help="--self-supervised: the registered backbone to train (see `lookalike models`) [default: smallcnn]")
+    ] = None,
     weights: Annotated[
-        str, typer.Option(help="Start from imagenet (downloads once), random (seeded) or a VGG16 weights FILE")
-    ] = "imagenet",
-    layer: Annotated[str, typer.Option(help="VGG16 layer the embedding head sits on")] = "block3_pool",
+        Optional[str],
+        typer.Option(
+            help="Start from imagenet (downloads once), random (seeded) or a weights FILE "
+            "[default: imagenet; random with --self-supervised]"
+        ),
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option(help="VGG16 layer the embedding sits on [default: block3_pool]")] = None,
+    input_size: Annotated[
+        Optional[int], typer.Option(help="Image side in pixels [default: 32; the backbone's small size with --self-supervised]")
+    ] = None,
     precision: Annotated[
         Optional[str], typer.Option(help="VGG16 compute: float32 or bfloat16 [default: bfloat16 where the CPU has it natively]")
     ] = None,
-    dim: Annotated[int, typer.Option(help="Embedding dimension")] = 128,
-    epochs: Annotated[int, typer.Option(help="Most epochs (early stopping may end sooner)")] = 12,
-    batch_size: Annotated[int, typer.Option(help="Images per training step")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="Adam learning rate")] = 3e-4,
-    loss: Annotated[str, typer.Option(help="cosine (normalised-softmax classifier) or softmax (plain classifier)")] = "cosine",
-    validation: Annotated[float, typer.Option(help="Fraction of the indexed items kept aside for early stopping")] = 0.1,
-    patience: Annotated[int, typer.Option(help="Epochs without a better validation loss before stopping")] = 3,
-    shift: Annotated[int, typer.Option(help="Augmentation: random shifts of up to N pixels")] = 2,
-    dropout: Annotated[float, typer.Option(help="Dropout on the features before the embedding layer")] = 0.3,
-    margin: Annotated[float, typer.Option(help="CosFace margin of the cosine loss")] = 0.2,
+    dim: Annotated[
+        Optional[int], typer.Option(help="Embedding dimension (--self-supervised: the projection head's) [default: 128]")
+    ] = None,
+    epochs: Annotated[
+        Optional[int], typer.Option(help="Most epochs (early stopping may end sooner) [default: 12; 20 with --self-supervised]")
+    ] = None,
+    minutes: Annotated[Optional[float], typer.Option(help="--self-supervised: as many epochs as fit in this many minutes")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per training step [default: 64; 256 with --self-supervised]")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(help="Adam learning rate [default: 3e-4; 2e-3 with --self-supervised]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="--self-supervised: NT-Xent temperature [default: 0.2]")] = None,
+    augment: Annotated[
+        Optional[str],
+        typer.Option(help="--self-supervised: digits (affine, elastic) or photos (crops, flips, colour) [default: by the images]"),
+    ] = None,
+    fresh: Annotated[bool, typer.Option(help="--self-supervised: discard the checkpoint of an earlier run and start again")] = False,
+    loss: Annotated[
+        Optional[str], typer.Option(help="cosine (normalised-softmax classifier) or softmax (plain classifier) [default: cosine]")
+    ] = None,
+    validation: Annotated[
+        Optional[float], typer.Option(help="Fraction of the indexed items kept aside for early stopping [default: 0.1]")
+    ] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation loss before stopping [default: 3]")] = None,
+    shift: Annotated[Optional[int], typer.Option(help="Augmentation: random shifts of up to N pixels [default: 2]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout on the features before the embedding layer [default: 0.3]")] = None,
+    margin: Annotated[Optional[float], typer.Option(help="CosFace margin of the cosine loss [default: 0.2]")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune VGG16 + an embedding head on the indexed items; then `lookalike ingest ... --model OUT`."""
+    """Train an embedder on the indexed items: fine-tune VGG16 on their labels, or (--self-supervised) learn from the
+    images alone; then `lookalike ingest ... --model OUT`."""
+    supervised_only = {
+        "--loss": loss,
+        "--validation": validation,
+        "--patience": patience,
+        "--shift": shift,
+        "--dropout": dropout,
+        "--margin": margin,
+    }
+    ssl_only = {
+        "--collection": collection,
+        "--backbone": backbone,
+        "--minutes": minutes,
+        "--temperature": temperature,
+        "--augment": augment,
+    }
+    if self_supervised:
+        given = [k for k, v in supervised_only.items() if v is not None] + (["--precision"] if precision is not None else [])
+        if given:
+            raise _fail(
+                f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for training on labels: leave out with --self-supervised", 2
+            )
+        if collection is not None and (dataset is not None or source is not None or limit is not None or test_size is not None):
+            raise _fail("give a DATASET (with --source, --limit, --test-size) or --collection NAME, not both", 2)
+        options = {
+            "dataset": dataset,
+            "path": path,
+            "out": out,
+            "source": source,
+            "limit": limit,
+            "test_size": test_size,
+            "collection": collection,
+            "db": db,
+            "seed": seed,
+            "backbone": backbone,
+            "weights": weights or "random",
+            "layer": layer,
+            "input_size": input_size,
+            "augment": augment,
+            "epochs": epochs,
+            "minutes": minutes,
+            "batch_size": 256 if batch_size is None else batch_size,
+            "learning_rate": 2e-3 if learning_rate is None else learning_rate,
+            "temperature": 0.2 if temperature is None else temperature,
+            "projection_dim": 128 if dim is None else dim,
+            "overwrite": overwrite,
+            "fresh": fresh,
+        }
+        _train_self_supervised(options, as_json)
+        return
+    given = [k for k, v in ssl_only.items() if v is not None] + (["--fresh"] if fresh else [])
+    if given:
+        raise _fail(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --self-supervised (training on labels reads a DATASET)", 2
+        )
+    if dataset is None:
+        raise _fail("give a DATASET to train on (mnist, fashion-mnist, mnist-sample, folder PATH)", 2)
+    from lookalike.train import COSINE_MARGIN
     from lookalike.train import train as run_train
+
+    n_epochs = 12 if epochs is None else epochs
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        typer.echo(f"epoch {epoch}/{epochs}  {shown}", err=True)
+        typer.echo(f"epoch {epoch}/{n_epochs}  {shown}", err=True)
 
     try:
         with _progress_bar("training (batches)", unit="batch/s") as progress:
@@ -1134,19 +1228,20 @@ def train(
                 limit=limit,
                 test_size=test_size,
                 seed=seed,
-                weights=weights,
-                layer=layer,
+                weights=weights or "imagenet",
+                layer=layer or "block3_pool",
+                input_size=input_size or 32,
                 precision=precision,
-                dim=dim,
-                epochs=epochs,
-                batch_size=batch_size,
-                learning_rate=learning_rate,
-                loss=loss,
-                validation=validation,
-                patience=patience,
-                shift=shift,
-                dropout=dropout,
-                margin=margin,
+                dim=128 if dim is None else dim,
+                epochs=n_epochs,
+                batch_size=64 if batch_size is None else batch_size,
+                learning_rate=3e-4 if learning_rate is None else learning_rate,
+                loss=loss or "cosine",
+                validation=0.1 if validation is None else validation,
+                patience=3 if patience is None else patience,
+                shift=2 if shift is None else shift,
+                dropout=0.3 if dropout is None else dropout,
+                margin=COSINE_MARGIN if margin is None else margin,
                 overwrite=overwrite,
                 on_batch=progress,
                 on_epoch=on_epoch,
@@ -1166,6 +1261,38 @@ def train(
     )
     typer.echo(f"time:     {r.seconds:.1f} s")
     typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-trained ...")
+
+
+def _train_self_supervised(options: dict[str, Any], as_json: bool) -> None:
+    from pathlib import Path
+
+    from lookalike import selfsup
+
+    def on_epoch(epoch: int, planned: int, logs: dict[str, float]) -> None:
+        typer.echo(f"epoch {epoch}/{planned}  loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  {logs['seconds']:.0f} s", err=True)
+
+    try:
+        with _progress_bar("self-supervised (steps)", unit="step/s") as progress:
+            r = selfsup.train_self_supervised(
+                **{**options, "backbone": options["backbone"] or selfsup.DEFAULT_BACKBONE},
+                on_step=lambda done, total, loss: progress(done, total, note=f"loss {loss:.3f}"),
+                on_epoch=on_epoch,
+            )
+    except KeyboardInterrupt:
+        ckpt = selfsup.checkpoint_dir(Path(options["out"]).expanduser())
+        kept = f"; run the same command to resume from {ckpt}" if ckpt.is_dir() else ""
+        raise _fail(f"interrupted: no model was written to {options['out']}{kept}", 130) from None
+    if as_json:
+        typer.echo(_dumps(r.to_dict()))
+        return
+    d = r.description
+    typer.echo(f"model:    {r.out} ({r.dim}-d, {d['base']} {d['weights']} + {d['head']}; {d['method']}, {d['loss']}, no labels read)")
+    typer.echo(f"data:     {r.dataset}: {r.n_images} indexed images, augmented as {d['augment']} (held-out items not used)")
+    resumed = f", resumed after epoch {r.resumed_after}" if r.resumed_after else ""
+    steps = f"{r.steps} steps of {d['batch_size']}{resumed}"
+    typer.echo(f"epochs:   {r.epochs_run} of {r.epochs_planned} ({steps}), final loss {r.history[-1]['loss']:.4f}")
+    typer.echo(f"time:     {r.seconds:.1f} s")
+    typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-selfsup ...")
 
 
 _RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")

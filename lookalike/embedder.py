@@ -266,7 +266,7 @@ def model_spec(path: str | os.PathLike[str]) -> EmbedderSpec:
         int(desc["seed"]),
         file_sha256(p),
         int(desc["dim"]),
-        PREPROCESSING["vgg16"],
+        BACKBONES[desc["base"]].preprocessing if desc["base"] in BACKBONES else PREPROCESSING["vgg16"],
         str(desc.get("precision", "float32")),
     )
 
@@ -428,12 +428,14 @@ class KerasModelEmbedder:
         check_pinned_file(path, spec.weights_sha256, "model file", "re-ingest with another --model")
         from lookalike.backend import load_keras_model
 
+        base = read_model_description(path)["base"]  # (its input is the preprocessing of the backbone it was trained from)
+        self._preprocess = BACKBONES[base].preprocess if base in BACKBONES else BACKBONES["vgg16"].preprocess
         self._model = _warmed(load_keras_model(path), spec, self.batch_size)
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        feats = _predict(self._model, images, self.spec, self.batch_size, BACKBONES["vgg16"].preprocess)
+        feats = _predict(self._model, images, self.spec, self.batch_size, self._preprocess)
         return _normalize(feats.reshape(len(images), -1), "l2")
 
 

@@ -75,6 +75,18 @@ def timed(prefix):
             lat.append((time.perf_counter() - t) * 1000)
         out[f"{prefix}_{name}_p50_ms"] = float(np.percentile(lat, 50))
         out[f"{prefix}_{name}_p99_ms"] = float(np.percentile(lat, 99))
+    if "meta_1pct" in filters:  # the label partitions' decision on the same vectors: the same label filter with the
+        g._col.partitioned = False  # partitions ignored, so the planner answers it (probe, then Chroma's where)
+        try:
+            lat = []
+            for v in vecs:
+                t = time.perf_counter()
+                g.neighbours(v[None], 10, labels=[3])
+                lat.append((time.perf_counter() - t) * 1000)
+        finally:
+            g._col.partitioned = True
+        out[f"{prefix}_label_planner_p50_ms"] = float(np.percentile(lat, 50))
+        out[f"{prefix}_label_planner_p99_ms"] = float(np.percentile(lat, 99))
 
 
 if "meta_1pct" in filters:  # a new process's first query with a narrow filter (the others below reuse its items)
@@ -304,6 +316,10 @@ FIGURES = {  # table rows: (step, key)
     "warm 1% p50 ms": ("queries", "warm_meta_1pct_p50_ms"),
     "warm 1% p99 ms": ("queries", "warm_meta_1pct_p99_ms"),
     "flat ingest vec/s": ("ingest_flat", "ingest_flat_images_per_s"),
+    "label, partitions ignored, p50 ms": ("queries", "query_label_planner_p50_ms"),
+    "label, partitions ignored, p99 ms": ("queries", "query_label_planner_p99_ms"),
+    "warm label, partitions ignored, p50": ("queries", "warm_label_planner_p50_ms"),
+    "warm label, partitions ignored, p99": ("queries", "warm_label_planner_p99_ms"),
     "flat label p50 ms": ("queries_flat", "query_label_p50_ms"),
     "flat label p99 ms": ("queries_flat", "query_label_p99_ms"),
     "flat warm label p50": ("queries_flat", "warm_label_p50_ms"),

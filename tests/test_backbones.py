@@ -32,11 +32,12 @@ def photo(seed: int = 0, size: tuple[int, int] = (90, 60)) -> np.ndarray:
 
 
 def test_every_backbone_has_a_spec_without_tensorflow() -> None:
-    assert set(BACKBONES) == {"vgg16", "resnet50", "efficientnetv2b0", "convnext_tiny", "mobilenetv3large", "dinov2_small"}
+    assert set(BACKBONES) == {"vgg16", "resnet50", "efficientnetv2b0", "convnext_tiny", "mobilenetv3large", "dinov2_small", "smallcnn"}
     for name, b in BACKBONES.items():
         spec = make_spec(name, weights="random")
         assert spec.dim == (512 if name == "vgg16" else b.dim) and spec.pooling == b.pooling and spec.input_size == b.small_size
-        assert spec.preprocessing == b.preprocessing and b.native_size == 224 and default_input_size(name, photos=True) == 224
+        native = 28 if name == "smallcnn" else 224  # (lookalike's own small CNN is made for digits)
+        assert spec.preprocessing == b.preprocessing and b.native_size == native and default_input_size(name, photos=True) == native
         assert EmbedderSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
         assert spec.describe().startswith(f"{name} random(seed=0)") and spec.backbone == name
     assert make_spec("dinov2_small", weights="imagenet").describe().startswith("dinov2_small preset")
@@ -73,6 +74,10 @@ def test_preprocessing_is_the_one_keras_uses(name: str) -> None:
     modules = {"vgg16": vgg16, "resnet50": resnet50, "efficientnet_v2": efficientnet_v2, "convnext": convnext, "mobilenet_v3": mobilenet_v3}
     b = BACKBONES[name]
     x = np.stack([photo(1, (8, 8)), photo(2, (8, 8))]).astype(np.float32)
+    if b.keras_module is None:  # lookalike's own (smallcnn): 0-255 in, divided by 255 in its first layer
+        assert np.array_equal(b.preprocess(x), x)
+        assert type(b.build(28, False).layers[1]).__name__ == "Rescaling"
+        return
     if b.keras_module == "imagenet_utils:torch":
         want = imagenet_utils.preprocess_input(x.copy(), mode="torch")
     else:
@@ -142,7 +147,7 @@ def test_models_lists_every_backbone(runner) -> None:
     rows = {row["name"]: row for row in json.loads(r.output)}
     assert set(rows) == {*BACKBONES, "pixels"}
     for name, b in BACKBONES.items():
-        assert rows[name]["input"] == 224 and rows[name]["dim"] == b.dim and rows[name]["gflops"] == b.gflops
+        assert rows[name]["input"] == b.native_size and rows[name]["dim"] == b.dim and rows[name]["gflops"] == b.gflops
     assert rows[PHOTO_DEFAULT]["default_for"] == "photos" and rows["vgg16"]["default_for"] == "digits"
     assert rows["dinov2_small"]["extra"] == "lookalike[hub]"
     table = runner.invoke(app, ["models"]).output

@@ -1,0 +1,182 @@
+"""lookalike.selfsup: SimCLR on a collection's own images, no label read (tiny data, a few steps)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.embedder import build_embedder, make_spec, read_model_description
+from lookalike.errors import EmbedderError, InputError
+from lookalike.gallery import Gallery
+from lookalike.ingest import ingest
+from lookalike.selfsup import _lr, augment_batch, checkpoint_dir, train_self_supervised
+
+from .conftest import make_digits, one_line_error, run_cli, write_npz
+
+TINY = {"epochs": 2, "batch_size": 16, "seed": 5}  # 96 indexed images: 6 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_npz(tmp_path_factory.mktemp("ssl") / "digits.npz", make_digits(96, seed=11), make_digits(20, seed=12))
+
+
+@pytest.fixture(scope="module")
+def trained(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("model") / "ssl.keras"
+    return out, train_self_supervised("mnist", source=str(digits), out=out, **TINY)
+
+
+def weights_of(path: Path) -> list[np.ndarray]:
+    from lookalike.backend import load_keras_model
+
+    return [np.asarray(w) for w in load_keras_model(path).get_weights()]
+
+
+def test_permuted_labels_give_the_same_weights(digits: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
+    """No label is read: the same images with their labels permuted (and some replaced) train to identical weights."""
+    z = np.load(digits)
+    y = np.random.default_rng(0).permutation(z["y_train"])
+    y[:10] = 9
+    other = write_npz(tmp_path / "permuted.npz", (z["x_train"], y), (z["x_test"], z["y_test"]))
+    out = tmp_path / "permuted.keras"
+    r = train_self_supervised("mnist", source=str(other), out=out, **TINY)
+    first, report = trained
+    assert not np.array_equal(y, z["y_train"])
+    assert [h["loss"] for h in r.history] == [h["loss"] for h in report.history]
+    for a, b in zip(weights_of(first), weights_of(out), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_the_saved_model_is_an_embedder_that_says_how_it_was_made(trained: tuple[Path, object], digits: Path, db: str) -> None:
+    out, _ = trained
+    desc = read_model_description(out)
+    assert desc["labels_used"] is False and desc["method"] == "simclr" and desc["base"] == "smallcnn"
+    assert desc["n_images"] == 96 and desc["epochs_run"] == 2 and desc["train_seconds"] > 0
+    assert desc["dataset"]["dataset"] == "mnist" and desc["augment"] == "digits"
+    assert len(desc["history"]) == 2 and all(np.isfinite(h["loss"]) for h in desc["history"])
+    spec = make_spec("keras", weights=str(out))
+    assert spec.dim == 128 and "self-supervised" in spec.describe()
+    emb = build_embedder(spec)
+    x = np.load(digits)["x_test"][:4]
+    v = emb.embed(list(x))
+    assert v.shape == (4, 128) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    # ingest --model FILE: the collection's record names the model, and a search answers with it
+    r = ingest("mnist", source=str(digits), model=str(out), db=db)
+    assert sum(r.added.values()) == 116
+    with Gallery.open(db=db) as g:
+        assert g.record.embedder.model == "keras" and "self-supervised" in g.record.embedder.describe()
+        hits = g.neighbours(g.embed(list(x[:1])), 3)[0]
+        assert len(hits) == 3 and hits[0].distance >= 0
+
+
+def test_training_moves_the_weights_and_lowers_the_loss(trained: tuple[Path, object]) -> None:
+    from lookalike.backend import make_backbone
+
+    out, report = trained
+    assert report.steps == 12 and report.epochs_run == 2 and report.resumed_after == 0
+    assert report.history[1]["loss"] < report.history[0]["loss"]
+    start = make_backbone(make_spec("smallcnn", weights="random", seed=5, input_size=28, precision="float32")).get_weights()
+    after = weights_of(out)
+    assert any(a.shape == b.shape and not np.allclose(a, b) for a, b in zip(start, after))
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(digits: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
+    out = tmp_path / "resumed.keras"
+
+    def kill(epoch: int, planned: int, logs: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    ckpt = checkpoint_dir(out)
+    assert not out.exists() and json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+    r = train_self_supervised("mnist", source=str(digits), out=out, **TINY)
+    assert r.resumed_after == 1 and r.epochs_run == 2 and not ckpt.exists()
+    first, report = trained
+    assert [h["loss"] for h in r.history] == [h["loss"] for h in report.history]
+    for a, b in zip(weights_of(first), weights_of(out), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_a_checkpoint_of_other_settings_is_refused_until_fresh(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.keras"
+
+    def kill(epoch: int, planned: int, logs: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    with pytest.raises(InputError, match=r"other settings \(temperature\).*--fresh"):
+        train_self_supervised("mnist", source=str(digits), out=out, temperature=0.5, **TINY)
+    r = train_self_supervised("mnist", source=str(digits), out=out, temperature=0.5, fresh=True, **{**TINY, "epochs": 1})
+    assert r.resumed_after == 0 and out.exists()
+
+
+def test_learning_from_a_stored_collection_reads_its_indexed_images(digits: Path, db: str, fake_embedder, tmp_path: Path) -> None:
+    ingest("mnist", source=str(digits), embedder=fake_embedder, db=db)
+    r = train_self_supervised(collection="mnist", db=db, out=tmp_path / "c.keras", **{**TINY, "epochs": 1})
+    assert r.n_images == 96 and r.description["dataset"]["collection"] == "mnist"
+
+
+def test_augmentations_are_seeded_and_keep_the_picture() -> None:
+    x, _ = make_digits(8, seed=3)
+    x = x[..., None]
+    a = augment_batch(x, np.random.default_rng(1), "digits")
+    b = augment_batch(x, np.random.default_rng(1), "digits")
+    c = augment_batch(x, np.random.default_rng(2), "digits")
+    assert a.shape == (8, 28, 28, 3) and a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(a[..., 0], a[..., 2])  # grey stays grey
+    grid = np.indices((28, 28)).reshape(2, -1)
+    for view, image in zip(a[..., 0], x[..., 0].astype(np.float32)):  # moved a little, never lost or cut away
+        assert 0.4 < view.sum() / image.sum() < 2.0
+        centre = lambda im: grid @ im.ravel() / im.sum()  # noqa: E731
+        assert 0 < np.abs(centre(view) - centre(image)).max() < 6
+    photo = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3)).astype(np.uint8)
+    p = augment_batch(photo, np.random.default_rng(1), "photos")
+    assert p.shape == (4, 32, 32, 3) and not np.array_equal(p, photo.astype(np.float32))
+
+
+def test_learning_rate_warms_up_then_falls_to_zero() -> None:
+    lrs = [_lr(s, 10, 5, 1e-3) for s in range(50)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] == pytest.approx(0, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--self-supervised", "--loss", "softmax"], "--loss is for training on labels"),
+        (["--minutes", "5"], "--minutes needs --self-supervised"),
+        (["--self-supervised", "--augment", "cats"], "--augment 'cats' is not one of digits, photos"),
+        (["--self-supervised", "--backbone", "dinov2_small"], "convolutional backbone"),
+        (["--self-supervised", "--backbone", "nope"], "unknown embedder 'nope'"),
+        (["--self-supervised", "--weights", "imagenet"], "smallcnn has no published weights"),
+        (["--self-supervised", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--self-supervised", "--collection", "x"], "not both"),
+    ],
+)
+def test_bad_options_are_one_line(argv: list[str], message: str, digits: Path, tmp_path: Path, runner) -> None:
+    from lookalike.cli import app
+
+    r = runner.invoke(app, ["train", "mnist", "--source", str(digits), "--out", str(tmp_path / "m.keras"), *argv])
+    assert r.exit_code != 0 and message in one_line_error(r)
+    assert not (tmp_path / "m.keras").exists()
+
+
+def test_cli_trains_prints_and_resumes_nothing_twice(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.keras"
+    argv = ["train", "mnist", "--source", str(digits), "--self-supervised", "--out", str(out), "--epochs", "1", "--batch-size", "32"]
+    done = run_cli(*argv)
+    assert done.returncode == 0, done.stderr
+    assert "no labels read" in done.stdout and "96 indexed images" in done.stdout and out.exists()
+    again = run_cli(*argv)
+    assert again.returncode != 0 and "exists: pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+    with pytest.raises(EmbedderError):
+        read_model_description(tmp_path / "missing.keras")
