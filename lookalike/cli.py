@@ -1127,7 +1127,8 @@ def train(
         Optional[int], typer.Option(help="Embedding dimension (--self-supervised: the projection head's) [default: 128]")
     ] = None,
     epochs: Annotated[
-        Optional[int], typer.Option(help="Most epochs (early stopping may end sooner) [default: 12; 20 with --self-supervised]")
+        Optional[int],
+        typer.Option(help="Most epochs (early stopping may end sooner) [default: 12; with --self-supervised, those of ~1,000 steps]"),
     ] = None,
     minutes: Annotated[Optional[float], typer.Option(help="--self-supervised: as many epochs as fit in this many minutes")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per training step [default: 64; 256 with --self-supervised]")] = None,

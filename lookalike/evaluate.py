@@ -84,6 +84,8 @@ class EvalReport:
     # sample's, ``accuracy_same_queries`` the store's accuracy on it (``exact_queries == n_queries``: every query)
     exact_queries: int = 0
     accuracy_same_queries: float | None = None
+    # wall seconds of each stage: read (the scans), store (held-out queries), exact, r_store and r_exact (R rankings)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,6 +108,7 @@ class HeldOut:
     exact_nn: np.ndarray  # (len(exact_rows), width), as store_nn
     exact_d2: np.ndarray  # their squared distances
     query_seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # read, store, exact (wall seconds)
 
     @property
     def sampled(self) -> bool:
@@ -142,6 +145,7 @@ def held_out(
     """
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
+    t_read = time.perf_counter()
     test_ids, test_vecs, test_metas = gallery.scan("test") if items is None else _split(items, "test")
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
@@ -156,8 +160,9 @@ def held_out(
     query_seconds = time.perf_counter() - t0
     rows = exact_sample(len(test_ids), len(train_ids), seed) if sample_exact else np.arange(len(test_ids))
     exact_nn, exact_d2 = exact_neighbours(test_vecs[rows], train_vecs, wide)
+    timings = {"read": t0 - t_read, "store": query_seconds, "exact": time.perf_counter() - t0 - query_seconds}
     return HeldOut(
-        test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, store_d1, rows, exact_nn, exact_d2, query_seconds
+        test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, store_d1, rows, exact_nn, exact_d2, query_seconds, timings
     )
 
 
@@ -241,6 +246,7 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
         retrieval=retrieval,
         exact_queries=len(rows),
         accuracy_same_queries=float((pred[rows] == y_test[rows]).mean()) if h.sampled else None,
+        timings=h.timings,
     )
 
 
@@ -298,8 +304,11 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     exact_r = h.exact_rows if len(h.exact_rows) * r_max <= EXACT_R_CELLS else sample
     nothing = np.zeros((0, 0), int)
     # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank
+    t0 = time.perf_counter()
     long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids) if r_max else nothing
+    t1 = time.perf_counter()
     long_exact = exact_ranking(h.test_vecs[exact_r], h.train_vecs, r_max) if r_max else nothing
+    h.timings.update(r_store=t1 - t0, r_exact=time.perf_counter() - t1)
 
     def summary(short: np.ndarray, short_rows: np.ndarray, long: np.ndarray, long_rows: np.ndarray) -> dict[str, Any]:
         relevant = h.y_train[short[:, : max(PRECISION_KS)]] == h.y_test[short_rows, None]

@@ -19,10 +19,10 @@ No label is read: images come from :meth:`lookalike.datasets.Dataset.batches` (o
 items), and nothing here touches an item's label (tested: permuted labels give the same weights).
 
 Budget: ``epochs``, or ``minutes`` (the number of epochs that fit is fixed after the first one, and the
-run also stops when the time is up). A checkpoint (the training model, the optimizer, the epoch) is
-written after every epoch into ``OUT.checkpoint/``, each file atomically; running the same command
-again resumes from it, and the finished model is written (atomically) to ``OUT`` before the
-checkpoint is removed.
+run also stops when the time is up); neither: the epochs that make about ``DEFAULT_STEPS`` steps. A
+checkpoint (the training model, the optimizer, the epoch) is written after every epoch into
+``OUT.checkpoint/``, each file atomically; running the same command again resumes from it, and the
+finished model is written (atomically) to ``OUT`` before the checkpoint is removed.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 METHOD = "simclr"
 AUGMENTATIONS = ("digits", "photos")
 DEFAULT_BACKBONE = "smallcnn"  # fastest to train on this 2-core CPU, and the best on digits (docs/self-supervised.md)
-DEFAULT_EPOCHS = 20
+DEFAULT_STEPS = 1000  # without --epochs or --minutes: the epochs that make about this many steps (MNIST: 5 of 60,000)
 HIDDEN = 512  # the projection head's hidden width
 WARMUP_EPOCHS = 1  # the learning rate rises linearly over the first epoch, then follows a cosine to 0
 CHECKPOINT_FORMAT = 1
@@ -124,29 +124,22 @@ def train_self_supervised(
     fresh: bool = False,
     on_step: StepProgress | None = None,
     on_epoch: EpochProgress | None = None,
-    images: np.ndarray | None = None,
 ) -> SelfSupervisedReport:
     """Learn an embedder from the indexed (``train``) images of ``dataset`` (same options as ingest) or of the stored
-    collection ``collection`` in ``db``, reading no label, and save it to ``out`` (.keras).
-
-    ``images`` (uint8 ``(N, S, S, C)``) replaces reading them (for scripts that hold them already).
-    """
+    collection ``collection`` in ``db``, reading no label, and save it to ``out`` (.keras)."""
     from lookalike.embedder import make_spec
 
     out_path = Path(out).expanduser()
     ckpt = checkpoint_dir(out_path)
     _check_options(out_path, overwrite, epochs, minutes, batch_size, learning_rate, temperature, projection_dim, augment)
-    if epochs is None and minutes is None:
-        epochs = DEFAULT_EPOCHS
     spec = make_spec(backbone, weights=weights, layer=layer, input_size=input_size, seed=seed, precision="float32")
     _check_backbone(spec)
-    if images is None:
-        images, name, protocol, photos = _read_images(dataset, path, source, limit, test_size, seed, collection, db, spec)
-    else:
-        name, protocol, photos = dataset or "images", {"dataset": dataset or "images"}, images.shape[1] > 64
+    images, name, protocol, photos = _read_images(dataset, path, source, limit, test_size, seed, collection, db, spec)
     if len(images) < 2:
         raise InputError(f"{name} has {len(images)} indexed image: self-supervised training needs at least 2")
     batch = min(batch_size, len(images))
+    if epochs is None and minutes is None:
+        epochs = max(1, math.ceil(DEFAULT_STEPS / (len(images) // batch)))
     aug = augment or ("photos" if photos else "digits")
     settings = _Settings(
         _digest(images), len(images), spec.model, spec.weights_label(), spec.layer, spec.pooling, spec.input_size, seed, aug,

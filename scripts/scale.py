@@ -286,7 +286,7 @@ def _trim(name: str, got: dict[str, Any]) -> dict[str, Any]:
         "queries_flat": tuple(j),
         "service": tuple(j),
         "app": tuple(k for k in j if k.endswith("_s") or k == "upload_answered_s"),
-        "evaluate": ("accuracy", "exact_accuracy", "recall_at_1", "n_queries", "exact_queries", "queries_per_s", "seconds"),
+        "evaluate": ("accuracy", "exact_accuracy", "recall_at_1", "n_queries", "exact_queries", "queries_per_s", "seconds", "timings"),
         "audit": ("n_items", "neighbours_by", "store_recall_at_k", "store_sample", "seconds", "timings"),
         "check": ("ok", "seconds"),
         "clusters": ("n_items", "silhouette_sample", "seconds"),

@@ -60,11 +60,11 @@ def test_the_saved_model_is_an_embedder_that_says_how_it_was_made(trained: tuple
     assert desc["dataset"]["dataset"] == "mnist" and desc["augment"] == "digits"
     assert len(desc["history"]) == 2 and all(np.isfinite(h["loss"]) for h in desc["history"])
     spec = make_spec("keras", weights=str(out))
-    assert spec.dim == 128 and "self-supervised" in spec.describe()
+    assert spec.dim == 256 and "self-supervised" in spec.describe()
     emb = build_embedder(spec)
     x = np.load(digits)["x_test"][:4]
     v = emb.embed(list(x))
-    assert v.shape == (4, 128) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert v.shape == (4, 256) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     # ingest --model FILE: the collection's record names the model, and a search answers with it
     r = ingest("mnist", source=str(digits), model=str(out), db=db)
     assert sum(r.added.values()) == 116
@@ -180,3 +180,41 @@ def test_cli_trains_prints_and_resumes_nothing_twice(digits: Path, tmp_path: Pat
     assert again.returncode != 0 and "exists: pass --overwrite" in again.stderr and "Traceback" not in again.stderr
     with pytest.raises(EmbedderError):
         read_model_description(tmp_path / "missing.keras")
+
+
+@pytest.mark.slow  # ~40 s: three processes start TensorFlow
+def test_a_process_killed_mid_training_resumes_to_the_weights_of_an_unbroken_run(digits: Path, tmp_path: Path) -> None:
+    """SIGKILL during the second epoch (a checkpoint of the first on disk, maybe mid-write of nothing else): the same
+    command then finishes, and its model equals one trained without a break."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = ["train", "mnist", "--source", str(digits), "--self-supervised", "--epochs", "4", "--batch-size", "16", "--seed", "5"]
+    whole = run_cli(*argv, "--out", str(tmp_path / "whole.keras"))
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed.keras"
+    code = "from lookalike.cli import main; main()"
+    child = subprocess.Popen([sys.executable, "-c", code, *argv, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = checkpoint_dir(out) / "state.json"
+    deadline = time.monotonic() + 240
+    while not (state.is_file() and json.loads(state.read_text())["epoch"] >= 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not out.exists() and state.is_file()
+    again = run_cli(*argv, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "resumed after epoch" in again.stdout
+    for a, b in zip(weights_of(tmp_path / "whole.keras"), weights_of(out), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_without_a_budget_it_runs_the_epochs_of_about_default_steps(digits: Path, tmp_path: Path, monkeypatch) -> None:
+    import lookalike.selfsup as selfsup
+
+    monkeypatch.setattr(selfsup, "DEFAULT_STEPS", 10)  # 96 images in batches of 16: 6 steps an epoch -> 2 epochs
+    r = train_self_supervised("mnist", source=str(digits), out=tmp_path / "d.keras", batch_size=16, seed=5)
+    assert r.epochs_run == r.epochs_planned == 2 and r.steps == 12 and r.description["budget"] == {"epochs": 2, "minutes": None}
