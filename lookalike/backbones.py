@@ -78,6 +78,7 @@ class Backbone:
     extra: str | None = None  # the pip extra that installs what it needs, when not in lookalike's own dependencies
     layers: tuple[str, ...] = ()  # a VGG16 cut may be chosen; others give their last features
     default_layer: str = "features"
+    published: bool = True  # published (ImageNet or preset) weights exist: ``--weights imagenet``
     onnx: bool = False  # ONNX Runtime measured at least 1.5x TensorFlow's speed here at 224 px (lookalike.onnxrt's auto)
 
     def check_installed(self) -> None:
@@ -309,6 +310,7 @@ BACKBONES: dict[str, Backbone] = {
             sources=("scripts/selfsup.py, docs/self-supervised.md",),
             min_size=24,
             small_size=28,
+            published=False,
         ),
     ]
 }

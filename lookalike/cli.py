@@ -1116,7 +1116,9 @@ def train(
             "[default: imagenet; random with --self-supervised]"
         ),
     ] = None,
-    layer: Annotated[Optional[str], typer.Option(help="VGG16 layer the embedding sits on [default: block3_pool]")] = None,
+    layer: Annotated[
+        Optional[str], typer.Option(help="VGG16 layer the embedding sits on [default: block3_pool; the backbone's with --self-supervised]")
+    ] = None,
     input_size: Annotated[
         Optional[int], typer.Option(help="Image side in pixels [default: 32; the backbone's small size with --self-supervised]")
     ] = None,
@@ -1164,6 +1166,7 @@ def train(
     }
     ssl_only = {
         "--collection": collection,
+        "--db": db,
         "--backbone": backbone,
         "--minutes": minutes,
         "--temperature": temperature,
@@ -1175,8 +1178,10 @@ def train(
             raise _fail(
                 f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for training on labels: leave out with --self-supervised", 2
             )
-        if collection is not None and (dataset is not None or source is not None or limit is not None or test_size is not None):
-            raise _fail("give a DATASET (with --source, --limit, --test-size) or --collection NAME, not both", 2)
+        if collection is not None and any(v is not None for v in (dataset, path, source, limit, test_size)):
+            raise _fail("give a DATASET (with PATH, --source, --limit, --test-size) or --collection NAME, not both", 2)
+        if db is not None and collection is None:
+            raise _fail("--db names the store of --collection: give --collection NAME too, or leave --db out", 2)
         options = {
             "dataset": dataset,
             "path": path,
@@ -1231,7 +1236,7 @@ def train(
                 seed=seed,
                 weights=weights or "imagenet",
                 layer=layer or "block3_pool",
-                input_size=input_size or 32,
+                input_size=32 if input_size is None else input_size,
                 precision=precision,
                 dim=128 if dim is None else dim,
                 epochs=n_epochs,
@@ -1269,6 +1274,13 @@ def _train_self_supervised(options: dict[str, Any], as_json: bool) -> None:
 
     from lookalike import selfsup
 
+    before: list[int] = []  # steps a resumed run had done before this process: the bar counts this process's
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        if not before:
+            before.append(done - 1)
+        progress(done - before[0], total - before[0], note=f"loss {loss:.3f}")
+
     def on_epoch(epoch: int, planned: int, logs: dict[str, float]) -> None:
         typer.echo(f"epoch {epoch}/{planned}  loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  {logs['seconds']:.0f} s", err=True)
 
@@ -1276,7 +1288,7 @@ def _train_self_supervised(options: dict[str, Any], as_json: bool) -> None:
         with _progress_bar("self-supervised (steps)", unit="step/s") as progress:
             r = selfsup.train_self_supervised(
                 **{**options, "backbone": options["backbone"] or selfsup.DEFAULT_BACKBONE},
-                on_step=lambda done, total, loss: progress(done, total, note=f"loss {loss:.3f}"),
+                on_step=on_step,
                 on_epoch=on_epoch,
             )
     except KeyboardInterrupt:
@@ -1293,7 +1305,8 @@ def _train_self_supervised(options: dict[str, Any], as_json: bool) -> None:
     steps = f"{r.steps} steps of {d['batch_size']}{resumed}"
     typer.echo(f"epochs:   {r.epochs_run} of {r.epochs_planned} ({steps}), final loss {r.history[-1]['loss']:.4f}")
     typer.echo(f"time:     {r.seconds:.1f} s")
-    typer.echo(f"next:     lookalike ingest {r.dataset} --model {r.out} --collection {r.dataset}-selfsup ...")
+    data = d["dataset"].get("dataset", r.dataset)  # (from a collection: the dataset it was ingested from)
+    typer.echo(f"next:     lookalike ingest {data} ... --model {r.out} --collection {r.dataset}-selfsup")
 
 
 _RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.-]+:\d+)$")

@@ -216,6 +216,11 @@ def make_spec(
             "pixels", "none", "pixels", "flatten", norm, size, seed, None, size * size, PREPROCESSING["pixels"], fit=fit, decode=decode or 2
         )
     b = get_backbone(model)
+    if weights == "imagenet" and not b.published:
+        raise InputError(
+            f"{model} has no published weights: pass --weights random or a weights FILE, or train it: "
+            "lookalike train DATASET --self-supervised"
+        )
     size = b.small_size if input_size is None else input_size
     b.check_size(size)
     layer = layer or b.default_layer
@@ -414,7 +419,8 @@ def _predict(model: Any, images: Sequence[np.ndarray], spec: EmbedderSpec, batch
 
 
 class KerasModelEmbedder:
-    """A model file written by ``lookalike train``: VGG16 inputs in, L2-normalised vectors out.
+    """A model file written by ``lookalike train``: images preprocessed as its base backbone's (VGG16's for a fine-tuned
+    model) in, L2-normalised vectors out.
 
     The file must be the one the spec names, unchanged (its SHA-256 is checked before loading).
     """

@@ -42,7 +42,9 @@ from typing import Any
 
 import numpy as np
 
+from lookalike.datasets import DIGIT_SIDE
 from lookalike.errors import InputError, LookalikeError
+from lookalike.util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ DEFAULT_BACKBONE = "smallcnn"  # fastest to train on this 2-core CPU, and the be
 DEFAULT_STEPS = 1000  # without --epochs or --minutes: the epochs that make about this many steps (MNIST: 5 of 60,000)
 HIDDEN = 512  # the projection head's hidden width
 WARMUP_EPOCHS = 1  # the learning rate rises linearly over the first epoch, then follows a cosine to 0
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # (2: smallcnn's 3x3 head; a format-1 checkpoint is refused, naming --fresh)
 StepProgress = Callable[[int, int, float], None]  # (steps done, steps planned, the last step's loss)
 EpochProgress = Callable[[int, int, dict[str, float]], None]  # (epoch, epochs planned, {loss, lr, seconds})
 
@@ -85,6 +87,7 @@ class _Settings:
     n_images: int
     backbone: str
     weights: str
+    weights_sha256: str | None
     layer: str
     pooling: str
     input_size: int
@@ -131,9 +134,11 @@ def train_self_supervised(
 
     out_path = Path(out).expanduser()
     ckpt = checkpoint_dir(out_path)
-    _check_options(out_path, overwrite, epochs, minutes, batch_size, learning_rate, temperature, projection_dim, augment)
+    _check_options(out_path, overwrite, epochs, minutes, batch_size, learning_rate, temperature, projection_dim, augment, seed)
+    _check_backbone(backbone)
     spec = make_spec(backbone, weights=weights, layer=layer, input_size=input_size, seed=seed, precision="float32")
-    _check_backbone(spec)
+    if spec.pooling not in ("avg", "max"):
+        raise InputError(f"--backbone {backbone}: pooling {spec.pooling!r} cannot be trained here: avg or max")
     images, name, protocol, photos = _read_images(dataset, path, source, limit, test_size, seed, collection, db, spec)
     if len(images) < 2:
         raise InputError(f"{name} has {len(images)} indexed image: self-supervised training needs at least 2")
@@ -142,7 +147,8 @@ def train_self_supervised(
         epochs = max(1, math.ceil(DEFAULT_STEPS / (len(images) // batch)))
     aug = augment or ("photos" if photos else "digits")
     settings = _Settings(
-        _digest(images), len(images), spec.model, spec.weights_label(), spec.layer, spec.pooling, spec.input_size, seed, aug,
+        _digest(images), len(images), spec.model, spec.weights_label(), spec.weights_sha256, spec.layer, spec.pooling,
+        spec.input_size, seed, aug,
         batch, learning_rate, temperature, projection_dim, epochs, minutes,
     )  # fmt: skip
     if fresh:
@@ -167,12 +173,17 @@ def train_self_supervised(
     start_epoch = int(state.get("epoch", 0))
     spent = float(state.get("seconds", 0.0))
     if start_epoch:
-        _restore(ckpt, state, trainer, optimizer)
+        try:
+            _restore(ckpt, state, trainer, optimizer)
+        except Exception as exc:  # h5py, numpy and Keras raise many kinds on a damaged or foreign file
+            raise InputError(f"checkpoint {ckpt} cannot be used ({first_line(exc, 100)}): pass --fresh to start again") from None
         log.info("resumed from %s after epoch %d", ckpt, start_epoch)
     preprocess = _preprocess(spec)
     started = time.perf_counter()
     epoch = start_epoch
     while epoch < planned:
+        if minutes is not None and spent + time.perf_counter() - started >= minutes * 60:
+            break  # (a resumed run whose minutes were up already: nothing more, as the unbroken run did)
         t0 = time.perf_counter()
         losses = []
         for i, (v1, v2) in enumerate(_epoch_views(images, epoch, seed, batch, aug, spec.input_size)):
@@ -180,7 +191,7 @@ def train_self_supervised(
             optimizer.learning_rate.assign(_lr(step, steps_per_epoch, planned, learning_rate))
             loss = float(step_fn(preprocess(v1), preprocess(v2)))
             if not math.isfinite(loss):
-                raise LookalikeError(f"the loss became {loss} at step {step + 1}: try a lower --learning-rate")
+                raise LookalikeError(f"the loss became {loss} at step {step + 1}: try a lower --learning-rate, with --fresh")
             losses.append(loss)
             if on_step is not None:  # (with --minutes, the first epoch's total is that epoch: the rest is not planned yet)
                 on_step(step + 1, (planned if "planned" in state or minutes is None else epoch + 1) * steps_per_epoch, loss)
@@ -263,6 +274,7 @@ def _check_options(
     temperature: float,
     projection_dim: int,
     augment: str | None,
+    seed: int,
 ) -> None:
     if out.suffix != ".keras":
         raise InputError(f"--out {out} must end in .keras")
@@ -277,6 +289,7 @@ def _check_options(
         (learning_rate > 0, f"--learning-rate must be positive, got {learning_rate}"),
         (temperature > 0, f"--temperature must be positive, got {temperature}"),
         (projection_dim >= 2, f"--dim must be at least 2, got {projection_dim}"),
+        (seed >= 0, f"--seed must be 0 or more, got {seed}"),
         (augment is None or augment in AUGMENTATIONS, f"--augment {augment!r} is not one of {', '.join(AUGMENTATIONS)}"),
     ]
     for ok, message in checks:
@@ -284,13 +297,12 @@ def _check_options(
             raise InputError(message)
 
 
-def _check_backbone(spec: Any) -> None:
+def _check_backbone(name: str) -> None:
     from lookalike.backbones import BACKBONES
 
-    b = BACKBONES[spec.model]
-    if b.tokens or spec.pooling not in ("avg", "max"):
-        cnns = ", ".join(n for n, x in BACKBONES.items() if not x.tokens)
-        raise InputError(f"self-supervised training takes a convolutional backbone with avg or max pooling: choose one of {cnns}")
+    cnns = [n for n, b in BACKBONES.items() if not b.tokens]
+    if name not in cnns:
+        raise InputError(f"--backbone {name!r}: self-supervised training takes a convolutional backbone: choose one of {', '.join(cnns)}")
 
 
 def _read_images(
@@ -305,8 +317,17 @@ def _read_images(
     spec: Any,
 ) -> tuple[np.ndarray, str, dict[str, Any], bool]:
     """The indexed (``train``) images, uint8 ``(N, S, S, C)`` (C = 1 when every image is grey), the data's name and
-    protocol, and whether they are photos. Unreadable files are skipped. Labels are not read."""
+    protocol, and whether they are photos. Unreadable files are skipped; each page is made ``S`` square as it is read
+    (a page of photos at a time in memory, not all of them). Labels are not read."""
+    from lookalike.datasets import load_dataset, stored_pixels
     from lookalike.images import resize
+
+    pages: list[np.ndarray] = []
+
+    def keep(pictures: list[Any]) -> None:
+        got = [resize(p, spec.input_size, "RGB", spec.fit) for p in pictures if isinstance(p, np.ndarray)]
+        if got:
+            pages.append(np.stack(got).astype(np.uint8))
 
     if collection is not None:
         from lookalike.gallery import Gallery
@@ -315,25 +336,31 @@ def _read_images(
             ids, _, metas = g.scan("train", vectors=False)
             if not ids:
                 raise InputError(f"collection {collection!r} has no indexed (train) items to learn from")
-            pictures = [im for i in range(0, len(metas), 1024) for im in g.images(metas[i : i + 1024]) if im is not None]
+            order = sorted(range(len(ids)), key=ids.__getitem__)  # (the store's order is its own: by id, always the same)
+            for i in range(0, len(order), 1024):
+                keep(stored_pixels(g.record.protocol, [metas[j] for j in order[i : i + 1024]], g.max_pixels, spec.decode_side))
             name, protocol = collection, {"collection": collection, **g.record.protocol}
+            photos = g.record.embedder.input_size > DIGIT_SIDE  # (a collection of photos was embedded at photo size)
     else:
-        from lookalike.datasets import load_dataset
-
         if dataset is None:
-            raise InputError("give a DATASET (mnist, fashion, folder PATH, ...) or --collection NAME to learn from")
+            raise InputError("give a DATASET (mnist, fashion-mnist, mnist-sample) or --collection NAME to learn from")
+        if dataset == "folder":
+            raise InputError(
+                "a folder's items get their split when ingested: lookalike ingest folder PATH --collection NAME, "
+                "then lookalike train --self-supervised --collection NAME (its held-out items are never trained on)"
+            )
         ds = load_dataset(dataset, path, source=source, limit=limit, test_size=test_size, seed=seed, decode_size=spec.decode_side)
         items = [it for it in ds.items if it.split == "train"]
         if not items:
             raise InputError(f"{ds.name} has no indexed (train) items to learn from")
-        pictures = [im for _, got in ds.batches(items, 1024) for im in got if isinstance(im, np.ndarray)]
-        name, protocol = ds.name, ds.protocol
-    if not pictures:
+        for _, got in ds.batches(items, 1024):
+            keep(got)
+        name, protocol, photos = ds.name, ds.protocol, ds.photos()
+    if not pages:
         raise InputError(f"none of {name}'s indexed images could be read")
-    photos = float(np.median([min(p.shape[:2]) for p in pictures[:: max(1, len(pictures) // 25)]])) > 64
-    x = np.stack([resize(p, spec.input_size, "RGB", spec.fit) for p in pictures]).astype(np.uint8)
+    x = np.concatenate(pages)
     if np.array_equal(x[..., 0], x[..., 1]) and np.array_equal(x[..., 0], x[..., 2]):
-        x = x[..., :1]  # grey: augmented once, not three times
+        x = np.ascontiguousarray(x[..., :1])  # grey: augmented once, not three times
     return x, name, protocol, photos
 
 
@@ -487,18 +514,22 @@ def _read_checkpoint(ckpt: Path, settings: _Settings) -> dict[str, Any]:
         return {}
     try:
         state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
+        theirs = dict(state["settings"])
+        epoch = int(state["epoch"])
+        files = [str(state["weights"]), str(state["optimizer"])]
+    except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"checkpoint {ckpt} cannot be read: pass --fresh to start again") from None
-    theirs = state.get("settings", {})
     differ = [k for k, v in asdict(settings).items() if theirs.get(k) != v]
     if state.get("format") != CHECKPOINT_FORMAT or differ:
         raise InputError(
             f"checkpoint {ckpt} is of a run with other settings ({', '.join(differ) or 'format'}): "
             "give the same options to resume it, or pass --fresh to start again"
         )
-    for key in ("weights", "optimizer"):
-        if not (ckpt / state[key]).is_file():
-            raise InputError(f"checkpoint {ckpt} lacks {state[key]}: pass --fresh to start again")
+    for name in files:
+        if not (ckpt / name).is_file():
+            raise InputError(f"checkpoint {ckpt} lacks {name}: pass --fresh to start again")
+    if epoch < 1:
+        raise InputError(f"checkpoint {ckpt} holds no finished epoch: pass --fresh to start again")
     return state
 
 
@@ -527,7 +558,7 @@ def _restore(ckpt: Path, state: dict[str, Any], trainer: Any, optimizer: Any) ->
     optimizer.build(trainer.trainable_variables)
     with np.load(ckpt / state["optimizer"]) as z:
         saved = [z[f"arr_{i}"] for i in range(len(z.files))]
-    if len(saved) != len(optimizer.variables):
+    if len(saved) != len(optimizer.variables) or any(tuple(v.shape) != x.shape for v, x in zip(optimizer.variables, saved)):
         raise InputError(f"checkpoint {ckpt} does not fit this model: pass --fresh to start again")
     for var, value in zip(optimizer.variables, saved):
         var.assign(value)

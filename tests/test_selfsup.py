@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lookalike.embedder import build_embedder, make_spec, read_model_description
-from lookalike.errors import EmbedderError, InputError
+from lookalike.errors import InputError
 from lookalike.gallery import Gallery
 from lookalike.ingest import ingest
 from lookalike.selfsup import _lr, augment_batch, checkpoint_dir, train_self_supervised
@@ -156,7 +156,11 @@ def test_learning_rate_warms_up_then_falls_to_zero() -> None:
         (["--minutes", "5"], "--minutes needs --self-supervised"),
         (["--self-supervised", "--augment", "cats"], "--augment 'cats' is not one of digits, photos"),
         (["--self-supervised", "--backbone", "dinov2_small"], "convolutional backbone"),
-        (["--self-supervised", "--backbone", "nope"], "unknown embedder 'nope'"),
+        (["--self-supervised", "--backbone", "nope"], "--backbone 'nope': self-supervised training takes a convolutional"),
+        (["--self-supervised", "--backbone", "pixels"], "choose one of vgg16, resnet50"),
+        (["--self-supervised", "--db", "somewhere"], "--db names the store of --collection"),
+        (["--self-supervised", "--seed", "-1"], "--seed must be 0 or more"),
+        (["--self-supervised", "--input-size", "16"], "--input-size for smallcnn must be at least 24"),
         (["--self-supervised", "--weights", "imagenet"], "smallcnn has no published weights"),
         (["--self-supervised", "--epochs", "0"], "--epochs must be at least 1"),
         (["--self-supervised", "--collection", "x"], "not both"),
@@ -176,10 +180,9 @@ def test_cli_trains_prints_and_resumes_nothing_twice(digits: Path, tmp_path: Pat
     done = run_cli(*argv)
     assert done.returncode == 0, done.stderr
     assert "no labels read" in done.stdout and "96 indexed images" in done.stdout and out.exists()
+    assert not checkpoint_dir(out).exists()  # removed once the model is written
     again = run_cli(*argv)
     assert again.returncode != 0 and "exists: pass --overwrite" in again.stderr and "Traceback" not in again.stderr
-    with pytest.raises(EmbedderError):
-        read_model_description(tmp_path / "missing.keras")
 
 
 @pytest.mark.slow  # ~40 s: three processes start TensorFlow
@@ -192,7 +195,7 @@ def test_a_process_killed_mid_training_resumes_to_the_weights_of_an_unbroken_run
     import sys
     import time
 
-    argv = ["train", "mnist", "--source", str(digits), "--self-supervised", "--epochs", "4", "--batch-size", "16", "--seed", "5"]
+    argv = ["train", "mnist", "--source", str(digits), "--self-supervised", "--epochs", "8", "--batch-size", "16", "--seed", "5"]
     whole = run_cli(*argv, "--out", str(tmp_path / "whole.keras"))
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed.keras"
@@ -218,3 +221,44 @@ def test_without_a_budget_it_runs_the_epochs_of_about_default_steps(digits: Path
     monkeypatch.setattr(selfsup, "DEFAULT_STEPS", 10)  # 96 images in batches of 16: 6 steps an epoch -> 2 epochs
     r = train_self_supervised("mnist", source=str(digits), out=tmp_path / "d.keras", batch_size=16, seed=5)
     assert r.epochs_run == r.epochs_planned == 2 and r.steps == 12 and r.description["budget"] == {"epochs": 2, "minutes": None}
+
+
+def test_a_minutes_budget_fixes_its_epochs_after_the_first_and_a_resumed_run_keeps_them(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.keras"
+    seen: list[int] = []
+
+    def kill_after_saving(epoch: int, planned: int, logs: dict) -> None:
+        seen.append(planned)
+        raise KeyboardInterrupt  # (the checkpoint of this epoch is on disk)
+
+    budget = {"minutes": 1e-4, "batch_size": 16, "seed": 5}  # 6 ms: one epoch fits, and the time is up after it
+    with pytest.raises(KeyboardInterrupt):
+        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill_after_saving, **budget)
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    assert seen == [1] and state["planned"] == 1 and state["epoch"] == 1
+    r = train_self_supervised("mnist", source=str(digits), out=out, **budget)
+    assert r.resumed_after == 1 and r.epochs_run == 1 and r.description["budget"] == {"epochs": None, "minutes": 1e-4}
+
+
+def test_a_folder_is_learnt_from_once_ingested(digits_folder: Path, tmp_path: Path, runner) -> None:
+    from lookalike.cli import app
+
+    r = runner.invoke(app, ["train", "folder", str(digits_folder), "--self-supervised", "--out", str(tmp_path / "f.keras")])
+    assert r.exit_code != 0 and "lookalike train --self-supervised --collection NAME" in one_line_error(r)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_fresh(digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "d.keras"
+
+    def kill(epoch: int, planned: int, logs: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    (checkpoint_dir(out) / state["weights"]).write_bytes(b"not a weights file")
+    with pytest.raises(InputError, match=r"cannot be used .*pass --fresh"):
+        train_self_supervised("mnist", source=str(digits), out=out, **TINY)
+    (checkpoint_dir(out) / "state.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="cannot be read: pass --fresh"):
+        train_self_supervised("mnist", source=str(digits), out=out, **TINY)
