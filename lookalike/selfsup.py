@@ -276,12 +276,9 @@ def _check_options(
     augment: str | None,
     seed: int,
 ) -> None:
-    if out.suffix != ".keras":
-        raise InputError(f"--out {out} must end in .keras")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} exists: pass --overwrite, or another --out")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    from lookalike.train import check_out
+
+    check_out(out, overwrite)
     checks = [
         (epochs is None or epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
         (minutes is None or minutes > 0, f"--minutes must be positive, got {minutes}"),

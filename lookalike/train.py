@@ -198,12 +198,7 @@ def _check_options(
     input_size: int,
     layer: str,
 ) -> None:
-    if out.suffix != ".keras":
-        raise InputError(f"--out {out} must end in .keras")
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} exists: pass --overwrite, or another --out")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist")
+    check_out(out, overwrite)
     checks = [
         (dim >= 2, f"--dim must be at least 2, got {dim}"),
         (epochs >= 1, f"--epochs must be at least 1, got {epochs}"),
@@ -219,6 +214,16 @@ def _check_options(
     for ok, message in checks:
         if not ok:
             raise InputError(message)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """InputError unless ``out`` is a new (or, with ``overwrite``, any) ``.keras`` path in an existing folder."""
+    if out.suffix != ".keras":
+        raise InputError(f"--out {out} must end in .keras")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} exists: pass --overwrite, or another --out")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist")
 
 
 def _read_train_items(ds: Dataset, size: int) -> tuple[np.ndarray, np.ndarray, int]:
