@@ -37,6 +37,16 @@ def weights_of(path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in load_keras_model(path).get_weights()]
 
 
+def killed_after_the_first_epoch(digits: Path, out: Path) -> None:
+    """A TINY run stopped (KeyboardInterrupt) once its first epoch's checkpoint is on disk."""
+
+    def kill(epoch: int, planned: int, logs: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+
+
 def test_permuted_labels_give_the_same_weights(digits: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     """No label is read: the same images with their labels permuted (and some replaced) train to identical weights."""
     z = np.load(digits)
@@ -87,13 +97,7 @@ def test_training_moves_the_weights_and_lowers_the_loss(trained: tuple[Path, obj
 
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(digits: Path, trained: tuple[Path, object], tmp_path: Path) -> None:
     out = tmp_path / "resumed.keras"
-
-    def kill(epoch: int, planned: int, logs: dict) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    killed_after_the_first_epoch(digits, out)
     ckpt = checkpoint_dir(out)
     assert not out.exists() and json.loads((ckpt / "state.json").read_text())["epoch"] == 1
     r = train_self_supervised("mnist", source=str(digits), out=out, **TINY)
@@ -106,12 +110,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(digits: Pa
 
 def test_a_checkpoint_of_other_settings_is_refused_until_fresh(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.keras"
-
-    def kill(epoch: int, planned: int, logs: dict) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    killed_after_the_first_epoch(digits, out)
     with pytest.raises(InputError, match=r"other settings \(temperature\).*--fresh"):
         train_self_supervised("mnist", source=str(digits), out=out, temperature=0.5, **TINY)
     r = train_self_supervised("mnist", source=str(digits), out=out, temperature=0.5, fresh=True, **{**TINY, "epochs": 1})
@@ -249,12 +248,7 @@ def test_a_folder_is_learnt_from_once_ingested(digits_folder: Path, tmp_path: Pa
 
 def test_a_damaged_checkpoint_is_one_line_naming_fresh(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "d.keras"
-
-    def kill(epoch: int, planned: int, logs: dict) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_self_supervised("mnist", source=str(digits), out=out, on_epoch=kill, **TINY)
+    killed_after_the_first_epoch(digits, out)
     state = json.loads((checkpoint_dir(out) / "state.json").read_text())
     (checkpoint_dir(out) / state["weights"]).write_bytes(b"not a weights file")
     with pytest.raises(InputError, match=r"cannot be used .*pass --fresh"):
