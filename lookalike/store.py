@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -156,8 +156,10 @@ class VectorCollection:
         self._generation = 0  # writes so far (a mirror read while one happened is read again)
         self._loader: threading.Thread | None = None
         self.dim = 0  # the vectors' length, when the owner knows it (an empty collection's mirror needs it)
-        # a narrow filter's matching items (see NARROW_KEPT): filter's JSON -> (generation, ids, vectors, metadatas)
-        self._narrow: dict[str, tuple[int, list[str], np.ndarray, list[dict[str, Any]]]] = {}
+        # a narrow filter's matching items (see NARROW_KEPT): filter's JSON -> (generation, ids, metadatas, prepared)
+        self._narrow: dict[str, tuple[int, list[str], list[dict[str, Any]], Base]] = {}
+        # a warm collection's last filters: (filter's JSON, generation) -> the matching mirror rows, prepared
+        self._matched: dict[tuple[str, int], Base] = {}
 
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
@@ -531,7 +533,7 @@ class VectorCollection:
         kept = self._kept_narrow(where) if where is not None else None
         if kept is not None:  # a narrow filter met before (and no write since): exact over its items, no probe
             self.plan_counts["brute"] += len(vectors)
-            return _nearest_of(vectors, k, *kept, excluded, metadata)
+            return _nearest_of(vectors, k, kept, excluded, metadata)
         if where is None:
             # excluded items met on the way: ~k x their share of the collection (long rankings of evaluate), plus a margin
             share = min(1.0, len(excluded) / max(self.count() - len(excluded), 1)) if k > EXTRA and excluded else 0.0
@@ -554,7 +556,7 @@ class VectorCollection:
             narrow = self._narrow_items(where) if where is not None else None
             if narrow is not None:  # a narrow filter: exact, over the matching items alone
                 self.plan_counts["brute"] += len(short)
-                for i, row in zip(short, _nearest_of(vectors[short], k, *narrow, excluded, with_meta)):
+                for i, row in zip(short, _nearest_of(vectors[short], k, narrow, excluded, with_meta)):
                     out[i] = row
             else:
                 self.plan_counts["where"] += len(short)
@@ -576,13 +578,27 @@ class VectorCollection:
                 mask[mir.rows(excluded)] = False
             rows = np.flatnonzero(mask)
             ids = mir.ids[rows]
-            base = mir.vectors[rows] if mir.vectors is not None else None
             live = len(mir)
+            share = len(rows) / max(live, 1)
+            base = None
+            if mir.vectors is not None and share < BROAD:  # (a broad filter's over-fetch rarely needs them)
+                key = (json.dumps(where, sort_keys=True), self._generation)
+                base = None if excluded else self._matched.get(key)
+                if base is None:
+                    base = Base.of(ids, mir.vectors[rows])
+                    if not excluded and base.vectors.nbytes <= NARROW_MB * 2**20:
+                        budget = NARROW_MB * 2**20 - base.vectors.nbytes
+                        while self._matched and (
+                            len(self._matched) >= NARROW_KEPT
+                            or key[1] != next(iter(self._matched))[1]  # (kept before a write)
+                            or sum(b.vectors.nbytes for b in self._matched.values()) > budget
+                        ):
+                            self._matched.pop(next(iter(self._matched)))  # the oldest first
+                        self._matched[key] = base
         out: list[list[Neighbor]] = [[] for _ in range(len(vectors))]
         if len(rows) == 0:
             return out
         todo = list(range(len(vectors)))
-        share = len(rows) / max(live, 1)
         if share >= BROAD:
             probe = int(min(PROBE_MAX, OVERFETCH * k / share + PROBE_MIN + min(len(excluded), EXTRA)))
             for i, got in enumerate(self._query(vectors, probe, None, False)):
@@ -590,9 +606,12 @@ class VectorCollection:
             todo = [i for i, row in enumerate(out) if len(row) < min(k, len(rows))]
             self.plan_counts["overfetch"] += len(vectors) - len(todo)
         if todo:
-            if base is not None:
+            if mir.vectors is not None:
+                if base is None:  # (a broad filter's rows left short)
+                    with self._mirror_lock:
+                        base = Base.of(ids, mir.vectors[rows])
                 self.plan_counts["mirror"] += len(todo)
-                for i, got in zip(todo, _nearest(vectors[todo], base, ids, k)):
+                for i, got in zip(todo, _nearest(vectors[todo], base, k)):
                     out[i] = got
             elif len(rows) <= FETCH_MAX:
                 self.plan_counts["fetch"] += len(todo)
@@ -614,15 +633,15 @@ class VectorCollection:
                 out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in out]
         return out
 
-    def _kept_narrow(self, where: dict[str, Any]) -> tuple[list[str], np.ndarray, list[dict[str, Any]]] | None:
+    def _kept_narrow(self, where: dict[str, Any]) -> Narrow | None:
         """A narrow filter's items as :meth:`_narrow_items` kept them, when no write happened since."""
         kept = self._narrow.get(json.dumps(where, sort_keys=True))
         if kept is None or kept[0] != self._generation or len(kept[1]) > EXACT_MAX:
             return None
-        return kept[1], kept[2], kept[3]
+        return Narrow(kept[1], kept[2], kept[3])
 
-    def _narrow_items(self, where: dict[str, Any]) -> tuple[list[str], np.ndarray, list[dict[str, Any]]] | None:
-        """(ids, vectors, metadatas) of the items matching ``where`` when they are at most ``EXACT_MAX``, else None.
+    def _narrow_items(self, where: dict[str, Any]) -> Narrow | None:
+        """The items matching ``where`` when they are at most ``EXACT_MAX``, else None.
         Their ids are listed from SQLite alone (no index), then read by id; a local collection keeps the answer
         until its next write (its lock keeps other writers out; a server's other clients may write, so it does not)."""
         kept = self._kept_narrow(where)
@@ -637,15 +656,18 @@ class VectorCollection:
         ids, vecs, metas = self.get(listed, vectors=True)
         if vecs is None or len(ids) == 0:
             vecs = np.zeros((0, self.dim), np.float32)
+        base = Base.of(np.array(ids, dtype=object), vecs)
         if not is_server(self._store.db) and vecs.nbytes <= NARROW_MB * 2**20:
             with self._mirror_lock:
                 if self._generation == generation:  # (not when a write ran meanwhile)
                     self._narrow.pop(key, None)
                     budget = NARROW_MB * 2**20 - vecs.nbytes
-                    while self._narrow and (len(self._narrow) >= NARROW_KEPT or sum(v[2].nbytes for v in self._narrow.values()) > budget):
+                    while self._narrow and (
+                        len(self._narrow) >= NARROW_KEPT or sum(v[3].vectors.nbytes for v in self._narrow.values()) > budget
+                    ):
                         self._narrow.pop(next(iter(self._narrow)))
-                    self._narrow[key] = (generation, ids, vecs, metas)
-        return ids, vecs, metas
+                    self._narrow[key] = (generation, ids, metas, base)
+        return Narrow(ids, metas, base)
 
     def _exact(self, vectors: np.ndarray, k: int, ids: Sequence[str], excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:
         """The exact ``k`` nearest of ``ids`` (not ``excluded``) to each row of ``vectors``, by brute force."""
@@ -654,7 +676,7 @@ class VectorCollection:
             return [[] for _ in range(len(vectors))]
         got_ids, got_vecs, got_metas = self.get(keep_ids, vectors=True)
         assert got_vecs is not None
-        return _nearest_of(vectors, k, got_ids, got_vecs, got_metas, (), metadata)
+        return _nearest_of(vectors, k, Narrow(got_ids, got_metas, Base.of(np.array(got_ids, dtype=object), got_vecs)), (), metadata)
 
     def _query(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None, metadata: bool) -> list[list[Neighbor]]:
         out: list[list[Neighbor]] = []
@@ -684,38 +706,71 @@ class VectorCollection:
         return out
 
 
-def _nearest_of(
-    queries: np.ndarray,
-    k: int,
-    ids: Sequence[str],
-    vecs: np.ndarray,
-    metas: Sequence[dict[str, Any]],
-    excluded: Collection[str],
-    metadata: bool,
-) -> list[list[Neighbor]]:
+def _nearest_of(queries: np.ndarray, k: int, items: Narrow, excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:
     """The exact ``k`` nearest of the given items (not ``excluded``) to each query, with their metadata when asked."""
-    rows = [i for i, x in enumerate(ids) if x not in excluded] if excluded else list(range(len(ids)))
-    if not rows:
-        return [[] for _ in range(len(queries))]
-    found = _nearest(queries, vecs[rows], np.array([ids[i] for i in rows]), k)
+    base = items.base
+    if excluded:
+        rows = [i for i, x in enumerate(items.ids) if x not in excluded]
+        if not rows:
+            return [[] for _ in range(len(queries))]
+        base = Base(base.ids[rows], base.vectors[rows], base.norms[rows])
+    found = _nearest(queries, base, k)
     if not metadata:
         return found
-    meta_of = dict(zip(ids, metas))
+    meta_of = dict(zip(items.ids, items.metadatas))
     return [[Neighbor(n.id, n.distance, dict(meta_of[n.id])) for n in row] for row in found]
 
 
-def _nearest(queries: np.ndarray, base: np.ndarray, ids: np.ndarray, k: int) -> list[list[Neighbor]]:
-    """The exact ``k`` nearest rows of ``base`` to each query (float64; ties by id), without metadata."""
-    q = np.asarray(queries, np.float64)
-    b = base.astype(np.float64)
-    d2 = (q * q).sum(1)[:, None] - 2 * q @ b.T + (b * b).sum(1)[None, :]
+@dataclass(frozen=True)
+class Base:
+    """Items prepared for brute-force search: their ids, float32 vectors (C order) and squared norms."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    norms: np.ndarray
+
+    @classmethod
+    def of(cls, ids: np.ndarray, vectors: np.ndarray) -> Base:
+        vecs = np.ascontiguousarray(vectors, np.float32)
+        return cls(ids, vecs, np.einsum("ij,ij->i", vecs, vecs))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Narrow(NamedTuple):
+    """A filter's matching items: ids and metadatas, and their vectors prepared for search."""
+
+    ids: list[str]
+    metadatas: list[dict[str, Any]]
+    base: Base
+
+
+# float32's error on a squared distance, relative to |q|^2 + |b|^2: a dot product of d terms is within d x 2^-24 x |q||b|
+# (the worst case; typically sqrt(d) x that), so a margin of 4 d 2^-24 x (|q|^2 + max |b|^2) keeps every candidate
+def _margin(dim: int) -> float:
+    return 4.0 * dim * 2.0**-24
+
+
+def _nearest(queries: np.ndarray, base: Base, k: int) -> list[list[Neighbor]]:
+    """The exact ``k`` nearest of ``base`` to each query (ties by id), without metadata: candidates by float32
+    distances (one pass over the vectors), then those within float32's error of the k-th, ranked in float64."""
+    n = len(base)
+    if n == 0:
+        return [[] for _ in range(len(queries))]
+    q32 = np.asarray(queries, np.float32)
+    qn = np.einsum("ij,ij->i", q32, q32).astype(np.float64)
+    approx = base.norms[None, :] - 2 * (q32 @ base.vectors.T)  # |q - b|^2 - |q|^2, float32
+    slack = _margin(base.vectors.shape[1]) * (qn + float(base.norms.max()))
     out = []
-    for row in d2:
-        top = np.argpartition(row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        cut = row[top].max()
-        near = np.flatnonzero(row <= cut)  # every row tied at the cut, so that ties go by id
-        order = near[np.lexsort((ids[near].astype(str), row[near]))][:k]
-        out.append([Neighbor(str(ids[j]), float(np.sqrt(max(row[j], 0.0))), {}) for j in order])
+    for i, row in enumerate(approx):
+        cut = row[np.argpartition(row, k - 1)[:k]].max() if k < n else row.max()
+        cand = np.flatnonzero(row <= cut + 2 * slack[i])
+        q = np.asarray(queries[i], np.float64)
+        diff = base.vectors[cand].astype(np.float64) - q
+        d2 = np.einsum("ij,ij->i", diff, diff)
+        order = np.lexsort((base.ids[cand].astype(str), d2))[:k]  # ties by id
+        out.append([Neighbor(str(base.ids[cand[j]]), float(np.sqrt(d2[j])), {}) for j in order])
     return out
 
 

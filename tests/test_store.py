@@ -353,3 +353,48 @@ def test_long_rankings_with_many_exclusions_equal_brute_force(db: str) -> None:
     for q, row in zip(vecs[:4], got):
         d = ((vecs[keep] - q) ** 2).sum(1)
         assert [n.id for n in row] == [np.array(ids)[keep][j] for j in np.argsort(d, kind="stable")[:40]]
+
+
+def test_brute_force_stays_exact_where_float32_alone_would_not() -> None:
+    """Candidates by float32 distances, ranked in float64: the answer equals a float64 brute force (ties by id), also
+    for vectors whose norms dwarf their differences, where a float32 ranking is wrong."""
+    rng = np.random.default_rng(0)
+    vecs = (1000.0 + rng.normal(size=(400, 32)) * 0.05).astype(np.float32)
+    vecs[7] = vecs[3]  # a tie: its two ids in id order
+    ids = np.array([f"i{j:03d}" for j in rng.permutation(400)], dtype=object)
+    queries = vecs[[3, 10, 20]].astype(np.float64) + rng.normal(size=(3, 32)) * 0.01
+    base = store_mod.Base.of(ids, vecs)
+    got = store_mod._nearest(queries, base, 5)
+    float32_wrong = []
+    for q, row in zip(queries, got):
+        d2 = ((vecs.astype(np.float64) - q) ** 2).sum(1)
+        want = np.lexsort((ids.astype(str), d2))[:5]
+        assert [n.id for n in row] == [ids[j] for j in want]
+        assert [n.distance for n in row] == pytest.approx(np.sqrt(d2[want]), rel=1e-9)
+        approx = base.norms - 2 * (vecs @ q.astype(np.float32))  # what float32 alone would rank by
+        float32_wrong.append(list(np.argsort(approx, kind="stable")[:5]) != list(want))
+    assert any(float32_wrong)  # (the case is one where the float64 step matters)
+    tie = store_mod._nearest(vecs[3:4], base, 2)[0]
+    assert [n.id for n in tie] == sorted([ids[3], ids[7]]) and tie[0].distance == tie[1].distance == 0.0
+    assert store_mod._nearest(queries, store_mod.Base.of(ids[:0], vecs[:0]), 3) == [[], [], []]
+    assert len(store_mod._nearest(queries[:1], base, 500)[0]) == 400  # k above the items: all of them
+
+
+def test_a_warm_filters_kept_items_follow_writes(db: str) -> None:
+    """A warm collection keeps a narrow filter's matching vectors between queries; a write (add, delete) is seen by
+    the next query, and the kept answer equals the first."""
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    vecs = fill(col, 400, dim=16)
+    col.keep_warm(load=True)
+    assert col.warm
+    where = {"label_name": "3", "split": "test"}  # 3% of the items (not a label filter: not the partitions)
+    first = col.query(vecs[:2], 3, where)
+    assert col._matched and col.query(vecs[:2], 3, where) == first  # (answered from the kept rows)
+    near = vecs[0] + 1e-3
+    col.add(["new:0"], near[None], [{"label": 3, "label_name": "3", "split": "test"}])
+    assert col.query(vecs[:1], 3, where)[0][0].id == "new:0"
+    col.delete(["new:0"])
+    assert col.query(vecs[:2], 3, where) == first
+    assert col.plan_counts["mirror"] == 7  # every query planned from the mirror
+    s.close()
