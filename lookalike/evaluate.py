@@ -1,6 +1,7 @@
 """Evaluate: held-out k-NN accuracy through the store, audited against exact search.
 
-Every held-out (``split="test"``) item queries the indexed (``split="train"``) items through Chroma.
+Every held-out (``split="test"``) item queries the indexed (``split="train"``) items through Chroma (past
+``STORE_QUERIES`` held-out items, a seeded sample of that many: a million digits' 100,000 would take ~170 s).
 The same queries are then answered by brute force over the indexed vectors read back from the
 store, which gives ``recall_at_1`` (how often the store's first answer is an exact nearest
 neighbour; ties at equal distance count) and ``exact_accuracy`` (the accuracy exact search gets).
@@ -44,16 +45,19 @@ SAVED_MISTAKES = 1000  # mistakes kept with a saved report (all are counted)
 PRECISION_KS = (1, 5, 10)
 R_BUDGET = 2_000_000  # ranked items the R metrics may ask the store for (queries x largest R) before sampling
 R_SAMPLE = 300  # held-out queries the store's R metrics use past that budget (~50 ms each at R ~ 6,000)
-# ... and fewer when R is so long that they would rank more than R_RESULTS items (a million digits: R ~ 100,000, 100
-# queries), at least R_MIN; the store is asked RANK_CHUNK ranked items at a time (each is a Python object when answered)
-R_RESULTS = 10_000_000
-R_MIN = 50
+# ... and fewer when R is so long that they would rank more than R_RESULTS items (a million digits: R ~ 90,000, 27
+# queries, ~2 s each), at least R_MIN; the store is asked RANK_CHUNK ranked items at a time (each is a Python object when answered)
+R_RESULTS = 2_500_000
+R_MIN = 20
 RANK_CHUNK = 1_000_000
 # exact search costs queries x indexed items: past EXACT_PAIRS (70,000 MNIST digits: 6e8, every query exact), a
 # seeded sample of max(EXACT_MIN, EXACT_PAIRS // indexed) queries is answered exactly (1,111 at 1,000,000 items)
 EXACT_PAIRS = 1_000_000_000
 EXACT_MIN = 1000
 EXACT_R_CELLS = 100_000_000  # exact ranks the R metrics may hold (queries x largest R; MNIST: 6.7e7) before sampling
+# the store answers every held-out item up to STORE_QUERIES of them, else a seeded sample of that many (a million
+# digits: 100,000 held out, ~170 s through the store on one core; the sample's 1-NN accuracy is within ~0.1 point)
+STORE_QUERIES = 20_000
 
 
 @dataclass
@@ -86,6 +90,8 @@ class EvalReport:
     accuracy_same_queries: float | None = None
     # wall seconds of each stage: read (the scans), store (held-out queries), exact, r_store and r_exact (R rankings)
     timings: dict[str, float] = field(default_factory=dict)
+    # every held-out item; past STORE_QUERIES, ``n_queries`` of them (a seeded sample) are asked: the figures are the sample's
+    n_held_out: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +115,8 @@ class HeldOut:
     exact_d2: np.ndarray  # their squared distances
     query_seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # read, store, exact (wall seconds)
+    n_held_out: int = 0  # every held-out item (``test_ids`` may be a seeded sample of them: ``max_queries``)
+    excluded: list[str] = field(default_factory=list)  # every held-out id (kept out of the store's answers)
 
     @property
     def sampled(self) -> bool:
@@ -136,33 +144,58 @@ def held_out(
     items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None,
     seed: int = 0,
     sample_exact: bool = True,
+    max_queries: int | None = None,
 ) -> HeldOut:
     """Ask the store for each held-out item's ``max(k, width)`` nearest indexed items, and brute force for those of
     every item or of a seeded sample (:func:`exact_sample`).
 
     ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already;
-    ``sample_exact=False``: every item exact (an audit that computes exact neighbours anyway).
+    ``sample_exact=False``: every item exact (an audit that computes exact neighbours anyway); ``max_queries``:
+    past that many held-out items, a seeded sample of that many are the queries (``n_held_out`` counts them all).
     """
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
     t_read = time.perf_counter()
-    test_ids, test_vecs, test_metas = gallery.scan("test") if items is None else _split(items, "test")
+    label = ("label",)  # (the only field read: not a million items' whole metadata)
+    test_ids, test_vecs, test_metas = gallery.scan("test", fields=label) if items is None else _split(items, "test")
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
-    train_ids, train_vecs, train_metas = gallery.scan("train") if items is None else _split(items, "train")
+    n_held_out = len(test_ids)
+    if max_queries is not None and len(test_ids) > max_queries:
+        keep = np.sort(np.random.default_rng(seed).choice(len(test_ids), max_queries, replace=False))
+        excluded = test_ids  # (every held-out item stays out of the answers)
+        test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
+    else:
+        excluded = test_ids
+    train_ids, train_vecs, train_metas = gallery.scan("train", fields=label) if items is None else _split(items, "train")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
     y_test = np.array([int(m["label"]) for m in test_metas])
     y_train = np.array([int(m["label"]) for m in train_metas])
     wide = min(max(k, width or k), len(train_ids))
     t0 = time.perf_counter()
-    store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, test_ids, train_ids, distances=True)
+    store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, excluded, train_ids, distances=True)
     query_seconds = time.perf_counter() - t0
     rows = exact_sample(len(test_ids), len(train_ids), seed) if sample_exact else np.arange(len(test_ids))
     exact_nn, exact_d2 = exact_neighbours(test_vecs[rows], train_vecs, wide)
     timings = {"read": t0 - t_read, "store": query_seconds, "exact": time.perf_counter() - t0 - query_seconds}
     return HeldOut(
-        test_ids, test_vecs, y_test, train_ids, train_vecs, y_train, k, store_nn, store_d1, rows, exact_nn, exact_d2, query_seconds, timings
+        test_ids,
+        test_vecs,
+        y_test,
+        train_ids,
+        train_vecs,
+        y_train,
+        k,
+        store_nn,
+        store_d1,
+        rows,
+        exact_nn,
+        exact_d2,
+        query_seconds,
+        timings,
+        n_held_out,
+        excluded,
     )
 
 
@@ -174,11 +207,11 @@ def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str
 
 
 def _store_ranking(
-    gallery: Gallery, queries: np.ndarray, k: int, test_ids: list[str], train_ids: list[str], distances: bool = False
+    gallery: Gallery, queries: np.ndarray, k: int, held_out_ids: list[str], train_ids: list[str], distances: bool = False
 ) -> Any:
-    """The store's ``k`` nearest indexed items of each query, as rows of ``train_ids`` (and, with ``distances``, the
-    distance of each first answer)."""
-    excluded = set(test_ids)
+    """The store's ``k`` nearest indexed items of each query (none of ``held_out_ids``), as rows of ``train_ids`` (and,
+    with ``distances``, the distance of each first answer)."""
+    excluded = set(held_out_ids)
     step = max(1, RANK_CHUNK // max(k, 1))
     answers = [
         a
@@ -214,7 +247,7 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
     if not gallery.record.labelled:
         return _evaluate_unlabelled(gallery, k, started)
     names = gallery.label_names
-    h = held_out(gallery, k, width=max(PRECISION_KS), seed=seed)
+    h = held_out(gallery, k, width=max(PRECISION_KS), seed=seed, max_queries=STORE_QUERIES)
     y_test, y_train, store_nn, rows = h.y_test, h.y_train, h.store_nn, h.exact_rows
     n_labels = max(len(names), int(max(y_test.max(), y_train.max())) + 1)
     pred = h.predictions()
@@ -247,6 +280,7 @@ def evaluate(gallery: Gallery, *, k: int = 1, r_sample: int = R_SAMPLE, seed: in
         exact_queries=len(rows),
         accuracy_same_queries=float((pred[rows] == y_test[rows]).mean()) if h.sampled else None,
         timings=h.timings,
+        n_held_out=h.n_held_out,
     )
 
 
@@ -255,7 +289,7 @@ def _evaluate_unlabelled(gallery: Gallery, k: int, started: float) -> EvalReport
     held-out item's nearest indexed items through the store, against exact search (``recall_at_1``, and in
     ``retrieval`` the share of the exact ``k`` nearest the store returns: ``store_recall_at_k``)."""
     width = max(k, max(PRECISION_KS))
-    h = held_out(gallery, k, width=width)
+    h = held_out(gallery, k, width=width, max_queries=STORE_QUERIES)
     rows = h.exact_rows
     hit = recall_hits(h.test_vecs[rows], h.train_vecs, h.store_nn[rows, 0], h.exact_d2[:, 0])
     w = h.store_nn.shape[1]
@@ -279,6 +313,8 @@ def _evaluate_unlabelled(gallery: Gallery, k: int, started: float) -> EvalReport
         accuracy_1nn=nan,
         retrieval={"unlabelled": True, "store_recall_at_k": float(np.mean(overlap)), "recall_k": w},
         exact_queries=len(rows),
+        timings=h.timings,
+        n_held_out=h.n_held_out,
     )
 
 
@@ -305,7 +341,7 @@ def _retrieval(gallery: Gallery, h: HeldOut, names: list[str], r_sample: int, se
     nothing = np.zeros((0, 0), int)
     # a held-out label with no indexed item has no R metrics; when no label has any, nothing to rank
     t0 = time.perf_counter()
-    long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.test_ids, h.train_ids) if r_max else nothing
+    long_store = _store_ranking(gallery, h.test_vecs[sample], r_max, h.excluded, h.train_ids) if r_max else nothing
     t1 = time.perf_counter()
     long_exact = exact_ranking(h.test_vecs[exact_r], h.train_vecs, r_max) if r_max else nothing
     h.timings.update(r_store=t1 - t0, r_exact=time.perf_counter() - t1)

@@ -301,10 +301,13 @@ class Gallery:
         assert vec is not None
         return vec[None, :]
 
-    def scan(self, split: str | None = None, *, vectors: bool = True) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
-        """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas)."""
+    def scan(
+        self, split: str | None = None, *, vectors: bool = True, fields: Sequence[str] | None = None
+    ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+        """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
+        ``fields`` when given)."""
         where = self.where(split=split)
-        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim)
+        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields)
 
     def images(self, metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
         """Pixels of stored items from the source the record names (None where a file no longer reads)."""

@@ -91,7 +91,7 @@ def per_class_accuracy(matrix: np.ndarray, label_names: Sequence[str]) -> dict[s
 
 def recall_hits(queries: np.ndarray, index: np.ndarray, first: np.ndarray, exact_d2: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
     """Per query, whether row ``first[i]`` of ``index`` is as near as the exact nearest (squared distance ``exact_d2[i]``)."""
-    got = ((np.asarray(queries, np.float64) - np.asarray(index, np.float64)[first]) ** 2).sum(1)
+    got = ((np.asarray(queries, np.float64) - np.asarray(index[first], np.float64)) ** 2).sum(1)  # (not a float64 copy of all)
     return got <= exact_d2 * (1 + rtol) + 1e-9
 
 

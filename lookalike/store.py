@@ -435,18 +435,30 @@ class VectorCollection:
         return out_ids, embs, out_metas
 
     def scan(
-        self, where: dict[str, Any] | None = None, *, vectors: bool = True, dim: int = 0, metadatas: bool = True
+        self,
+        where: dict[str, Any] | None = None,
+        *,
+        vectors: bool = True,
+        dim: int = 0,
+        metadatas: bool = True,
+        fields: Sequence[str] | None = None,
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
-        """Every item matching ``where``, read page by page: (ids, vectors ``(n, dim)``, metadatas)."""
+        """Every item matching ``where``, read page by page: (ids, vectors ``(n, dim)``, metadatas). The vectors
+        are written into one array as the pages come (no second copy); ``fields``: keep only these metadata keys
+        (a million items' whole metadata is a gigabyte of dicts)."""
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
-        chunks: list[np.ndarray] = []
-        for page_ids, page_vecs, page_metas in self.pages(where, vectors=vectors, metadatas=metadatas):
-            ids += page_ids
-            metas += page_metas
+        vecs = np.zeros((0, dim), np.float32)
+        listed = self._listed(where)
+        for page_ids, page_vecs, page_metas in self._read(listed, vectors=vectors, metadatas=metadatas):
             if page_vecs is not None:
-                chunks.append(page_vecs)
-        vecs = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                if len(vecs) < len(listed):  # (allocated at the first page, which gives the length)
+                    vecs = np.empty((len(listed), page_vecs.shape[1]), np.float32)
+                vecs[len(ids) : len(ids) + len(page_ids)] = page_vecs
+            ids += page_ids
+            metas += page_metas if fields is None else [{k: m[k] for k in fields if k in m} for m in page_metas]
+        if len(vecs) > len(ids):  # (items removed while the scan ran)
+            vecs = vecs[: len(ids)].copy()
         return ids, vecs, metas
 
     def get_page(self, offset: int, limit: int) -> tuple[list[str], None, list[dict[str, Any]]]:
@@ -462,7 +474,9 @@ class VectorCollection:
 
         Paged by id, not by offset: the matching ids are listed first (``ID_PAGE`` at a time, ids only), then read
         by id. An item removed during the scan is left out; one added after the listing is not read."""
-        include = (["metadatas"] if metadatas else []) + (["embeddings"] if vectors else [])
+        return self._read(self._listed(where), vectors=vectors, metadatas=metadatas)
+
+    def _listed(self, where: dict[str, Any] | None) -> list[str]:
         listed: list[str] = []
         with self._guard():
             while True:
@@ -470,7 +484,12 @@ class VectorCollection:
                 listed += got["ids"]
                 if len(got["ids"]) < ID_PAGE:
                     break
-        listed = list(dict.fromkeys(listed))  # (a write between two listings can shift an id into the next one)
+        return list(dict.fromkeys(listed))  # (a write between two listings can shift an id into the next one)
+
+    def _read(
+        self, listed: list[str], *, vectors: bool, metadatas: bool
+    ) -> Iterator[tuple[list[str], np.ndarray | None, list[dict[str, Any]]]]:
+        include = (["metadatas"] if metadatas else []) + (["embeddings"] if vectors else [])
         for start in range(0, len(listed), PAGE):
             chunk = listed[start : start + PAGE]
             if not include:

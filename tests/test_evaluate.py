@@ -192,3 +192,38 @@ def test_retrieval_metrics_on_small_and_disjoint_collections(tmp_path: Path, db:
         iy = np.array([m["label"] for m in im])
         want = np.mean([(iy[np.argsort(((iv - q) ** 2).sum(1))] == m["label"]).mean() for q, m in zip(tv, tm)])  # all 6 places
         assert ret["exact"]["precision_at_10"] == pytest.approx(want)
+
+
+def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past STORE_QUERIES held-out items, a seeded sample of that many queries the store (every held-out item still
+    kept out of the answers); the figures are the sample's, and ``n_held_out`` counts them all."""
+    import importlib
+
+    ev = importlib.import_module("lookalike.evaluate")
+
+    whole = evaluate(gallery)
+    asked: list[int] = []
+    real = gallery.neighbours
+
+    def spy(vectors: np.ndarray, k: int, **kw: object) -> list:
+        asked.append(len(vectors))
+        assert len(kw["exclude"]) == 50  # (every held-out id, not the sample's alone)
+        return real(vectors, k, **kw)
+
+    monkeypatch.setattr(ev, "STORE_QUERIES", 20)
+    monkeypatch.setattr(gallery, "neighbours", spy)
+    part = evaluate(gallery, seed=5)
+    assert (part.n_queries, part.n_held_out, whole.n_held_out, whole.n_queries) == (20, 50, 50, 50)
+    assert asked[0] == 20 and part.exact_queries == 20 and np.array(part.confusion).sum() == 20
+    test_ids = gallery.scan("test")[0]
+    pick = np.sort(np.random.default_rng(5).choice(50, 20, replace=False))
+    wrong_whole = {m["id"] for m in whole.mistakes}
+    assert part.accuracy == pytest.approx(np.mean([test_ids[i] not in wrong_whole for i in pick]))
+    assert part.retrieval["queries"] == 20
+
+
+def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
+    ids, vecs, metas = gallery.scan("train")
+    got_ids, got_vecs, got_metas = gallery.scan("train", fields=("label", "absent"))
+    assert got_ids == ids and np.array_equal(got_vecs, vecs) and got_vecs.dtype == np.float32
+    assert got_metas == [{"label": m["label"]} for m in metas] and len(metas[0]) > 1
