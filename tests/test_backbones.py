@@ -165,6 +165,7 @@ def write_photos(root: Path, n: int, size: tuple[int, int] = (300, 200)) -> list
     return paths
 
 
+@pytest.mark.slow  # ~15 s: 224 px photos through a CNN
 def test_a_photo_folder_gets_224_crop_and_reuses_its_embedder(tmp_path: Path, db: str) -> None:
     """Photos: the photo default at 224 px, centre crop, recorded; a stored photo is found by its own file at ~0; a
     re-ingest and a sync need no option; a differing option is refused in one line, nothing changed."""

@@ -115,6 +115,7 @@ def test_specs_without_a_size_get_the_datas() -> None:  # (the defaults ingest g
     assert _by_data({"model": "pixels"}, photos=True) == {"model": "pixels", "fit": "crop"}
 
 
+@pytest.mark.slow  # ~7 s: several Keras backbones built
 def test_compare_across_backbones(tiny_npz: Path, db: str) -> None:
     specs = ["pixels", "mobilenetv3large:weights=random,precision=float32"]
     r = compare("mnist", source=str(tiny_npz), limit=60, test_size=20, embedders=specs, k=3, db=db)

@@ -39,6 +39,7 @@ def test_cluster_accuracy_matches_by_hungarian_method() -> None:
     assert ari == pytest.approx(adjusted_rand_score(labels, clusters)) and ari != pytest.approx(1.0)
 
 
+@pytest.mark.slow  # ~13 s: t-SNE and UMAP
 def test_projection_methods_and_seed() -> None:
     rng = np.random.default_rng(0)
     x = rng.random((60, 64), dtype=np.float32)

@@ -80,6 +80,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         yield {"tf": tf_emb, "onnx": emb, "file": onnxrt.cache_paths(SPEC)[0]}
 
 
+@pytest.mark.slow  # ~20 s with its fixture: a Keras model converted to ONNX
 def test_converted_once_then_loaded_without_tensorflow(converted: dict, tmp_path: Path) -> None:
     """The converted model gives TensorFlow's vectors (within 1e-5 here; 1e-3 is the bar), is cached with its check,
     and a new process embeds from the cache with no TensorFlow imported, to the same vectors."""
@@ -119,6 +120,7 @@ def copy_of(converted: dict):
     return lambda model, size, out: shutil.copyfile(converted["file"], out)
 
 
+@pytest.mark.slow  # the converted fixture (~18 s)
 def test_a_damaged_cache_file_is_converted_again(converted: dict, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnxrt, "_tf2onnx", copy_of(converted))
     model_file, _ = onnxrt.cache_paths(SPEC)
@@ -129,6 +131,7 @@ def test_a_damaged_cache_file_is_converted_again(converted: dict, cache: Path, m
     assert isinstance(model, onnxrt.OnnxModel) and model_file.read_bytes() == converted["file"].read_bytes()
 
 
+@pytest.mark.slow  # the converted fixture (~18 s)
 def test_a_conversion_that_disagrees_or_fails_is_refused_and_remembered(converted: dict, cache: Path, monkeypatch, capsys) -> None:
     tf_emb = converted["tf"]
     monkeypatch.setattr(onnxrt, "_tf2onnx", copy_of(converted))
@@ -152,6 +155,7 @@ def test_a_conversion_that_disagrees_or_fails_is_refused_and_remembered(converte
     assert [p.name for p in cache.iterdir()] == [note.name]  # the note alone: no model, no temporary file
 
 
+@pytest.mark.slow  # the converted fixture (~18 s)
 def test_an_unwritable_cache_falls_back_to_tensorflow(converted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

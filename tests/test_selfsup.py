@@ -108,6 +108,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_weights(digits: Pa
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # ~10 s: two short trainings
 def test_a_checkpoint_of_other_settings_is_refused_until_fresh(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.keras"
     killed_after_the_first_epoch(digits, out)
@@ -117,6 +118,7 @@ def test_a_checkpoint_of_other_settings_is_refused_until_fresh(digits: Path, tmp
     assert r.resumed_after == 0 and out.exists()
 
 
+@pytest.mark.slow  # ~8 s: an ingest and a training
 def test_learning_from_a_stored_collection_reads_its_indexed_images(digits: Path, db: str, fake_embedder, tmp_path: Path) -> None:
     ingest("mnist", source=str(digits), embedder=fake_embedder, db=db)
     r = train_self_supervised(collection="mnist", db=db, out=tmp_path / "c.keras", **{**TINY, "epochs": 1})
@@ -214,6 +216,7 @@ def test_a_process_killed_mid_training_resumes_to_the_weights_of_an_unbroken_run
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # ~6 s: a training
 def test_without_a_budget_it_runs_the_epochs_of_about_default_steps(digits: Path, tmp_path: Path, monkeypatch) -> None:
     import lookalike.selfsup as selfsup
 
@@ -222,6 +225,7 @@ def test_without_a_budget_it_runs_the_epochs_of_about_default_steps(digits: Path
     assert r.epochs_run == r.epochs_planned == 2 and r.steps == 12 and r.description["budget"] == {"epochs": 2, "minutes": None}
 
 
+@pytest.mark.slow  # ~6 s: two trainings
 def test_a_minutes_budget_fixes_its_epochs_after_the_first_and_a_resumed_run_keeps_them(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.keras"
     seen: list[int] = []
@@ -246,6 +250,7 @@ def test_a_folder_is_learnt_from_once_ingested(digits_folder: Path, tmp_path: Pa
     assert r.exit_code != 0 and "lookalike train --self-supervised --collection NAME" in one_line_error(r)
 
 
+@pytest.mark.slow  # ~6 s: a training
 def test_a_damaged_checkpoint_is_one_line_naming_fresh(digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "d.keras"
     killed_after_the_first_epoch(digits, out)
