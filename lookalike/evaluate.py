@@ -203,6 +203,8 @@ def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str
     """The items of one split, out of a whole scan."""
     ids, vecs, metas = items
     rows = [i for i, m in enumerate(metas) if m.get("split") == split]
+    if rows and rows[-1] - rows[0] == len(rows) - 1:  # one block (a scan ``by_split``): a view, not a copy of the vectors
+        return ids[rows[0] : rows[-1] + 1], vecs[rows[0] : rows[-1] + 1], metas[rows[0] : rows[-1] + 1]
     return [ids[i] for i in rows], vecs[rows], [metas[i] for i in rows]
 
 

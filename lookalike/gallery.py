@@ -302,12 +302,13 @@ class Gallery:
         return vec[None, :]
 
     def scan(
-        self, split: str | None = None, *, vectors: bool = True, fields: Sequence[str] | None = None
+        self, split: str | None = None, *, vectors: bool = True, fields: Sequence[str] | None = None, by_split: bool = False
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
-        ``fields`` when given)."""
+        ``fields`` when given). ``by_split``: the held-out items first, then the indexed ones, then any other."""
         where = self.where(split=split)
-        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields)
+        first = [self.where(split="test"), self.where(split="train")] if by_split else []
+        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields, ids_first=first)
 
     def images(self, metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
         """Pixels of stored items from the source the record names (None where a file no longer reads)."""

@@ -442,14 +442,20 @@ class VectorCollection:
         dim: int = 0,
         metadatas: bool = True,
         fields: Sequence[str] | None = None,
+        ids_first: Sequence[dict[str, Any]] = (),
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item matching ``where``, read page by page: (ids, vectors ``(n, dim)``, metadatas). The vectors
         are written into one array as the pages come (no second copy); ``fields``: keep only these metadata keys
-        (a million items' whole metadata is a gigabyte of dicts)."""
+        (a million items' whole metadata is a gigabyte of dicts); ``ids_first``: filters whose items come first,
+        in that order (one split's rows then a contiguous block: a view, not a copy)."""
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
         vecs = np.zeros((0, dim), np.float32)
         listed = self._listed(where)
+        if ids_first:
+            first = list(dict.fromkeys(i for w in ids_first for i in self._listed(w if where is None else {"$and": [where, w]})))
+            chosen = set(first)
+            listed = first + [i for i in listed if i not in chosen]
         for page_ids, page_vecs, page_metas in self._read(listed, vectors=vectors, metadatas=metadatas):
             if page_vecs is not None:
                 if len(vecs) < len(listed):  # (allocated at the first page, which gives the length)
@@ -500,9 +506,11 @@ class VectorCollection:
             n = len(got["ids"])
             if n == 0:
                 continue
-            vecs = np.asarray(got["embeddings"], np.float32) if vectors else None
-            metas = list(got["metadatas"]) if metadatas else [{} for _ in range(n)]
-            yield list(got["ids"]), vecs, metas
+            at = {x: i for i, x in enumerate(got["ids"])}
+            order = [at[x] for x in chunk if x in at]  # (Chroma answers in its own order: the listing's, kept)
+            vecs = np.asarray(got["embeddings"], np.float32)[order] if vectors else None
+            metas = [got["metadatas"][i] for i in order] if metadatas else [{} for _ in range(n)]
+            yield [got["ids"][i] for i in order], vecs, metas
 
     def query(
         self,

@@ -227,3 +227,23 @@ def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
     got_ids, got_vecs, got_metas = gallery.scan("train", fields=("label", "absent"))
     assert got_ids == ids and np.array_equal(got_vecs, vecs) and got_vecs.dtype == np.float32
     assert got_metas == [{"label": m["label"]} for m in metas] and len(metas[0]) > 1
+
+
+def test_a_scan_by_split_puts_the_held_out_items_first_and_its_splits_are_views(gallery: Gallery) -> None:
+    """audit reads the collection once, held-out items first: evaluate's two splits of it are then views of its
+    vectors (a million items: no second 3 GB copy)."""
+    from lookalike.evaluate import _split
+
+    ids, vecs, metas = gallery.scan()
+    got_ids, got_vecs, got_metas = gallery.scan(fields=("label", "split"), by_split=True)
+    splits = [m["split"] for m in got_metas]
+    assert splits == sorted(splits, key=lambda s: s != "test") and sorted(got_ids) == sorted(ids)
+    row = {i: n for n, i in enumerate(ids)}
+    assert np.array_equal(got_vecs, vecs[[row[i] for i in got_ids]])
+    for split in ("test", "train"):
+        part_ids, part_vecs, _ = _split((got_ids, got_vecs, got_metas), split)
+        assert np.shares_memory(part_vecs, got_vecs) and part_ids == [i for i, m in zip(got_ids, got_metas) if m["split"] == split]
+    order = np.argsort([i % 5 for i in range(len(ids))], kind="stable")  # the splits' rows interleaved
+    apart = ([ids[i] for i in order], vecs[order], [metas[i] for i in order])
+    _, mixed, _ = _split(apart, "train")  # (rows apart: a copy, as before)
+    assert not np.shares_memory(mixed, apart[1]) and len(mixed) == 200
