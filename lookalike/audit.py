@@ -26,10 +26,10 @@ import csv
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -51,6 +51,39 @@ AUDIT_NOTE = "lookalike_audit"  # the collection metadata key of the last saved 
 SAVED_GROUPS = 500  # duplicate groups kept with a saved audit (all are counted)
 SAVED_MEMBERS = 50  # ids kept per saved group (``size`` counts them all)
 SAVED_LEAKS = 1000  # leaked ids kept with a saved audit (``n_leaked`` counts them all)
+
+
+@dataclass
+class ItemScores:
+    """Every item's scores, most suspicious first, as rows (dicts of ``FIELDS``) made one at a time: a million
+    items' rows held as dicts took about half a gigabyte; these are arrays."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("id", "split", "label", "suggested_label", "score", "outlier_score", "duplicate_group")
+
+    ids: list[str]
+    splits: list[str]
+    labels: np.ndarray
+    suggested: np.ndarray
+    score: np.ndarray
+    spread: np.ndarray
+    order: np.ndarray  # rows, most suspicious first
+    group_of: dict[str, int]  # ids in a duplicate group: its number
+    names: dict[int, str]  # each label (and suggested label) met: its name
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in self.order:
+            yield {
+                "id": self.ids[i],
+                "split": self.splits[i],
+                "label": self.names[int(self.labels[i])],
+                "suggested_label": self.names[int(self.suggested[i])],
+                "score": round(float(self.score[i]), 6),
+                "outlier_score": round(float(self.spread[i]), 6),
+                "duplicate_group": self.group_of.get(self.ids[i], ""),
+            }
 
 
 @dataclass
@@ -109,12 +142,12 @@ class AuditReport:
     store_sample: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
-    all_scores: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every item, for --csv (not in to_dict)
+    all_scores: ItemScores | None = field(default=None, repr=False)  # every item, for --csv (not in to_dict)
     labelled: bool = True  # False: the collection has no labels (or one), so no label issues were looked for
     neighbours_by: str = "exact"  # "store": past EXACT_MAX items, the store's answers (checked on the sample)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, all_scores=None))  # (every item's scores go to --csv, not here)
         out.pop("all_scores")
         out["n_leaked"] = len(self.leaked_ids)
         out["n_groups"] = len(self.groups)
@@ -308,18 +341,8 @@ def audit(
     timings["store_check"] = time.perf_counter() - t0
 
     group_of = {i: n for n, g in enumerate(groups) for i in g.ids}
-    all_scores = [
-        {
-            "id": ids[i],
-            "split": splits[i],
-            "label": gallery.label_name(int(labels[i])),
-            "suggested_label": gallery.label_name(int(suggested[i])),
-            "score": round(float(score[i]), 6),
-            "outlier_score": round(float(spread[i]), 6),
-            "duplicate_group": group_of.get(ids[i], ""),
-        }
-        for i in order
-    ]
+    names = {int(x): gallery.label_name(int(x)) for x in np.unique(np.concatenate([labels, suggested]))}
+    all_scores = ItemScores(ids, splits, labels, suggested, score, spread, order, group_of, names)
     return AuditReport(
         collection=gallery.name,
         embedder=gallery.record.embedder.describe(),
@@ -411,9 +434,9 @@ def write_csv(report: AuditReport, out: str | os.PathLike[str]) -> Path:
     path = Path(out)
     try:
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(report.all_scores[0]) if report.all_scores else ["id"])
+            writer = csv.DictWriter(f, fieldnames=list(ItemScores.FIELDS))
             writer.writeheader()
-            writer.writerows(report.all_scores)
+            writer.writerows(report.all_scores or ())
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
