@@ -149,7 +149,7 @@ class VectorCollection:
         self.partitioned = partitioned
         self._parts: dict[int, VectorCollection] = {}
         # how filtered queries were answered (cold: short probes by brute force / by Chroma's where; warm: the plans)
-        self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "fetch": 0, "allow-list": 0}
+        self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "kept": 0, "fetch": 0, "allow-list": 0}
         self.warm = False
         self._mirror: Mirror | None = None
         self._mirror_lock = threading.RLock()  # the mirror changes (writes) and is read (queries) from several threads
@@ -597,31 +597,24 @@ class VectorCollection:
         """A warm collection's filtered query, planned from the mirror's exact count of matching items:
         a broad filter (``BROAD`` of the items or more) over-fetches unfiltered neighbours and keeps the matches
         (rows left short are answered by the next plan); a narrower one is answered by brute force over the
-        matching vectors (mirrored, or read by id when at most ``FETCH_MAX``), or else by Chroma's search
-        restricted to the matching ids. Every plan is exact up to the HNSW index's own recall."""
+        matching vectors: mirrored, or, when the mirror has no vectors, read by id once and kept until the next write
+        (at most ``EXACT_MAX`` of them, without exclusions), or read by id each time when at most ``FETCH_MAX``;
+        else by Chroma's search restricted to the matching ids. Every plan is exact up to the HNSW index's own recall."""
         with self._mirror_lock:  # a consistent view: the matching rows, their ids and vectors
             mask = mir.mask(where)
+            every = np.flatnonzero(mask)  # every matching item, before any exclusion
+            every_ids = mir.ids[every]
+            key = (json.dumps(where, sort_keys=True), self._generation)
+            kept = self._matched.get(key)  # their vectors, kept from an earlier query
+            if kept is None and mir.vectors is not None and len(every) < BROAD * max(len(mir), 1):
+                kept = Base.of(every_ids, mir.vectors[every])  # (a broad filter's over-fetch rarely needs them)
+                self._keep_matched(key, kept)
             if excluded:
                 mask[mir.rows(excluded)] = False
             rows = np.flatnonzero(mask)
             ids = mir.ids[rows]
             live = len(mir)
             share = len(rows) / max(live, 1)
-            base = None
-            if mir.vectors is not None and share < BROAD:  # (a broad filter's over-fetch rarely needs them)
-                key = (json.dumps(where, sort_keys=True), self._generation)
-                base = None if excluded else self._matched.get(key)
-                if base is None:
-                    base = Base.of(ids, mir.vectors[rows])
-                    if not excluded and base.vectors.nbytes <= NARROW_MB * 2**20:
-                        budget = NARROW_MB * 2**20 - base.vectors.nbytes
-                        while self._matched and (
-                            len(self._matched) >= NARROW_KEPT
-                            or key[1] != next(iter(self._matched))[1]  # (kept before a write)
-                            or sum(b.vectors.nbytes for b in self._matched.values()) > budget
-                        ):
-                            self._matched.pop(next(iter(self._matched)))  # the oldest first
-                        self._matched[key] = base
         out: list[list[Neighbor]] = [[] for _ in range(len(vectors))]
         if len(rows) == 0:
             return out
@@ -632,13 +625,22 @@ class VectorCollection:
                 out[i] = [n for n in got if (r := mir.row(n.id)) is not None and r < len(mask) and mask[r]][:k]
             todo = [i for i, row in enumerate(out) if len(row) < min(k, len(rows))]
             self.plan_counts["overfetch"] += len(vectors) - len(todo)
+        if todo and kept is None and mir.vectors is None and len(every) <= EXACT_MAX:
+            # vectors not mirrored (they did not fit): the matching ones read by id once, kept until the next write
+            got_ids, got_vecs, _ = self.get(list(every_ids), vectors=True)
+            if got_vecs is None or not len(got_ids):
+                got_vecs = np.zeros((0, self.dim or vectors.shape[1]), np.float32)
+            kept = Base.of(np.array(got_ids, dtype=object), got_vecs)
+            with self._mirror_lock:
+                if self._generation == key[1]:  # (not when a write ran meanwhile)
+                    self._keep_matched(key, kept)
         if todo:
-            if mir.vectors is not None:
-                if base is None:  # (a broad filter's rows left short)
+            if kept is not None or mir.vectors is not None:
+                if kept is None:  # (a broad filter's rows left short)
                     with self._mirror_lock:
-                        base = Base.of(ids, mir.vectors[rows])
-                self.plan_counts["mirror"] += len(todo)
-                for i, got in zip(todo, _nearest(vectors[todo], base, k)):
+                        kept = Base.of(ids, mir.vectors[rows])
+                self.plan_counts["mirror" if mir.vectors is not None else "kept"] += len(todo)
+                for i, got in zip(todo, _nearest_excluding(vectors[todo], kept, k, excluded)):
                     out[i] = got
             elif len(rows) <= FETCH_MAX:
                 self.plan_counts["fetch"] += len(todo)
@@ -659,6 +661,20 @@ class VectorCollection:
             with self._mirror_lock:  # (an item removed since is left out)
                 out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in out]
         return out
+
+    def _keep_matched(self, key: tuple[str, int], base: Base) -> None:
+        """Keep a filter's matching vectors (``key``: its JSON and the write generation) for the next queries: the
+        last ``NARROW_KEPT``, at most ``NARROW_MB`` in all; those of earlier generations are dropped. Under the mirror lock."""
+        if base.vectors.nbytes > NARROW_MB * 2**20:
+            return
+        budget = NARROW_MB * 2**20 - base.vectors.nbytes
+        while self._matched and (
+            len(self._matched) >= NARROW_KEPT
+            or key[1] != next(iter(self._matched))[1]  # (kept before a write)
+            or sum(b.vectors.nbytes for b in self._matched.values()) > budget
+        ):
+            self._matched.pop(next(iter(self._matched)))  # the oldest first
+        self._matched[key] = base
 
     def _kept_narrow(self, where: dict[str, Any]) -> Narrow | None:
         """A narrow filter's items as :meth:`_narrow_items` kept them, when no write happened since."""
@@ -777,6 +793,17 @@ class Narrow(NamedTuple):
 # (the worst case; typically sqrt(d) x that), so a margin of 4 d 2^-24 x (|q|^2 + max |b|^2) keeps every candidate
 def _margin(dim: int) -> float:
     return 4.0 * dim * 2.0**-24
+
+
+def _nearest_excluding(queries: np.ndarray, base: Base, k: int, excluded: Collection[str]) -> list[list[Neighbor]]:
+    """:func:`_nearest` without the ``excluded`` ids: a few (a search by a stored id leaves itself out) are asked
+    for beyond k and dropped; more (evaluate's held-out items) are taken out of ``base`` first."""
+    if not excluded:
+        return _nearest(queries, base, k)
+    if len(excluded) <= EXTRA:
+        return [[n for n in row if n.id not in excluded][:k] for row in _nearest(queries, base, k + len(excluded))]
+    keep = np.array([i not in excluded for i in base.ids], bool)
+    return _nearest(queries, Base(base.ids[keep], base.vectors[keep], base.norms[keep]), k)
 
 
 def _nearest(queries: np.ndarray, base: Base, k: int) -> list[list[Neighbor]]:

@@ -69,19 +69,22 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> str:
     return db
 
 
-@pytest.mark.parametrize("warm", ["cold", "mirror", "no vectors"])
+@pytest.mark.parametrize("warm", ["cold", "mirror", "no vectors", "no vectors, kept"])
 @pytest.mark.parametrize("share", [0.5, 0.1, 0.01, 0.001])
 def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, warm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The k nearest among the matching items, as brute force over them finds them; fewer than k when fewer match.
     Cold (a command: probe, then brute force or Chroma's where) and warm (the service: planned from the mirror,
-    with its vectors or, when they do not fit, reading them by id or searching Chroma's id allow-list)."""
+    with its vectors or, when they do not fit, reading the matching ones by id once and keeping them, or past
+    EXACT_MAX searching Chroma's id allow-list)."""
     import lookalike.store as store_mod
 
     n_match = max(1, round(share * 2000))
     where = {"$and": [{"source": "x_train"}, {"index": {"$lt": n_match}}]}
-    if warm == "no vectors":
+    if warm.startswith("no vectors"):
         monkeypatch.setattr(store_mod, "MIRROR_VECTORS_MB", 0)
-        monkeypatch.setattr(store_mod, "FETCH_MAX", 10)  # the 1% filter (20 items) goes to the allow-list
+    if warm == "no vectors":  # the 1% filter (20 items) goes to the allow-list
+        monkeypatch.setattr(store_mod, "EXACT_MAX", 10)
+        monkeypatch.setattr(store_mod, "FETCH_MAX", 10)
     with Gallery.open(db=big) as g:
         if warm != "cold":
             g.keep_warm(load=True)
@@ -100,7 +103,9 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
         if warm == "mirror":
             assert plans["overfetch" if share >= 0.1 else "mirror"] > 0
         elif warm == "no vectors":
-            assert plans["overfetch" if share >= 0.1 else "allow-list" if share == 0.01 else "fetch"] > 0
+            assert plans["overfetch" if share >= 0.1 else "allow-list" if share == 0.01 else "kept"] > 0
+        elif warm == "no vectors, kept":
+            assert plans["overfetch" if share >= 0.1 else "kept"] > 0 and plans["allow-list"] == plans["fetch"] == 0
         # the same through a label partition (label filter plus a metadata filter)
         label_rows = [i for i in rows if metas[i]["label"] == 3]
         got = search(g, id="mnist:test:1", k=5, labels=[3], where=where)

@@ -398,3 +398,18 @@ def test_a_warm_filters_kept_items_follow_writes(db: str) -> None:
     assert col.query(vecs[:2], 3, where) == first
     assert col.plan_counts["mirror"] == 7  # every query planned from the mirror
     s.close()
+
+
+def test_brute_force_leaves_out_few_or_many_excluded_ids() -> None:
+    """A few excluded ids (a search by a stored id) are asked beyond k and dropped; many (evaluate's held-out items)
+    are taken out first: the same answer as brute force over the items left."""
+    rng = np.random.default_rng(3)
+    vecs = rng.random((300, 8), dtype=np.float32)
+    ids = np.array([f"i{j:03d}" for j in range(300)], dtype=object)
+    base = store_mod.Base.of(ids, vecs)
+    q = vecs[:4]
+    for excluded in ({"i000", "i001", "i002", "i003"}, {f"i{j:03d}" for j in range(0, 300, 3)}):
+        keep = np.array([i not in excluded for i in ids])
+        want = store_mod._nearest(q, store_mod.Base.of(ids[keep], vecs[keep]), 5)
+        assert store_mod._nearest_excluding(q, base, 5, excluded) == want
+        assert all(n.id not in excluded for row in want for n in row) and all(len(row) == 5 for row in want)
