@@ -443,7 +443,7 @@ def evaluate(
         int,
         typer.Option(
             "--r-sample",
-            help="Held-out queries of the store's R-precision and MAP@R when ranking all is too long (fewer past 10 million ranked items)",
+            help="Held-out queries of the store's R-precision and MAP@R when ranking all is too long (fewer past 2.5 million ranked items)",
         ),
     ] = 300,
     seed: Annotated[int, typer.Option(help="Seed of that sample")] = 0,

@@ -161,12 +161,10 @@ def held_out(
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
     n_held_out = len(test_ids)
+    excluded = test_ids  # (every held-out item stays out of the answers, also when a sample of them asks)
     if max_queries is not None and len(test_ids) > max_queries:
         keep = np.sort(np.random.default_rng(seed).choice(len(test_ids), max_queries, replace=False))
-        excluded = test_ids  # (every held-out item stays out of the answers)
         test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
-    else:
-        excluded = test_ids
     train_ids, train_vecs, train_metas = gallery.scan("train", fields=label) if items is None else _split(items, "train")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
@@ -405,7 +403,10 @@ def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> P
     if report.retrieval.get("unlabelled"):
         raise InputError(f"collection {report.collection!r} is unlabelled: it has no confusion matrix (leave out --plot)")
 
-    title = f"{report.k}-NN confusion, {report.collection} ({report.n_queries} held out, accuracy {report.accuracy:.4f})"
+    asked = f"{report.n_queries} held out"
+    if report.n_held_out > report.n_queries:
+        asked = f"{report.n_queries} of {report.n_held_out} held out"
+    title = f"{report.k}-NN confusion, {report.collection} ({asked}, accuracy {report.accuracy:.4f})"
     return save_figure(confusion_figure(report.confusion, report.label_names, title), out)
 
 

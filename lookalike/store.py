@@ -73,7 +73,6 @@ OVERFETCH = 3.0  # ... asking OVERFETCH x k / share neighbours (+ PROBE_MIN), at
 PROBE_MIN, PROBE_MAX = 16, 1000
 MIRROR_VECTORS_MB = int(os.environ.get("LOOKALIKE_MIRROR_MB", "1024"))  # vectors mirrored when they fit in this many MB
 ALLOW_MAX = 20_000  # the longest id allow-list sent to Chroma (else its where)
-FETCH_MAX = 200  # without mirrored vectors: brute force over at most this many matching vectors read by id, else Chroma's id allow-list
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
 REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: the collection it will replace
@@ -149,7 +148,7 @@ class VectorCollection:
         self.partitioned = partitioned
         self._parts: dict[int, VectorCollection] = {}
         # how filtered queries were answered (cold: short probes by brute force / by Chroma's where; warm: the plans)
-        self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "kept": 0, "fetch": 0, "allow-list": 0}
+        self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "kept": 0, "allow-list": 0}
         self.warm = False
         self._mirror: Mirror | None = None
         self._mirror_lock = threading.RLock()  # the mirror changes (writes) and is read (queries) from several threads
@@ -356,9 +355,10 @@ class VectorCollection:
                 with self._mirror_lock:
                     mir.remove(ids)
                     self._mirror = mir
+                    self._written()  # (in the same step: no query sees the new mirror under the old generation)
         finally:
             with self._mirror_lock:
-                self._generation += 1
+                self._written()
 
     def _write_partitions(self, how: str, ids: Sequence[str], vectors: np.ndarray | None, metadatas: Sequence[dict[str, Any]]) -> None:
         """``how`` (add, upsert, update) each item in its label's partition (an unlabelled item has none)."""
@@ -402,9 +402,10 @@ class VectorCollection:
                 with self._mirror_lock:
                     mir.put([ids[i] for i in new], vecs, [metadatas[i] for i in new])
                     self._mirror = mir
+                    self._written()  # (in the same step: no query sees the new mirror under the old generation)
         finally:
             with self._mirror_lock:
-                self._generation += 1  # (also when no mirror was loaded: a read running now must start again)
+                self._written()  # (also when no mirror was loaded: a read running now must start again)
 
     def set_record(self, text: str) -> None:
         """Replace the collection's record (its notes are kept)."""
@@ -463,8 +464,8 @@ class VectorCollection:
                 vecs[len(ids) : len(ids) + len(page_ids)] = page_vecs
             ids += page_ids
             metas += page_metas if fields is None else [{k: m[k] for k in fields if k in m} for m in page_metas]
-        if len(vecs) > len(ids):  # (items removed while the scan ran)
-            vecs = vecs[: len(ids)].copy()
+        if len(vecs) > len(ids):  # (items removed while the scan ran: a view, not a second copy)
+            vecs = vecs[: len(ids)]
         return ids, vecs, metas
 
     def get_page(self, offset: int, limit: int) -> tuple[list[str], None, list[dict[str, Any]]]:
@@ -598,8 +599,8 @@ class VectorCollection:
         a broad filter (``BROAD`` of the items or more) over-fetches unfiltered neighbours and keeps the matches
         (rows left short are answered by the next plan); a narrower one is answered by brute force over the
         matching vectors: mirrored, or, when the mirror has no vectors, read by id once and kept until the next write
-        (at most ``EXACT_MAX`` of them, without exclusions), or read by id each time when at most ``FETCH_MAX``;
-        else by Chroma's search restricted to the matching ids. Every plan is exact up to the HNSW index's own recall."""
+        (at most ``EXACT_MAX`` of them); else by Chroma's search restricted to the matching ids. Every plan is exact
+        up to the HNSW index's own recall."""
         with self._mirror_lock:  # a consistent view: the matching rows, their ids and vectors
             mask = mir.mask(where)
             every = np.flatnonzero(mask)  # every matching item, before any exclusion
@@ -636,15 +637,13 @@ class VectorCollection:
                     self._keep_matched(key, kept)
         if todo:
             if kept is not None or mir.vectors is not None:
-                if kept is None:  # (a broad filter's rows left short)
+                skip = excluded
+                if kept is None:  # (a broad filter's rows left short: the excluded ones are not among them)
                     with self._mirror_lock:
                         kept = Base.of(ids, mir.vectors[rows])
+                    skip = set()
                 self.plan_counts["mirror" if mir.vectors is not None else "kept"] += len(todo)
-                for i, got in zip(todo, _nearest_excluding(vectors[todo], kept, k, excluded)):
-                    out[i] = got
-            elif len(rows) <= FETCH_MAX:
-                self.plan_counts["fetch"] += len(todo)
-                for i, got in zip(todo, self._exact(vectors[todo], k, list(ids), excluded, False)):
+                for i, got in zip(todo, _nearest_excluding(vectors[todo], kept, k, skip)):
                     out[i] = got
             elif len(rows) > ALLOW_MAX:  # (an id list that long would pass SQLite's variable limit): Chroma's where
                 self.plan_counts["where"] += len(todo)
@@ -661,6 +660,11 @@ class VectorCollection:
             with self._mirror_lock:  # (an item removed since is left out)
                 out = [[Neighbor(n.id, n.distance, mir.metadata(n.id)) for n in row if mir.row(n.id) is not None] for row in out]
         return out
+
+    def _written(self) -> None:
+        """A write ended: a new generation, and the filters' kept vectors of the old one dropped. Under the mirror lock."""
+        self._generation += 1
+        self._matched.clear()
 
     def _keep_matched(self, key: tuple[str, int], base: Base) -> None:
         """Keep a filter's matching vectors (``key``: its JSON and the write generation) for the next queries: the
@@ -712,15 +716,6 @@ class VectorCollection:
                     self._narrow[key] = (generation, ids, metas, base)
         return Narrow(ids, metas, base)
 
-    def _exact(self, vectors: np.ndarray, k: int, ids: Sequence[str], excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:
-        """The exact ``k`` nearest of ``ids`` (not ``excluded``) to each row of ``vectors``, by brute force."""
-        keep_ids = [i for i in ids if i not in excluded]
-        if not keep_ids:
-            return [[] for _ in range(len(vectors))]
-        got_ids, got_vecs, got_metas = self.get(keep_ids, vectors=True)
-        assert got_vecs is not None
-        return _nearest_of(vectors, k, Narrow(got_ids, got_metas, Base.of(np.array(got_ids, dtype=object), got_vecs)), (), metadata)
-
     def _query(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None, metadata: bool) -> list[list[Neighbor]]:
         out: list[list[Neighbor]] = []
         if k < 1:
@@ -751,13 +746,7 @@ class VectorCollection:
 
 def _nearest_of(queries: np.ndarray, k: int, items: Narrow, excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:
     """The exact ``k`` nearest of the given items (not ``excluded``) to each query, with their metadata when asked."""
-    base = items.base
-    if excluded:
-        rows = [i for i, x in enumerate(items.ids) if x not in excluded]
-        if not rows:
-            return [[] for _ in range(len(queries))]
-        base = Base(base.ids[rows], base.vectors[rows], base.norms[rows])
-    found = _nearest(queries, base, k)
+    found = _nearest_excluding(queries, items.base, k, excluded)
     if not metadata:
         return found
     meta_of = dict(zip(items.ids, items.metadatas))

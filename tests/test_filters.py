@@ -84,7 +84,6 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
         monkeypatch.setattr(store_mod, "MIRROR_VECTORS_MB", 0)
     if warm == "no vectors":  # the 1% filter (20 items) goes to the allow-list
         monkeypatch.setattr(store_mod, "EXACT_MAX", 10)
-        monkeypatch.setattr(store_mod, "FETCH_MAX", 10)
     with Gallery.open(db=big) as g:
         if warm != "cold":
             g.keep_warm(load=True)
@@ -105,7 +104,7 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
         elif warm == "no vectors":
             assert plans["overfetch" if share >= 0.1 else "allow-list" if share == 0.01 else "kept"] > 0
         elif warm == "no vectors, kept":
-            assert plans["overfetch" if share >= 0.1 else "kept"] > 0 and plans["allow-list"] == plans["fetch"] == 0
+            assert plans["overfetch" if share >= 0.1 else "kept"] > 0 and plans["allow-list"] == 0
         # the same through a label partition (label filter plus a metadata filter)
         label_rows = [i for i in rows if metas[i]["label"] == 3]
         got = search(g, id="mnist:test:1", k=5, labels=[3], where=where)

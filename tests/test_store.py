@@ -377,6 +377,17 @@ def test_brute_force_stays_exact_where_float32_alone_would_not() -> None:
     tie = store_mod._nearest(vecs[3:4], base, 2)[0]
     assert [n.id for n in tie] == sorted([ids[3], ids[7]]) and tie[0].distance == tie[1].distance == 0.0
     assert store_mod._nearest(queries, store_mod.Base.of(ids[:0], vecs[:0]), 3) == [[], [], []]
+    # vectors of ordinary scale: the float64 step sees a few candidates, not all, and the answer is still exact
+    plain = rng.normal(size=(3000, 32)).astype(np.float32)
+    plain_ids = np.array([f"p{j:04d}" for j in range(3000)], dtype=object)
+    plain_base = store_mod.Base.of(plain_ids, plain)
+    q = plain[:5].astype(np.float64) + rng.normal(size=(5, 32)) * 0.3
+    for qi, row in zip(q, store_mod._nearest(q, plain_base, 5)):
+        d2 = ((plain.astype(np.float64) - qi) ** 2).sum(1)
+        assert [n.id for n in row] == [plain_ids[j] for j in np.lexsort((plain_ids.astype(str), d2))[:5]]
+        approx = plain_base.norms - 2 * (plain @ qi.astype(np.float32))
+        slack = store_mod._margin(32) * ((qi**2).sum() + plain_base.norms.max())
+        assert (approx <= np.sort(approx)[4] + 2 * slack).sum() < 50  # (the candidates ranked in float64)
     assert len(store_mod._nearest(queries[:1], base, 500)[0]) == 400  # k above the items: all of them
 
 
@@ -390,7 +401,8 @@ def test_a_warm_filters_kept_items_follow_writes(db: str) -> None:
     assert col.warm
     where = {"label_name": "3", "split": "test"}  # 3% of the items (not a label filter: not the partitions)
     first = col.query(vecs[:2], 3, where)
-    assert col._matched and col.query(vecs[:2], 3, where) == first  # (answered from the kept rows)
+    (kept,) = col._matched.values()
+    assert col.query(vecs[:2], 3, where) == first and list(col._matched.values()) == [kept]  # (the same kept rows)
     near = vecs[0] + 1e-3
     col.add(["new:0"], near[None], [{"label": 3, "label_name": "3", "split": "test"}])
     assert col.query(vecs[:1], 3, where)[0][0].id == "new:0"
