@@ -667,18 +667,9 @@ class VectorCollection:
         self._matched.clear()
 
     def _keep_matched(self, key: tuple[str, int], base: Base) -> None:
-        """Keep a filter's matching vectors (``key``: its JSON and the write generation) for the next queries: the
-        last ``NARROW_KEPT``, at most ``NARROW_MB`` in all; those of earlier generations are dropped. Under the mirror lock."""
-        if base.vectors.nbytes > NARROW_MB * 2**20:
-            return
-        budget = NARROW_MB * 2**20 - base.vectors.nbytes
-        while self._matched and (
-            len(self._matched) >= NARROW_KEPT
-            or key[1] != next(iter(self._matched))[1]  # (kept before a write)
-            or sum(b.vectors.nbytes for b in self._matched.values()) > budget
-        ):
-            self._matched.pop(next(iter(self._matched)))  # the oldest first
-        self._matched[key] = base
+        """Keep a filter's matching vectors (``key``: its JSON and the write generation; a write drops them all) for
+        the next queries. Under the mirror lock."""
+        _keep_last(self._matched, key, base, lambda b: b.vectors.nbytes)
 
     def _kept_narrow(self, where: dict[str, Any]) -> Narrow | None:
         """A narrow filter's items as :meth:`_narrow_items` kept them, when no write happened since."""
@@ -707,13 +698,7 @@ class VectorCollection:
         if not is_server(self._store.db) and vecs.nbytes <= NARROW_MB * 2**20:
             with self._mirror_lock:
                 if self._generation == generation:  # (not when a write ran meanwhile)
-                    self._narrow.pop(key, None)
-                    budget = NARROW_MB * 2**20 - vecs.nbytes
-                    while self._narrow and (
-                        len(self._narrow) >= NARROW_KEPT or sum(v[3].vectors.nbytes for v in self._narrow.values()) > budget
-                    ):
-                        self._narrow.pop(next(iter(self._narrow)))
-                    self._narrow[key] = (generation, ids, metas, base)
+                    _keep_last(self._narrow, key, (generation, ids, metas, base), lambda v: v[3].vectors.nbytes)
         return Narrow(ids, metas, base)
 
     def _query(self, vectors: np.ndarray, k: int, where: dict[str, Any] | None, metadata: bool) -> list[list[Neighbor]]:
@@ -742,6 +727,18 @@ class VectorCollection:
                         metas = [{}] * len(ids)
                     out.append([Neighbor(i, float(np.sqrt(max(d, 0.0))), m) for i, d, m in zip(ids, got["distances"][row], metas)])
         return out
+
+
+def _keep_last(cache: dict[Any, T], key: Any, value: T, nbytes: Callable[[T], int]) -> None:
+    """Keep ``value`` under ``key``: the last ``NARROW_KEPT`` values, at most ``NARROW_MB`` of vectors in all (the
+    oldest dropped first); a value larger than that is not kept."""
+    size = nbytes(value)
+    if size > NARROW_MB * 2**20:
+        return
+    cache.pop(key, None)
+    while cache and (len(cache) >= NARROW_KEPT or sum(nbytes(v) for v in cache.values()) > NARROW_MB * 2**20 - size):
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def _nearest_of(queries: np.ndarray, k: int, items: Narrow, excluded: Collection[str], metadata: bool) -> list[list[Neighbor]]:

@@ -425,3 +425,26 @@ def test_brute_force_leaves_out_few_or_many_excluded_ids() -> None:
         want = store_mod._nearest(q, store_mod.Base.of(ids[keep], vecs[keep]), 5)
         assert store_mod._nearest_excluding(q, base, 5, excluded) == want
         assert all(n.id not in excluded for row in want for n in row) and all(len(row) == 5 for row in want)
+
+
+def test_without_mirrored_vectors_a_filters_vectors_are_read_once_and_follow_writes(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm collection whose vectors do not fit the mirror reads a narrow filter's matching vectors by id once and
+    keeps them; an add, then a delete, are seen by the next query; no query goes to Chroma's allow-list."""
+    monkeypatch.setattr(store_mod, "MIRROR_VECTORS_MB", 0)
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    vecs = fill(col, 400, dim=16)
+    col.keep_warm(load=True)
+    assert col.warm and col._mirror is not None and col._mirror.vectors is None
+    where = {"label_name": "3", "split": "test"}
+    reads: list[int] = []
+    real_get = col.get
+    monkeypatch.setattr(col, "get", lambda ids, **kw: reads.append(len(ids)) or real_get(ids, **kw))
+    first = col.query(vecs[:2], 3, where)
+    assert col.query(vecs[:2], 3, where) == first and len(reads) == 1  # (read once, then kept)
+    col.add(["new:0"], (vecs[0] + 1e-3)[None], [{"label": 3, "label_name": "3", "split": "test"}])
+    assert col.query(vecs[:1], 3, where)[0][0].id == "new:0" and len(reads) == 2  # (the write dropped the kept vectors)
+    col.delete(["new:0"])
+    assert col.query(vecs[:2], 3, where) == first
+    assert col.plan_counts["kept"] == 7 and col.plan_counts["allow-list"] == 0
+    s.close()
