@@ -452,11 +452,10 @@ class VectorCollection:
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
         vecs = np.zeros((0, dim), np.float32)
-        listed = self._listed(where)
-        if ids_first:
-            first = list(dict.fromkeys(i for w in ids_first for i in self._listed(w if where is None else {"$and": [where, w]})))
-            chosen = set(first)
-            listed = first + [i for i in listed if i not in chosen]
+        listed = list(dict.fromkeys(i for w in ids_first for i in self._listed(w if where is None else {"$and": [where, w]})))
+        if not ids_first or (where is not None or len(listed) < self.count()):  # (the rest, when there may be some)
+            chosen = set(listed)
+            listed += [i for i in self._listed(where) if i not in chosen]
         for page_ids, page_vecs, page_metas in self._read(listed, vectors=vectors, metadatas=metadatas):
             if page_vecs is not None:
                 if len(vecs) < len(listed):  # (allocated at the first page, which gives the length)
@@ -603,17 +602,17 @@ class VectorCollection:
         up to the HNSW index's own recall."""
         with self._mirror_lock:  # a consistent view: the matching rows, their ids and vectors
             mask = mir.mask(where)
-            every = np.flatnonzero(mask)  # every matching item, before any exclusion
-            every_ids = mir.ids[every]
+            every = rows = np.flatnonzero(mask)  # every matching item, before any exclusion
+            if excluded:
+                mask[mir.rows(excluded)] = False
+                rows = np.flatnonzero(mask)
+            ids = mir.ids[rows]
+            every_ids = ids if rows is every else mir.ids[every]
             key = (json.dumps(where, sort_keys=True), self._generation)
             kept = self._matched.get(key)  # their vectors, kept from an earlier query
             if kept is None and mir.vectors is not None and len(every) < BROAD * max(len(mir), 1):
                 kept = Base.of(every_ids, mir.vectors[every])  # (a broad filter's over-fetch rarely needs them)
                 self._keep_matched(key, kept)
-            if excluded:
-                mask[mir.rows(excluded)] = False
-            rows = np.flatnonzero(mask)
-            ids = mir.ids[rows]
             live = len(mir)
             share = len(rows) / max(live, 1)
         out: list[list[Neighbor]] = [[] for _ in range(len(vectors))]
