@@ -468,7 +468,7 @@ def evaluate(
         return
     typer.echo(f"collection {r.collection!r}: {r.embedder}")
     if r.retrieval.get("unlabelled"):
-        typer.echo(f"  {'accuracy':<16} unlabelled: no labels to measure it by ({_queries(r)}, {r.n_indexed} indexed)")
+        typer.echo(f"  {'accuracy':<16} unlabelled: no labels to measure it by ({r.queries_asked()}, {r.n_indexed} indexed)")
         typer.echo(f"  {'recall@1':<16} {r.recall_at_1:.4f}  (store answer = exact nearest neighbour)")
         typer.echo(
             f"  {'recall@' + str(r.retrieval['recall_k']):<16} {r.retrieval['store_recall_at_k']:.4f}  "
@@ -477,7 +477,7 @@ def evaluate(
         typer.echo(f"  {'speed':<16} {r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)")
         return
     rows = [
-        (f"{r.k}-NN accuracy", f"{r.accuracy:.4f}  ({_queries(r)}, {r.n_indexed} indexed)"),
+        (f"{r.k}-NN accuracy", f"{r.accuracy:.4f}  ({r.queries_asked()}, {r.n_indexed} indexed)"),
         ("exact accuracy", f"{r.exact_accuracy:.4f}  (brute force over the stored vectors{_exact_sample(r)})"),
         ("recall@1", f"{r.recall_at_1:.4f}  (store answer = exact nearest neighbour)"),
         ("speed", f"{r.queries_per_s:.0f} queries/s ({r.query_seconds:.2f} s of queries, {r.seconds:.2f} s in all)"),
@@ -531,13 +531,6 @@ def _echo_retrieval(ret: dict, width: int) -> None:
     for label, metrics in ret["store"]["per_class"].items():
         exact = ret["exact"]["per_class"].get(label, {})
         typer.echo(f"  {label:>{max(width, 6)}}{cells(metrics)}  | {_fmt(exact.get('r_precision')):>7} {_fmt(exact.get('map_at_r')):>7}")
-
-
-def _queries(r: Any) -> str:
-    """The held-out queries asked: all of them, or a seeded sample past evaluate.STORE_QUERIES."""
-    if r.n_held_out > r.n_queries:
-        return f"{r.n_queries:,} of {r.n_held_out:,} held-out items asked, a seeded sample"
-    return f"{r.n_queries:,} held-out queries"
 
 
 def _exact_sample(r: Any) -> str:

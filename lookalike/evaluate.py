@@ -96,6 +96,12 @@ class EvalReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def queries_asked(self) -> str:
+        """The held-out queries asked, in words: all of them, or a seeded sample past ``STORE_QUERIES``."""
+        if self.n_held_out > self.n_queries:
+            return f"{self.n_queries:,} of {self.n_held_out:,} held-out items asked, a seeded sample"
+        return f"{self.n_queries:,} held-out queries"
+
 
 @dataclass
 class HeldOut:
@@ -403,10 +409,7 @@ def save_confusion_picture(report: EvalReport, out: str | os.PathLike[str]) -> P
     if report.retrieval.get("unlabelled"):
         raise InputError(f"collection {report.collection!r} is unlabelled: it has no confusion matrix (leave out --plot)")
 
-    asked = f"{report.n_queries} held out"
-    if report.n_held_out > report.n_queries:
-        asked = f"{report.n_queries} of {report.n_held_out} held out"
-    title = f"{report.k}-NN confusion, {report.collection} ({asked}, accuracy {report.accuracy:.4f})"
+    title = f"{report.k}-NN confusion, {report.collection} ({report.queries_asked()}, accuracy {report.accuracy:.4f})"
     return save_figure(confusion_figure(report.confusion, report.label_names, title), out)
 
 

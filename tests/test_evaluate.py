@@ -220,6 +220,7 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
     wrong_whole = {m["id"] for m in whole.mistakes}
     assert part.accuracy == pytest.approx(np.mean([test_ids[i] not in wrong_whole for i in pick]))
     assert part.retrieval["queries"] == 20
+    assert part.queries_asked() == "20 of 50 held-out items asked, a seeded sample" and whole.queries_asked() == "50 held-out queries"
 
 
 def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
