@@ -163,14 +163,19 @@ def held_out(
         raise InputError(f"--k must be at least 1, got {k}")
     t_read = time.perf_counter()
     label = ("label",)  # (the only field read: not a million items' whole metadata)
-    test_ids, test_vecs, test_metas = gallery.scan("test", fields=label) if items is None else _split(items, "test")
+    if items is None:  # the held-out ids listed, the sample drawn, then only the sample's vectors read
+        excluded = gallery.ids("test")  # (every held-out item stays out of the answers, also when a sample of them asks)
+        keep = _query_sample(len(excluded), max_queries, seed)
+        test_ids, test_vecs, test_metas = gallery.scan("test", fields=label, only=excluded if keep is None else [excluded[i] for i in keep])
+    else:
+        test_ids, test_vecs, test_metas = _split(items, "test")
+        excluded = test_ids
+        keep = _query_sample(len(test_ids), max_queries, seed)
+        if keep is not None:
+            test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
     if not test_ids:
         raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
-    n_held_out = len(test_ids)
-    excluded = test_ids  # (every held-out item stays out of the answers, also when a sample of them asks)
-    if max_queries is not None and len(test_ids) > max_queries:
-        keep = np.sort(np.random.default_rng(seed).choice(len(test_ids), max_queries, replace=False))
-        test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
+    n_held_out = len(excluded)
     train_ids, train_vecs, train_metas = gallery.scan("train", fields=label) if items is None else _split(items, "train")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
@@ -201,6 +206,13 @@ def held_out(
         n_held_out,
         excluded,
     )
+
+
+def _query_sample(n_held_out: int, max_queries: int | None, seed: int) -> np.ndarray | None:
+    """The rows of the held-out items that ask the store: None for all of them, else a seeded sample of ``max_queries``."""
+    if max_queries is None or n_held_out <= max_queries:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_held_out, max_queries, replace=False))
 
 
 def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:

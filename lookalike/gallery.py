@@ -302,13 +302,24 @@ class Gallery:
         return vec[None, :]
 
     def scan(
-        self, split: str | None = None, *, vectors: bool = True, fields: Sequence[str] | None = None, by_split: bool = False
+        self,
+        split: str | None = None,
+        *,
+        vectors: bool = True,
+        fields: Sequence[str] | None = None,
+        by_split: bool = False,
+        only: Sequence[str] | None = None,
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
-        ``fields`` when given). ``by_split``: the held-out items first, then the indexed ones, then any other."""
+        ``fields`` when given). ``by_split``: the held-out items first, then the indexed ones, then any other.
+        ``only``: just these ids (from :meth:`ids`), in that order, without listing the split again."""
         where = self.where(split=split)
         first = [self.where(split="test"), self.where(split="train")] if by_split else []
-        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields, ids_first=first)
+        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields, ids_first=first, only=only)
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """The ids of every item (of ``split``), listed without their metadata or vectors."""
+        return self._col.ids(self.where(split=split))
 
     def images(self, metadatas: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
         """Pixels of stored items from the source the record names (None where a file no longer reads)."""

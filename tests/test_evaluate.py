@@ -210,9 +210,19 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
         assert len(kw["exclude"]) == 50  # (every held-out id, not the sample's alone)
         return real(vectors, k, **kw)
 
+    read: list[int] = []
+    real_scan = gallery.scan
+
+    def scan_spy(split: str | None = None, **kw: object) -> tuple:
+        got = real_scan(split, **kw)
+        read.append(len(got[1]))
+        return got
+
     monkeypatch.setattr(ev, "STORE_QUERIES", 20)
     monkeypatch.setattr(gallery, "neighbours", spy)
+    monkeypatch.setattr(gallery, "scan", scan_spy)
     part = evaluate(gallery, seed=5)
+    assert read[0] == 20  # (the sample's vectors alone are read, not every held-out item's)
     assert (part.n_queries, part.n_held_out, whole.n_held_out, whole.n_queries) == (20, 50, 50, 50)
     assert asked[0] == 20 and part.exact_queries == 20 and np.array(part.confusion).sum() == 20
     test_ids = gallery.scan("test")[0]
@@ -221,6 +231,15 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
     assert part.accuracy == pytest.approx(np.mean([test_ids[i] not in wrong_whole for i in pick]))
     assert part.retrieval["queries"] == 20
     assert part.queries_asked() == "20 of 50 held-out items asked, a seeded sample" and whole.queries_asked() == "50 held-out queries"
+
+
+def test_a_scan_of_chosen_ids_reads_them_in_that_order_and_leaves_out_the_missing(gallery: Gallery) -> None:
+    ids, vecs, metas = gallery.scan("test")
+    assert gallery.ids("test") == ids and set(gallery.ids()) >= set(ids) and len(gallery.ids()) == gallery.count()
+    chosen = [ids[7], "not-stored", ids[2], ids[7]]
+    got_ids, got_vecs, got_metas = gallery.scan("test", fields=("label",), only=chosen)
+    assert got_ids == [ids[7], ids[2]] and np.array_equal(got_vecs, vecs[[7, 2]])
+    assert got_metas == [{"label": metas[7]["label"]}, {"label": metas[2]["label"]}]
 
 
 def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
