@@ -162,25 +162,27 @@ def held_out(
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
     t_read = time.perf_counter()
-    label = ("label",)  # (the only field read: not a million items' whole metadata)
-    if items is None:  # the held-out ids listed, the sample drawn, then only the sample's vectors read
+    if items is None:  # the held-out ids listed, the sample drawn, then only the sample's vectors read (no metadata)
         excluded = gallery.ids("test")  # (every held-out item stays out of the answers, also when a sample of them asks)
+        _any_held_out(gallery, excluded)
         keep = _query_sample(len(excluded), max_queries, seed)
-        test_ids, test_vecs, test_metas = gallery.scan("test", fields=label, only=excluded if keep is None else [excluded[i] for i in keep])
+        chosen = excluded if keep is None else [excluded[i] for i in keep]
+        test_ids, test_vecs, _ = gallery.scan("test", only=chosen, metadata=False)
+        train_ids, train_vecs, _ = gallery.scan("train", metadata=False)
+        y = gallery.labels_of(test_ids + train_ids)  # (listed label by label: cheaper than reading the metadata)
+        y_test, y_train = y[: len(test_ids)], y[len(test_ids) :]
     else:
         test_ids, test_vecs, test_metas = _split(items, "test")
-        excluded = test_ids
+        excluded = _any_held_out(gallery, test_ids)
         keep = _query_sample(len(test_ids), max_queries, seed)
         if keep is not None:
             test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
-    if not test_ids:
-        raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
+        train_ids, train_vecs, train_metas = _split(items, "train")
+        y_test = np.array([int(m["label"]) for m in test_metas], dtype=int)
+        y_train = np.array([int(m["label"]) for m in train_metas], dtype=int)
     n_held_out = len(excluded)
-    train_ids, train_vecs, train_metas = gallery.scan("train", fields=label) if items is None else _split(items, "train")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
-    y_test = np.array([int(m["label"]) for m in test_metas])
-    y_train = np.array([int(m["label"]) for m in train_metas])
     wide = min(max(k, width or k), len(train_ids))
     t0 = time.perf_counter()
     store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, excluded, train_ids, distances=True)
@@ -206,6 +208,12 @@ def held_out(
         n_held_out,
         excluded,
     )
+
+
+def _any_held_out(gallery: Gallery, test_ids: list[str]) -> list[str]:
+    if not test_ids:
+        raise StoreError(f"collection {gallery.name!r} has no held-out items: ingest with --test-size N (or the official split)")
+    return test_ids
 
 
 def _query_sample(n_held_out: int, max_queries: int | None, seed: int) -> np.ndarray | None:

@@ -34,12 +34,14 @@ from lookalike.filters import check_fields, combine, validate
 from lookalike.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.record import Record
 from lookalike.store import MAX_PARTITIONS, Neighbor, Store, VectorCollection
-from lookalike.util import json_safe, label_name
+from lookalike.util import UNLABELLED, json_safe, label_name
 
 log = logging.getLogger(__name__)
 
-EVALUATION_NOTE = "lookalike_evaluation"
-FIELD_SAMPLE = 5000  # items a cold collection reads its field names from  # the collection metadata key of the last evaluate report
+EVALUATION_NOTE = "lookalike_evaluation"  # the collection metadata key of the last evaluate report
+FIELD_SAMPLE = 5000  # items a cold collection reads its field names from
+# a collection of at most this many labels gives its items' labels by one id listing a label (Gallery.labels_of)
+LABELS_LISTED = 256
 
 
 @dataclass
@@ -309,13 +311,31 @@ class Gallery:
         fields: Sequence[str] | None = None,
         by_split: bool = False,
         only: Sequence[str] | None = None,
+        metadata: bool = True,
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
-        ``fields`` when given). ``by_split``: the held-out items first, then the indexed ones, then any other.
-        ``only``: just these ids (from :meth:`ids`), in that order, without listing the split again."""
+        ``fields`` when given; none with ``metadata=False``). ``by_split``: the held-out items first, then the
+        indexed ones, then any other. ``only``: just these ids (from :meth:`ids`), in that order, without listing
+        the split again."""
         where = self.where(split=split)
         first = [self.where(split="test"), self.where(split="train")] if by_split else []
-        return self._col.scan(where, vectors=vectors, dim=self.record.embedder.dim, fields=fields, ids_first=first, only=only)
+        dim = self.record.embedder.dim
+        return self._col.scan(where, vectors=vectors, dim=dim, fields=fields, ids_first=first, only=only, metadatas=metadata)
+
+    def labels_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The label number of each of ``ids``. Up to ``LABELS_LISTED`` labels, each label's ids are listed (ids only:
+        reading a million items' metadata beside their vectors nearly doubles the read); the ids no listing
+        gave (more labels, an unknown number) are read by id."""
+        labels = [*range(len(self.label_names)), UNLABELLED]
+        known = self._col.values("label", labels) if len(labels) <= LABELS_LISTED else {}
+        missing = [i for i in ids if i not in known]
+        if missing:
+            got, _, metas = self._col.get(missing)
+            known.update((i, m.get("label", UNLABELLED)) for i, m in zip(got, metas))
+        try:
+            return np.array([int(known[i]) for i in ids], dtype=int)
+        except KeyError as exc:
+            raise StoreError(f"collection {self.name!r} no longer holds item {exc}: run the command again") from None
 
     def ids(self, split: str | None = None) -> list[str]:
         """The ids of every item (of ``split``), listed without their metadata or vectors."""

@@ -43,8 +43,10 @@ DEFAULT_DB = "./lookalike-db"
 RECORD_KEY = "lookalike"
 PAGE = 5000  # rows per get() page, below Chroma's 32,766-record limit
 # a scan lists the matching ids first (ids only: 0.33 s for 100,000), then reads them by id, PAGE at a time: a page by
-# offset costs more the further it starts (100,000 items: 290 ms at offset 50,000, 450 ms at 95,000), a page by id does not
-ID_PAGE = 100_000
+# offset costs more the further it starts (100,000 items: 290 ms at offset 50,000, 450 ms at 95,000), a page by id does not.
+# The listing itself pages by offset (Chroma's get has no cursor), so its pages are large: listing a million items'
+# 900,000 indexed ids took 55.8 s in pages of 100,000 and 11.7 s in one (every id 17.7 s and 7.4 s)
+ID_PAGE = 1_000_000
 # ef_search 64: recall@1 0.9999 on MNIST's 10,000 held-out VGG16 vectors against 60,000, the same as
 # ef_search 200, in 6.7 s instead of 12.2 s (32: 3.6 s, same recall); see docs/performance.md.
 # max_neighbors 32 and ef_construction 200, not Chroma's 16 and 100: those wrote 1.5x faster in one Chroma call, but on
@@ -449,7 +451,8 @@ class VectorCollection:
         """Every item matching ``where``, read page by page: (ids, vectors ``(n, dim)``, metadatas). The vectors
         are written into one array as the pages come (no second copy); ``fields``: keep only these metadata keys
         (a million items' whole metadata is a gigabyte of dicts); ``ids_first``: filters whose items come first,
-        in that order (one split's rows then a contiguous block: a view, not a copy); ``only``: read these ids, in
+        in that order (one split's rows then a contiguous block: a view, not a copy); ``metadatas=False``: none read
+        (an empty list); ``only``: read these ids, in
         this order, instead of listing the filter's (a sample of :meth:`ids`; those no longer stored are left out)."""
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
@@ -467,10 +470,19 @@ class VectorCollection:
                     vecs = np.empty((len(listed), page_vecs.shape[1]), np.float32)
                 vecs[len(ids) : len(ids) + len(page_ids)] = page_vecs
             ids += page_ids
-            metas += page_metas if fields is None else [{k: m[k] for k in fields if k in m} for m in page_metas]
+            if metadatas:
+                metas += page_metas if fields is None else [{k: m[k] for k in fields if k in m} for m in page_metas]
         if len(vecs) > len(ids):  # (items removed while the scan ran: a view, not a second copy)
             vecs = vecs[: len(ids)]
         return ids, vecs, metas
+
+    def values(self, field: str, values: Sequence[Any]) -> dict[str, Any]:
+        """id -> ``field`` of every item whose ``field`` is one of ``values``, each value's ids listed (ids only, no
+        metadata read: a million items' labels in ~20 s, where reading them with the vectors costs ~70 s more)."""
+        found: dict[str, Any] = {}
+        for value in values:
+            found.update(dict.fromkeys(self.ids({field: value}), value))
+        return found
 
     def get_page(self, offset: int, limit: int) -> tuple[list[str], None, list[dict[str, Any]]]:
         """(ids, None, metadatas) of up to ``limit`` items from ``offset`` in Chroma's order."""

@@ -233,6 +233,36 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
     assert part.queries_asked() == "20 of 50 held-out items asked, a seeded sample" and whole.queries_asked() == "50 held-out queries"
 
 
+def test_labels_are_listed_label_by_label_without_reading_metadata(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``labels_of`` lists each label's ids (no metadata read); past LABELS_LISTED labels, or for an id no listing
+    gave, the metadata is read by id; an id not stored is a StoreError."""
+    import importlib
+
+    gallery_mod = importlib.import_module("lookalike.gallery")
+    ids, _, metas = gallery.scan(vectors=False)
+    want = np.array([m["label"] for m in metas])
+    col = gallery.collection()
+    reads: list[int] = []
+    real_get = col.get
+
+    def get_spy(asked: list[str], **kw: object) -> tuple:
+        reads.append(len(asked))
+        return real_get(asked, **kw)
+
+    monkeypatch.setattr(col, "get", get_spy)
+    assert np.array_equal(gallery.labels_of(ids[::-1]), want[::-1]) and reads == []
+    monkeypatch.setattr(gallery_mod, "LABELS_LISTED", 0)
+    assert np.array_equal(gallery.labels_of(ids), want) and reads == [len(ids)]
+    with pytest.raises(StoreError, match="no longer holds item 'gone'"):
+        gallery.labels_of([ids[0], "gone"])
+
+
+def test_a_collection_without_held_out_items_cannot_be_evaluated(gallery: Gallery) -> None:
+    gallery.remove(gallery.ids("test"))
+    with pytest.raises(StoreError, match="has no held-out items: ingest with --test-size N"):
+        evaluate(gallery)
+
+
 def test_a_scan_of_chosen_ids_reads_them_in_that_order_and_leaves_out_the_missing(gallery: Gallery) -> None:
     ids, vecs, metas = gallery.scan("test")
     assert gallery.ids("test") == ids and set(gallery.ids()) >= set(ids) and len(gallery.ids()) == gallery.count()
