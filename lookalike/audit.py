@@ -36,7 +36,6 @@ import numpy as np
 from lookalike.errors import InputError, StoreError
 from lookalike.gallery import Gallery
 from lookalike.metrics import duplicate_groups, exact_neighbours, label_issue_scores, outlier_scores
-from lookalike.util import UNLABELLED
 
 log = logging.getLogger(__name__)
 
@@ -233,17 +232,16 @@ def audit(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # only the fields the audit reads; held-out then indexed items (evaluate's two splits are then views, not copies)
-    ids, vecs, metas = gallery.scan(fields=("label", "split"), by_split=True)
+    # held-out then indexed items, without their metadata (evaluate's two splits are then views, not copies)
+    items = gallery.scan_by_split()
+    ids, vecs, labels, splits = items.ids, items.vectors, items.labels, items.splits
     timings["read"] = time.perf_counter() - t0
-    labels = np.array([int(m.get("label", UNLABELLED)) for m in metas], dtype=int)
     if len(ids) < 2:
         raise InputError(f"collection {gallery.name!r} has {len(ids)} item(s): the audit compares items, so it needs at least two")
     # label issues need labels: two or more (an unlabelled collection gets duplicates, leaks and outliers only)
     labelled = gallery.record.labelled and not (labels < 0).any() and len(np.unique(labels)) >= 2
     if k >= len(ids):
         raise InputError(f"--k {k} needs more than the {len(ids)} items of {gallery.name!r}: choose a k below {len(ids)}")
-    splits = [str(m.get("split", "")) for m in metas]
     names = gallery.label_names
     n_labels = max(len(names), int(labels.max()) + 1, 1)
 
@@ -316,7 +314,7 @@ def audit(
 
         t0 = time.perf_counter()
         # the vectors already read, not read again; every held-out item exact unless the neighbours came from the store
-        h = held_out(gallery, 1, items=(ids, vecs, metas), seed=seed, sample_exact=by_store)
+        h = held_out(gallery, 1, items=items, seed=seed, sample_exact=by_store)
         n_queries = len(h.test_ids)
         nearest = h.store_d1.copy()  # each held-out item's nearest indexed item: exact where exact search answered
         nearest[h.exact_rows] = np.minimum(nearest[h.exact_rows], np.sqrt(np.maximum(h.exact_d2[:, 0], 0.0)))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import InputError, StoreError
-from lookalike.gallery import Gallery
+from lookalike.gallery import Gallery, Scanned
 from lookalike.metrics import (
     confusion,
     exact_neighbours,
@@ -147,7 +147,7 @@ def held_out(
     gallery: Gallery,
     k: int = 1,
     width: int | None = None,
-    items: tuple[list[str], np.ndarray, list[dict[str, Any]]] | None = None,
+    items: Scanned | None = None,
     seed: int = 0,
     sample_exact: bool = True,
     max_queries: int | None = None,
@@ -155,7 +155,7 @@ def held_out(
     """Ask the store for each held-out item's ``max(k, width)`` nearest indexed items, and brute force for those of
     every item or of a seeded sample (:func:`exact_sample`).
 
-    ``items``: the whole collection as :meth:`Gallery.scan` read it, when the caller has it already;
+    ``items``: the whole collection as :meth:`Gallery.scan_by_split` read it, when the caller has it already;
     ``sample_exact=False``: every item exact (an audit that computes exact neighbours anyway); ``max_queries``:
     past that many held-out items, a seeded sample of that many are the queries (``n_held_out`` counts them all).
     """
@@ -172,14 +172,12 @@ def held_out(
         y = gallery.labels_of(test_ids + train_ids)  # (listed label by label: cheaper than reading the metadata)
         y_test, y_train = y[: len(test_ids)], y[len(test_ids) :]
     else:
-        test_ids, test_vecs, test_metas = _split(items, "test")
+        test_ids, test_vecs, y_test = items.split("test")
         excluded = _any_held_out(gallery, test_ids)
         keep = _query_sample(len(test_ids), max_queries, seed)
         if keep is not None:
-            test_ids, test_vecs, test_metas = [test_ids[i] for i in keep], test_vecs[keep], [test_metas[i] for i in keep]
-        train_ids, train_vecs, train_metas = _split(items, "train")
-        y_test = np.array([int(m["label"]) for m in test_metas], dtype=int)
-        y_train = np.array([int(m["label"]) for m in train_metas], dtype=int)
+            test_ids, test_vecs, y_test = [test_ids[i] for i in keep], test_vecs[keep], y_test[keep]
+        train_ids, train_vecs, y_train = items.split("train")
     n_held_out = len(excluded)
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
@@ -221,15 +219,6 @@ def _query_sample(n_held_out: int, max_queries: int | None, seed: int) -> np.nda
     if max_queries is None or n_held_out <= max_queries:
         return None
     return np.sort(np.random.default_rng(seed).choice(n_held_out, max_queries, replace=False))
-
-
-def _split(items: tuple[list[str], np.ndarray, list[dict[str, Any]]], split: str) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
-    """The items of one split, out of a whole scan."""
-    ids, vecs, metas = items
-    rows = [i for i, m in enumerate(metas) if m.get("split") == split]
-    if rows and rows[-1] - rows[0] == len(rows) - 1:  # one block (a scan ``by_split``): a view, not a copy of the vectors
-        return ids[rows[0] : rows[-1] + 1], vecs[rows[0] : rows[-1] + 1], metas[rows[0] : rows[-1] + 1]
-    return [ids[i] for i in rows], vecs[rows], [metas[i] for i in rows]
 
 
 def _store_ranking(

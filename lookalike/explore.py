@@ -112,11 +112,12 @@ def read_points(gallery: Gallery, *, sample: int | None = None, split: str | Non
     if sample is not None and sample < 3 and sample != 0:
         raise InputError(f"--sample must be at least 3 (or 0: every item), got {sample}")
     sample = SAMPLE if sample is None else sample or None
-    # labels first (only them: a million items' whole metadata is a gigabyte), then the sample's vectors and metadata
-    ids, _, metas = gallery.scan(split, vectors=False, fields=("label",))
+    # ids and labels first (listed, no metadata read: a million items' metadata is a gigabyte), then the sample's
+    # vectors and metadata
+    ids = gallery.ids(split)
     if len(ids) < 3:
         raise InputError(f"collection {gallery.name!r} has {len(ids)} items{' in split ' + split if split else ''}: need at least 3")
-    labels = np.array([int(m["label"]) for m in metas])
+    labels = gallery.labels_of(ids)
     order = np.argsort(ids, kind="stable")  # Chroma's page order is not guaranteed: sort for reproducibility
     if sample is not None and sample < len(ids):
         order = order[stratified_pick(labels[order], sample, seed)]

@@ -45,6 +45,25 @@ LABELS_LISTED = 256
 
 
 @dataclass
+class Scanned:
+    """Every item of a collection, held-out ones first, then the indexed ones, then any other: ids, vectors
+    ``(n, dim)``, label numbers and splits (read by :meth:`Gallery.scan_by_split`, without metadata)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    labels: np.ndarray
+    splits: list[str]
+
+    def split(self, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(ids, vectors, labels) of one split; its vectors a view, not a copy, when its rows are one block."""
+        rows = [i for i, s in enumerate(self.splits) if s == name]
+        if rows and rows[-1] - rows[0] == len(rows) - 1:
+            block = slice(rows[0], rows[-1] + 1)
+            return self.ids[block], self.vectors[block], self.labels[block]
+        return [self.ids[i] for i in rows], self.vectors[rows], self.labels[rows]
+
+
+@dataclass
 class CollectionInfo:
     """A collection's name, size and what built it."""
 
@@ -309,18 +328,27 @@ class Gallery:
         *,
         vectors: bool = True,
         fields: Sequence[str] | None = None,
-        by_split: bool = False,
         only: Sequence[str] | None = None,
         metadata: bool = True,
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
-        ``fields`` when given; none with ``metadata=False``). ``by_split``: the held-out items first, then the
-        indexed ones, then any other. ``only``: just these ids (from :meth:`ids`), in that order, without listing
-        the split again."""
-        where = self.where(split=split)
-        first = [self.where(split="test"), self.where(split="train")] if by_split else []
+        ``fields`` when given; none with ``metadata=False``). ``only``: just these ids (from :meth:`ids`), in that
+        order, without listing the split again."""
         dim = self.record.embedder.dim
-        return self._col.scan(where, vectors=vectors, dim=dim, fields=fields, ids_first=first, only=only, metadatas=metadata)
+        return self._col.scan(self.where(split=split), vectors=vectors, dim=dim, fields=fields, only=only, metadatas=metadata)
+
+    def scan_by_split(self) -> Scanned:
+        """Every item, held-out ones first, then the indexed ones, then any other, read once: each split's ids and each
+        label's are listed, the vectors read without metadata (a million items: their metadata would nearly double
+        the read). Each split is then one block of rows (:meth:`Scanned.split`: views, not copies)."""
+        split_of = dict.fromkeys(self.ids("test"), "test")
+        split_of.update(dict.fromkeys(self.ids("train"), "train"))
+        if len(split_of) < self.count():  # (items of neither split, when there may be some: their split read by id)
+            rest = [i for i in self.ids() if i not in split_of]
+            got, _, metas = self._col.get(rest)
+            split_of.update((i, str(m.get("split", ""))) for i, m in zip(got, metas))
+        ids, vectors, _ = self.scan(only=list(split_of), metadata=False)
+        return Scanned(ids, vectors, self.labels_of(ids), [split_of[i] for i in ids])
 
     def labels_of(self, ids: Sequence[str]) -> np.ndarray:
         """The label number of each of ``ids``. Up to ``LABELS_LISTED`` labels, each label's ids are listed (ids only:

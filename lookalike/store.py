@@ -445,25 +445,17 @@ class VectorCollection:
         dim: int = 0,
         metadatas: bool = True,
         fields: Sequence[str] | None = None,
-        ids_first: Sequence[dict[str, Any]] = (),
         only: Sequence[str] | None = None,
     ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
         """Every item matching ``where``, read page by page: (ids, vectors ``(n, dim)``, metadatas). The vectors
         are written into one array as the pages come (no second copy); ``fields``: keep only these metadata keys
-        (a million items' whole metadata is a gigabyte of dicts); ``ids_first``: filters whose items come first,
-        in that order (one split's rows then a contiguous block: a view, not a copy); ``metadatas=False``: none read
+        (a million items' whole metadata is a gigabyte of dicts); ``metadatas=False``: none read
         (an empty list); ``only``: read these ids, in
         this order, instead of listing the filter's (a sample of :meth:`ids`; those no longer stored are left out)."""
         ids: list[str] = []
         metas: list[dict[str, Any]] = []
         vecs = np.zeros((0, dim), np.float32)
-        if only is not None:
-            listed = list(dict.fromkeys(only))
-        else:
-            listed = list(dict.fromkeys(i for w in ids_first for i in self.ids(w if where is None else {"$and": [where, w]})))
-            if not ids_first or (where is not None or len(listed) < self.count()):  # (the rest, when there may be some)
-                chosen = set(listed)
-                listed += [i for i in self.ids(where) if i not in chosen]
+        listed = list(dict.fromkeys(only)) if only is not None else self.ids(where)
         for page_ids, page_vecs, page_metas in self._read(listed, vectors=vectors, metadatas=metadatas):
             if page_vecs is not None:
                 if len(vecs) < len(listed):  # (allocated at the first page, which gives the length)

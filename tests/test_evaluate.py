@@ -280,20 +280,24 @@ def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
 
 
 def test_a_scan_by_split_puts_the_held_out_items_first_and_its_splits_are_views(gallery: Gallery) -> None:
-    """audit reads the collection once, held-out items first: evaluate's two splits of it are then views of its
-    vectors (a million items: no second 3 GB copy)."""
-    from lookalike.evaluate import _split
+    """audit reads the collection once, held-out items first, without metadata: evaluate's two splits of it are
+    then views of its vectors (a million items: no second 3 GB copy); items of neither split come last."""
+    from lookalike.gallery import Scanned
 
     ids, vecs, metas = gallery.scan()
-    got_ids, got_vecs, got_metas = gallery.scan(fields=("label", "split"), by_split=True)
-    splits = [m["split"] for m in got_metas]
-    assert splits == sorted(splits, key=lambda s: s != "test") and sorted(got_ids) == sorted(ids)
+    gallery.update_metadatas([ids[3]], [{**metas[3], "split": "extra"}])
+    got = gallery.scan_by_split()
+    want_split = {i: ("extra" if n == 3 else m["split"]) for n, (i, m) in enumerate(zip(ids, metas))}
+    assert got.splits == [want_split[i] for i in got.ids] and sorted(got.ids) == sorted(ids)
+    assert got.splits == sorted(got.splits, key=lambda s: ("test", "train", "extra").index(s)) and got.splits[-1] == "extra"
     row = {i: n for n, i in enumerate(ids)}
-    assert np.array_equal(got_vecs, vecs[[row[i] for i in got_ids]])
+    assert np.array_equal(got.vectors, vecs[[row[i] for i in got.ids]])
+    assert got.labels.tolist() == [metas[row[i]]["label"] for i in got.ids]
     for split in ("test", "train"):
-        part_ids, part_vecs, _ = _split((got_ids, got_vecs, got_metas), split)
-        assert np.shares_memory(part_vecs, got_vecs) and part_ids == [i for i, m in zip(got_ids, got_metas) if m["split"] == split]
+        part_ids, part_vecs, part_labels = got.split(split)
+        assert np.shares_memory(part_vecs, got.vectors) and part_ids == [i for i, s in zip(got.ids, got.splits) if s == split]
+        assert part_labels.tolist() == [metas[row[i]]["label"] for i in part_ids]
     order = np.argsort([i % 5 for i in range(len(ids))], kind="stable")  # the splits' rows interleaved
-    apart = ([ids[i] for i in order], vecs[order], [metas[i] for i in order])
-    _, mixed, _ = _split(apart, "train")  # (rows apart: a copy, as before)
-    assert not np.shares_memory(mixed, apart[1]) and len(mixed) == 200
+    apart = Scanned([ids[i] for i in order], vecs[order], np.zeros(len(ids), int), [str(metas[i]["split"]) for i in order])
+    _, mixed, _ = apart.split("train")  # (rows apart: a copy, as before)
+    assert not np.shares_memory(mixed, apart.vectors) and len(mixed) == 200
