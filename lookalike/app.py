@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from lookalike.audit import audit, save_audit, saved_audit
+from lookalike.audit import audit, checked_answers, save_audit, saved_audit
 from lookalike.errors import LookalikeError
 from lookalike.evaluate import evaluate, save_report
 from lookalike.explore import METHODS, cached_map, cluster
@@ -481,7 +481,8 @@ def audit_page(gallery: Gallery) -> None:
         )
     st.caption(
         f"{report['embedder']} · k={report['k']} · {report['method']} score · duplicates: distance < {report['threshold']:.4g} "
-        f"({report['threshold_rule']}) · the store's answers hold {report['store_recall_at_k']:.4f} of the exact neighbours · "
+        f"({report['threshold_rule']}) · {checked_answers(report.get('neighbours_by', 'exact'))} hold "
+        f"{report['store_recall_at_k']:.4f} of the exact neighbours · "
         f"saved {report.get('saved_at', '')}"
     )
     tabs = st.tabs(["Label issues", "Duplicates and leaks", "Outliers"])

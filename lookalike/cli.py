@@ -718,6 +718,13 @@ def audit(
     method: Annotated[str, typer.Option(help="Label-issue score: vote (distance-weighted k-NN) or margin")] = "vote",
     outliers: Annotated[int, typer.Option(help="Outliers listed (lowest local density)")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the sample whose store answers are checked")] = 0,
+    neighbours: Annotated[
+        str,
+        typer.Option(
+            help="How each item's neighbours are found: exact, faiss (an HNSW graph built for the audit), store (one query "
+            "an item), or auto: exact up to 100,000 items, then faiss when installed, else the store"
+        ),
+    ] = "auto",
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write every item's scores, most suspicious first, as CSV")] = None,
     out: Annotated[Optional[str], typer.Option(help="PNG: suspicious items beside their neighbours, then the duplicate groups")] = None,
     collection: CollectionOpt = None,
@@ -729,12 +736,14 @@ def audit(
     as_json: JsonOpt = False,
 ) -> None:
     """Label errors, near-duplicates, train/test leaks and outliers, from the stored vectors (audited against exact search)."""
-    from lookalike.audit import EXACT_MAX, save_audit, save_audit_picture, write_csv
+    from lookalike import ann
+    from lookalike.audit import EXACT_MAX, checked_answers, save_audit, save_audit_picture, write_csv
     from lookalike.audit import audit as run_audit
 
     with _open(collection, db, wait) as gallery:
         with _progress_bar("neighbours", unit="items/s") as progress:
-            r = run_audit(gallery, k=k, top=top, threshold=threshold, method=method, n_outliers=outliers, seed=seed, progress=progress)
+            options = {"threshold": threshold, "method": method, "n_outliers": outliers, "neighbours": neighbours}
+            r = run_audit(gallery, k=k, top=top, seed=seed, progress=progress, **options)
         if keep:
             save_audit(gallery, r)
         saved = []
@@ -749,13 +758,16 @@ def audit(
         return
     typer.echo(
         f"collection {r.collection!r}: {r.n_items:,} items, {r.k} neighbours each ({r.seconds:.1f} s; "
-        f"store's answers hold {r.store_recall_at_k:.4f} of the exact {r.k} on {r.store_sample:,} items)"
+        f"{checked_answers(r.neighbours_by).removeprefix('the ')} hold {r.store_recall_at_k:.4f} of the exact {r.k} "
+        f"on {r.store_sample:,} items)"
     )
-    if r.neighbours_by == "store":
+    if r.neighbours_by != "exact":
         typer.echo(
-            f"neighbours: the store's answers (over {EXACT_MAX:,} items exact search would grow as their square); "
-            f"leaks: the store's nearest indexed item, exact on a sample"
+            f"neighbours: {checked_answers(r.neighbours_by)} (over {EXACT_MAX:,} items exact search would grow as their "
+            f"square); leaks: the store's nearest indexed item, exact on a sample"
         )
+    if r.neighbours_by == "store" and r.n_items > EXACT_MAX and not ann.available():
+        typer.echo(f"note: {ann.INSTALL} answers this audit's neighbours ~5x faster (an in-memory graph built for it)")
     if not r.labelled:
         typer.echo("label issues: none looked for (the collection is unlabelled, or has one label)")
     else:

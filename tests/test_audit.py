@@ -91,7 +91,7 @@ def test_past_exact_max_the_store_answers_and_a_sample_checks_it(planted: str, m
         monkeypatch.setattr(audit_module, "EXACT_MAX", 100)
         monkeypatch.setattr(evaluate_module, "EXACT_PAIRS", 10)  # leaks: the store's nearest, exact on a sample
         monkeypatch.setattr(evaluate_module, "EXACT_MIN", 10)
-        r = audit(g, k=5, store_sample=50, seed=2)
+        r = audit(g, k=5, store_sample=50, seed=2, neighbours="store")
     assert exact.neighbours_by == "exact" and r.neighbours_by == "store"
     assert r.store_sample == 50 and r.store_recall_at_k == 1.0
     assert [s.id for s in r.suspects] == [s.id for s in exact.suspects] and r.n_disputed == exact.n_disputed
@@ -99,6 +99,33 @@ def test_past_exact_max_the_store_answers_and_a_sample_checks_it(planted: str, m
     assert r.leaked_ids == exact.leaked_ids == ["mnist:test:50"] and r.accuracy == exact.accuracy
     assert [o.id for o in r.outliers] == [o.id for o in exact.outliers]
     assert r.median_nn_distance == pytest.approx(exact.median_nn_distance, rel=1e-5)
+
+
+def test_past_exact_max_a_faiss_graph_answers_and_a_sample_checks_it(planted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With faiss installed, a large collection's neighbours come from an HNSW graph built for the audit (auto), checked
+    against exact search on the sample; on these 253 items it finds the exact audit's findings. Without faiss, auto
+    asks the store, and asking for faiss is one line naming the install."""
+    import importlib
+
+    audit_module, evaluate_module = (importlib.import_module(f"lookalike.{m}") for m in ("audit", "evaluate"))
+    with Gallery.open("planted", planted) as g:
+        exact = audit(g, k=5)
+        monkeypatch.setattr(audit_module, "EXACT_MAX", 100)
+        monkeypatch.setattr(evaluate_module, "EXACT_PAIRS", 10)
+        monkeypatch.setattr(evaluate_module, "EXACT_MIN", 10)
+        r = audit(g, k=5, store_sample=50, seed=2)
+        assert r.neighbours_by == "faiss" and r.store_sample == 50 and r.store_recall_at_k == 1.0
+        assert [s.id for s in r.suspects] == [s.id for s in exact.suspects] and r.n_disputed == exact.n_disputed
+        assert {frozenset(gr.ids) for gr in r.groups} == {frozenset(gr.ids) for gr in exact.groups}
+        assert r.leaked_ids == exact.leaked_ids == ["mnist:test:50"] and r.accuracy == exact.accuracy
+        assert [o.id for o in r.outliers] == [o.id for o in exact.outliers]
+        assert audit(g, k=5, neighbours="exact").neighbours_by == "exact"
+        with pytest.raises(InputError, match="--neighbours must be one of auto, exact, faiss, store, got 'hnsw'"):
+            audit(g, neighbours="hnsw")
+        monkeypatch.setattr(audit_module.ann, "available", lambda: False)
+        assert audit(g, k=5, store_sample=50).neighbours_by == "store"
+        with pytest.raises(InputError, match=r"the faiss index needs faiss: pip install 'lookalike\[faiss\]'"):
+            audit(g, neighbours="faiss")
 
 
 def test_the_blank_item_is_the_first_outlier(planted: str) -> None:
@@ -153,6 +180,10 @@ def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> No
     assert kept is not None and kept["suspects"][0]["id"] == "mnist:train:7" and kept["k"] == 5 and "saved_at" in kept
     bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "0"])
     assert bad.exit_code != 0 and "--k must be at least 1" in one_line_error(bad)
+    bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--neighbours", "hnsw"])
+    assert bad.exit_code != 0 and "--neighbours must be one of auto, exact, faiss, store" in one_line_error(bad)
+    by_graph = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--neighbours", "faiss", "--no-save"])
+    assert by_graph.exit_code == 0 and "faiss graph's answers hold 1.0000 of the exact 5" in by_graph.output, by_graph.output
 
 
 def test_a_collection_of_copies_still_gets_a_threshold(tmp_path: Path, db: str, fake_embedder: PixelEmbedder) -> None:
