@@ -742,8 +742,17 @@ def audit(
 
     with _open(collection, db, wait) as gallery:
         with _progress_bar("neighbours", unit="items/s") as progress:
-            options = {"threshold": threshold, "method": method, "n_outliers": outliers, "neighbours": neighbours}
-            r = run_audit(gallery, k=k, top=top, seed=seed, progress=progress, **options)
+            r = run_audit(
+                gallery,
+                k=k,
+                top=top,
+                threshold=threshold,
+                method=method,
+                n_outliers=outliers,
+                seed=seed,
+                progress=progress,
+                neighbours=neighbours,
+            )
         if keep:
             save_audit(gallery, r)
         saved = []
@@ -762,10 +771,8 @@ def audit(
         f"on {r.store_sample:,} items)"
     )
     if r.neighbours_by != "exact":
-        typer.echo(
-            f"neighbours: {checked_answers(r.neighbours_by)} (over {EXACT_MAX:,} items exact search would grow as their "
-            f"square); leaks: the store's nearest indexed item, exact on a sample"
-        )
+        why = f"over {EXACT_MAX:,} items exact search would grow as their square" if r.n_items > EXACT_MAX else f"--neighbours {neighbours}"
+        typer.echo(f"neighbours: {checked_answers(r.neighbours_by)} ({why}); leaks: the store's nearest indexed item, exact on a sample")
     if r.neighbours_by == "store" and r.n_items > EXACT_MAX and not ann.available():
         typer.echo(f"note: {ann.INSTALL} answers this audit's neighbours ~5x faster (an in-memory graph built for it)")
     if not r.labelled:

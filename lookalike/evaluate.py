@@ -163,13 +163,14 @@ def held_out(
         raise InputError(f"--k must be at least 1, got {k}")
     t_read = time.perf_counter()
     if items is None:  # the held-out ids listed, the sample drawn, then only the sample's vectors read (no metadata)
+        listed = gallery.listed_labels()  # (label by label, before the vectors: cheaper than reading the metadata)
         excluded = gallery.ids("test")  # (every held-out item stays out of the answers, also when a sample of them asks)
         _any_held_out(gallery, excluded)
         keep = _query_sample(len(excluded), max_queries, seed)
-        chosen = excluded if keep is None else [excluded[i] for i in keep]
-        test_ids, test_vecs, _ = gallery.scan("test", only=chosen, metadata=False)
+        test_ids, test_vecs, _ = gallery.scan(only=excluded if keep is None else [excluded[i] for i in keep], metadata=False)
+        _any_held_out(gallery, test_ids)  # (all removed since they were listed)
         train_ids, train_vecs, _ = gallery.scan("train", metadata=False)
-        y = gallery.labels_of(test_ids + train_ids)  # (listed label by label: cheaper than reading the metadata)
+        y = gallery.labels_of(test_ids + train_ids, listed)
         y_test, y_train = y[: len(test_ids)], y[len(test_ids) :]
     else:
         test_ids, test_vecs, y_test = items.split("test")
@@ -179,6 +180,8 @@ def held_out(
             test_ids, test_vecs, y_test = [test_ids[i] for i in keep], test_vecs[keep], y_test[keep]
         train_ids, train_vecs, y_train = items.split("train")
     n_held_out = len(excluded)
+    if gallery.record.labelled and ((y_test < 0).any() or (y_train < 0).any()):
+        raise StoreError(f"collection {gallery.name!r} holds items without a label: run `lookalike check --collection {gallery.name}`")
     if len(train_ids) < k:
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
     wide = min(max(k, width or k), len(train_ids))

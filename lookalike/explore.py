@@ -114,10 +114,11 @@ def read_points(gallery: Gallery, *, sample: int | None = None, split: str | Non
     sample = SAMPLE if sample is None else sample or None
     # ids and labels first (listed, no metadata read: a million items' metadata is a gigabyte), then the sample's
     # vectors and metadata
+    listed = gallery.listed_labels()
     ids = gallery.ids(split)
     if len(ids) < 3:
         raise InputError(f"collection {gallery.name!r} has {len(ids)} items{' in split ' + split if split else ''}: need at least 3")
-    labels = gallery.labels_of(ids)
+    labels = gallery.labels_of(ids, listed)
     order = np.argsort(ids, kind="stable")  # Chroma's page order is not guaranteed: sort for reproducibility
     if sample is not None and sample < len(ids):
         order = order[stratified_pick(labels[order], sample, seed)]

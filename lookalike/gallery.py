@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 EVALUATION_NOTE = "lookalike_evaluation"  # the collection metadata key of the last evaluate report
 FIELD_SAMPLE = 5000  # items a cold collection reads its field names from
-# a collection of at most this many labels gives its items' labels by one id listing a label (Gallery.labels_of)
+# a collection of at most this many label names gives its items' labels by one id listing a label (Gallery.listed_labels)
 LABELS_LISTED = 256
 
 
@@ -334,6 +334,8 @@ class Gallery:
         """Every item (of ``split``), read page by page: (ids, vectors ``(n, dim)``, metadatas; only their
         ``fields`` when given; none with ``metadata=False``). ``only``: just these ids (from :meth:`ids`), in that
         order, without listing the split again."""
+        if only is not None and split is not None:
+            raise InputError("scan: give a split or the ids to read (only=...), not both")
         dim = self.record.embedder.dim
         return self._col.scan(self.where(split=split), vectors=vectors, dim=dim, fields=fields, only=only, metadatas=metadata)
 
@@ -341,25 +343,35 @@ class Gallery:
         """Every item, held-out ones first, then the indexed ones, then any other, read once: each split's ids and each
         label's are listed, the vectors read without metadata (a million items: their metadata would nearly double
         the read). Each split is then one block of rows (:meth:`Scanned.split`: views, not copies)."""
+        listed = self.listed_labels()  # (labels and splits listed before the vectors are read)
         split_of = dict.fromkeys(self.ids("test"), "test")
         split_of.update(dict.fromkeys(self.ids("train"), "train"))
         if len(split_of) < self.count():  # (items of neither split, when there may be some: their split read by id)
             rest = [i for i in self.ids() if i not in split_of]
-            got, _, metas = self._col.get(rest)
+            got, _, metas = self._col.scan(only=rest, vectors=False, fields=("split",))
             split_of.update((i, str(m.get("split", ""))) for i, m in zip(got, metas))
         ids, vectors, _ = self.scan(only=list(split_of), metadata=False)
-        return Scanned(ids, vectors, self.labels_of(ids), [split_of[i] for i in ids])
+        return Scanned(ids, vectors, self.labels_of(ids, listed), [split_of[i] for i in ids])
 
-    def labels_of(self, ids: Sequence[str]) -> np.ndarray:
-        """The label number of each of ``ids``. Up to ``LABELS_LISTED`` labels, each label's ids are listed (ids only:
-        reading a million items' metadata beside their vectors nearly doubles the read); the ids no listing
-        gave (more labels, an unknown number) are read by id."""
-        labels = [*range(len(self.label_names)), UNLABELLED]
-        known = self._col.values("label", labels) if len(labels) <= LABELS_LISTED else {}
+    def listed_labels(self) -> dict[str, int]:
+        """id -> label number of every item, one id listing a label (ids only: reading a million items' metadata
+        beside their vectors nearly doubles the read); empty past ``LABELS_LISTED`` label names or without labels.
+        List before reading the vectors: an item removed in between keeps its label here."""
+        if not self.record.labelled or len(self.label_names) > LABELS_LISTED:
+            return {}
+        return self._col.values("label", [*range(len(self.label_names)), UNLABELLED])
+
+    def labels_of(self, ids: Sequence[str], listed: dict[str, int] | None = None) -> np.ndarray:
+        """The label number of each of ``ids`` (``UNLABELLED`` in a collection without labels): from ``listed``
+        (:meth:`listed_labels`, listed now when not given), and for the ids it lacks (more labels, an item added
+        since, a label of another type) read by id, the label field alone."""
+        if not self.record.labelled:
+            return np.full(len(ids), UNLABELLED, dtype=int)
+        known = self.listed_labels() if listed is None else listed
         missing = [i for i in ids if i not in known]
         if missing:
-            got, _, metas = self._col.get(missing)
-            known.update((i, m.get("label", UNLABELLED)) for i, m in zip(got, metas))
+            got, _, metas = self._col.scan(only=missing, vectors=False, fields=("label",))
+            known = {**known, **{i: m.get("label", UNLABELLED) for i, m in zip(got, metas)}}
         try:
             return np.array([int(known[i]) for i in ids], dtype=int)
         except KeyError as exc:

@@ -11,6 +11,7 @@ from lookalike.errors import InputError
 def test_the_graph_finds_nearly_every_exact_neighbour_measured_exactly() -> None:
     """Each row's neighbours leave the row itself out (an exact copy of it counts), come nearest first with their
     exact float64 distances, and hold nearly all of the exact ones."""
+    pytest.importorskip("faiss")
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(20, 32))
     x = (centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float32)

@@ -107,7 +107,12 @@ def test_past_exact_max_a_faiss_graph_answers_and_a_sample_checks_it(planted: st
     asks the store, and asking for faiss is one line naming the install."""
     import importlib
 
+    pytest.importorskip("faiss")
     audit_module, evaluate_module = (importlib.import_module(f"lookalike.{m}") for m in ("audit", "evaluate"))
+    args = ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--neighbours", "faiss", "--no-save"]
+    by_graph = CliRunner().invoke(app, args)
+    assert by_graph.exit_code == 0 and "faiss graph's answers hold 1.0000 of the exact 5" in by_graph.output, by_graph.output
+    assert "neighbours: the faiss graph's answers (--neighbours faiss)" in by_graph.output
     with Gallery.open("planted", planted) as g:
         exact = audit(g, k=5)
         monkeypatch.setattr(audit_module, "EXACT_MAX", 100)
@@ -182,8 +187,6 @@ def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> No
     assert bad.exit_code != 0 and "--k must be at least 1" in one_line_error(bad)
     bad = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--neighbours", "hnsw"])
     assert bad.exit_code != 0 and "--neighbours must be one of auto, exact, faiss, store" in one_line_error(bad)
-    by_graph = runner.invoke(app, ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--neighbours", "faiss", "--no-save"])
-    assert by_graph.exit_code == 0 and "faiss graph's answers hold 1.0000 of the exact 5" in by_graph.output, by_graph.output
 
 
 def test_a_collection_of_copies_still_gets_a_threshold(tmp_path: Path, db: str, fake_embedder: PixelEmbedder) -> None:

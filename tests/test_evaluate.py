@@ -234,8 +234,8 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
 
 
 def test_labels_are_listed_label_by_label_without_reading_metadata(gallery: Gallery, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``labels_of`` lists each label's ids (no metadata read); past LABELS_LISTED labels, or for an id no listing
-    gave, the metadata is read by id; an id not stored is a StoreError."""
+    """``labels_of`` takes labels from one id listing a label (no metadata read); past LABELS_LISTED label names, or
+    for an id the listing lacks, the label field is read by id; an id not stored is a StoreError."""
     import importlib
 
     gallery_mod = importlib.import_module("lookalike.gallery")
@@ -243,18 +243,28 @@ def test_labels_are_listed_label_by_label_without_reading_metadata(gallery: Gall
     want = np.array([m["label"] for m in metas])
     col = gallery.collection()
     reads: list[int] = []
-    real_get = col.get
+    real_scan = col.scan
 
-    def get_spy(asked: list[str], **kw: object) -> tuple:
-        reads.append(len(asked))
-        return real_get(asked, **kw)
+    def scan_spy(*args: object, **kw: object) -> tuple:
+        reads.append(len(kw["only"]))  # type: ignore[arg-type]
+        return real_scan(*args, **kw)
 
-    monkeypatch.setattr(col, "get", get_spy)
-    assert np.array_equal(gallery.labels_of(ids[::-1]), want[::-1]) and reads == []
+    monkeypatch.setattr(col, "scan", scan_spy)
+    listed = gallery.listed_labels()
+    assert len(listed) == len(ids) and np.array_equal(gallery.labels_of(ids[::-1], listed), want[::-1]) and reads == []
+    partial = {i: listed[i] for i in ids[5:]}  # (an item added after the listing: its label read by id)
+    assert np.array_equal(gallery.labels_of(ids, partial), want) and reads == [5]
     monkeypatch.setattr(gallery_mod, "LABELS_LISTED", 0)
-    assert np.array_equal(gallery.labels_of(ids), want) and reads == [len(ids)]
+    assert gallery.listed_labels() == {} and np.array_equal(gallery.labels_of(ids), want) and reads == [5, len(ids)]
     with pytest.raises(StoreError, match="no longer holds item 'gone'"):
         gallery.labels_of([ids[0], "gone"])
+
+
+def test_an_item_without_a_label_in_a_labelled_collection_is_one_line(gallery: Gallery) -> None:
+    ids, _, metas = gallery.scan("train", vectors=False)
+    gallery.update_metadatas([ids[4]], [{**metas[4], "label": -1}])
+    with pytest.raises(StoreError, match="holds items without a label: run `lookalike check"):
+        evaluate(gallery)
 
 
 def test_a_collection_without_held_out_items_cannot_be_evaluated(gallery: Gallery) -> None:
@@ -267,7 +277,7 @@ def test_a_scan_of_chosen_ids_reads_them_in_that_order_and_leaves_out_the_missin
     ids, vecs, metas = gallery.scan("test")
     assert gallery.ids("test") == ids and set(gallery.ids()) >= set(ids) and len(gallery.ids()) == gallery.count()
     chosen = [ids[7], "not-stored", ids[2], ids[7]]
-    got_ids, got_vecs, got_metas = gallery.scan("test", fields=("label",), only=chosen)
+    got_ids, got_vecs, got_metas = gallery.scan(fields=("label",), only=chosen)
     assert got_ids == [ids[7], ids[2]] and np.array_equal(got_vecs, vecs[[7, 2]])
     assert got_metas == [{"label": metas[7]["label"]}, {"label": metas[2]["label"]}]
 
