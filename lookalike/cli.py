@@ -752,6 +752,7 @@ def audit(
                 seed=seed,
                 progress=progress,
                 neighbours=neighbours,
+                release_store_memory=True,
             )
         if keep:
             save_audit(gallery, r)

@@ -411,6 +411,11 @@ class Gallery:
         self.check_where(where)
         return self._col.query(vectors, k, combine(self.where(labels, split), where), exclude=exclude, metadata=metadata)
 
+    def release_memory(self) -> None:
+        """Let the store drop the indexes it loaded (a local store; see :meth:`Store.release_memory`): for a command
+        that has read what it needs and builds its own index. Not while other threads use the store."""
+        self.store.release_memory()
+
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the items (for long-lived processes on a local
         store: the service, the app); ``load``: read it now, else in the background."""

@@ -144,8 +144,8 @@ class VectorCollection:
     """
 
     def __init__(self, collection: Any, store: Store, partitioned: bool = False) -> None:
-        self._c = collection
         self._store = store
+        self._c = collection
         self.name: str = collection.name
         self.partitioned = partitioned
         self._parts: dict[int, VectorCollection] = {}
@@ -161,6 +161,18 @@ class VectorCollection:
         self._narrow: dict[str, tuple[int, list[str], list[dict[str, Any]], Base]] = {}
         # a warm collection's last filters: (filter's JSON, generation) -> the matching mirror rows, prepared
         self._matched: dict[tuple[str, int], Base] = {}
+
+    @property
+    def _c(self) -> Any:
+        """Chroma's handle on the collection, fetched again after :meth:`Store.release_memory` replaced the client."""
+        if self._client_epoch != self._store.epoch:
+            self._c = self._store._client.get_collection(self.name, embedding_function=None)
+        return self._handle
+
+    @_c.setter
+    def _c(self, handle: Any) -> None:
+        self._handle = handle
+        self._client_epoch = self._store.epoch
 
     def keep_warm(self, load: bool = False) -> None:
         """Plan filtered queries from an in-memory mirror of the metadata (and vectors, when they fit in
@@ -858,11 +870,13 @@ class Store:
     def __init__(self, db: str | os.PathLike[str] | None = None, *, create: bool = False, wait: float | None = None) -> None:
         self._lock: StoreLock | None = None
         self._client: Any = None
+        self._path: Path | None = None
+        self.epoch = 0  # clients so far (see release_memory)
         self.db = str(db) if db is not None else default_db()
         if is_server(self.db):
             self._client = _http_client(self.db)
         else:
-            path = _local_dir(Path(self.db).expanduser(), create).resolve()
+            path = self._path = _local_dir(Path(self.db).expanduser(), create).resolve()
             self._lock = StoreLock(path, wait)
             try:
                 self._client = _persistent_client(path)
@@ -900,6 +914,24 @@ class Store:
         finally:
             if lock is not None:
                 lock.close()
+
+    def release_memory(self) -> None:
+        """Let Chroma drop what a local store holds in memory: each collection's HNSW index, loaded at its first read
+        and kept (3.8 GB for a million 784-d vectors). The next call loads what it needs again (~10 s at a million).
+        The lock stays held. For audit, which then builds its own index of the vectors it read (a server's memory
+        is the server's)."""
+        if self._path is None or self._client is None:
+            return
+        import gc
+
+        with _chroma(self.db):
+            close = getattr(self._client, "close", None)
+            if close is not None:
+                close()  # (the path's last client: Chroma stops its system, and the indexes go with it)
+            self._client = None
+            gc.collect()
+            self._client = _persistent_client(self._path)
+        self.epoch += 1
 
     def names(self) -> list[str]:
         """The collections' names (label partitions are hidden)."""

@@ -104,6 +104,22 @@ def test_label_filter_uses_partitions_and_matches_exact_search(db: str) -> None:
     assert s._client.list_collections() == []  # partitions dropped with it
 
 
+def test_released_memory_is_loaded_again_by_the_next_call_and_the_handles_still_work(db: str) -> None:
+    """``release_memory`` replaces the client (Chroma drops the indexes it loaded); the collections and their partitions
+    already open fetch their handle again, then answer and write as before."""
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    vecs = fill(col, n=60, dim=16)
+    want = col.query(vecs[:5], 3, where={"label": 4})
+    old_client, old_handle = s._client, col._c
+    s.release_memory()
+    assert s.epoch == 1 and s._client is not old_client and col._c is not old_handle
+    assert col.query(vecs[:5], 3, where={"label": 4}) == want and col.count() == 60
+    col.add(["extra"], vecs[:1] + 1, [{"label": 4, "label_name": "4", "split": "train"}])
+    assert col.partition(4).count() == 7 and col.count() == 61
+    s.close()
+
+
 def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "PROBE", 5)
     col = create(Store(db, create=True), "digits", n_labels=200)
