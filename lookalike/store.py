@@ -45,7 +45,8 @@ PAGE = 5000  # rows per get() page, below Chroma's 32,766-record limit
 # a scan lists the matching ids first (ids only: 0.33 s for 100,000), then reads them by id, PAGE at a time: a page by
 # offset costs more the further it starts (100,000 items: 290 ms at offset 50,000, 450 ms at 95,000), a page by id does not.
 # The listing itself pages by offset (Chroma's get has no cursor), so its pages are large: listing a million items'
-# 900,000 indexed ids took 55.8 s in pages of 100,000 and 11.7 s in one (every id 17.7 s and 7.4 s)
+# 900,000 indexed ids took 55.8 s in pages of 100,000 and 11.7 s in one (every id 17.7 s and 7.4 s). The price is memory
+# for the moment of the call: up to 600 MB for a page of a million ids, 270 MB for 300,000 (7.6 s): see docs/scale.md
 ID_PAGE = 1_000_000
 # ef_search 64: recall@1 0.9999 on MNIST's 10,000 held-out VGG16 vectors against 60,000, the same as
 # ef_search 200, in 6.7 s instead of 12.2 s (32: 3.6 s, same recall); see docs/performance.md.
