@@ -128,6 +128,12 @@ def _check_items(g: Gallery, full: bool = False) -> CheckReport:
 
     partitions: dict[str, int] = {}
     partition_trouble = False
+    if g.partitions_behind:
+        partition_trouble = True
+        problems.append(
+            "the label partitions are behind the index (a large ingest or import stopped before filling them): "
+            "label filters are answered without them until they are filled"
+        )
     if g.record.label_partitions:
         for label in range(len(g.label_names)):
             want = by_label.get(label, set())
@@ -268,19 +274,18 @@ def _self_query(col: VectorCollection, ids: Sequence[str], n: int = SELF_QUERIES
     return problem, note
 
 
-def repair(store: Store, name: str | None = None) -> CheckReport:
+def repair(store: Store, name: str | None = None, *, release_store_memory: bool = False) -> CheckReport:
     """Rebuild the index (when stored vectors no longer find themselves) and the label partitions, from the stored
-    vectors, when only those are wrong; returns the full check after the repair (or the check alone)."""
+    vectors, when only those are wrong; returns the full check after the repair (or the check alone).
+    ``release_store_memory``: the store drops its indexes after each label partition (for a process of its own:
+    see :meth:`Store.release_memory`)."""
     report = check(store, name, full=True)
     if report.ok or "--repair" not in report.fix:
         return report
     if any(p.startswith(("the index does not find", "the index fails to answer")) for p in report.problems):
         store.rebuild(report.collection)
-    gallery = Gallery(store, report.collection)
-    if gallery.record.label_partitions:
-        store.drop_partitions(gallery.name)
-        fresh = store.open(gallery.name, partitioned=True)
-        for page_ids, vecs, metas in fresh.pages(vectors=True):
-            assert vecs is not None
-            fresh.add_to_partitions(page_ids, vecs, metas)
-    return check(store, gallery.name, full=True)
+    name = report.collection
+    if Gallery(store, name).record.label_partitions:
+        store.drop_partitions(name)
+        Gallery(store, name).fill_partitions(release=release_store_memory)  # (read back label by label)
+    return check(store, name, full=True)

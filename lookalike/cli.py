@@ -306,6 +306,8 @@ def _print_ingest(report: Any, as_json: bool) -> None:
     else:
         typer.echo(f"  added   {added} (already stored: {report.already_stored})")
     typer.echo(f"  stored  {stored}")
+    if report.partitions_filled:
+        typer.echo(f"  labels  {report.partitions_filled} label partition entries written after the index, one label at a time")
     when = f"on {report.ray_workers} Ray workers, their start-up included" if report.ray_workers else "start-up excluded"
     if sum(report.added.values()) or report.updated:
         typer.echo(f"  time    {report.seconds:.1f} s, {report.images_per_s:.0f} images/s ({when})")
@@ -1062,7 +1064,7 @@ def check(
     from lookalike.store import Store
 
     with Store(db, wait=wait) as store:
-        r = run_repair(store, collection) if repair else run_check(store, collection, full=full)
+        r = run_repair(store, collection, release_store_memory=True) if repair else run_check(store, collection, full=full)
     if as_json:
         typer.echo(_dumps(r.to_dict()))
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 EVALUATION_NOTE = "lookalike_evaluation"  # the collection metadata key of the last evaluate report
 FIELD_SAMPLE = 5000  # items a cold collection reads its field names from
+# a write of at least this many new items (ingest, import) goes to the index first and fills the label partitions
+# after it, label by label: the writing process then holds one index in memory at a time, not the index and every
+# partition's (a million 784-d items: 9.1 GB written together); a smaller write keeps them level batch by batch
+PARTITIONS_LATER = int(os.environ.get("LOOKALIKE_PARTITIONS_LATER", "50000"))
 # a collection of at most this many label names gives its items' labels by one id listing a label (Gallery.listed_labels)
 LABELS_LISTED = 256
 
@@ -271,10 +276,22 @@ class Gallery:
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return self._col.existing_ids(ids)
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
-        """Add items to the index (and their label partitions); ids already stored are skipped."""
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]], *, partitions_later: bool = False) -> None:
+        """Add items to the index (and their label partitions); ids already stored are skipped. ``partitions_later``
+        (a large write, see ``PARTITIONS_LATER``): the partitions are left to :meth:`fill_partitions`."""
         self._fields = None
-        self._col.add(ids, vectors, metadatas)
+        self._col.add(ids, vectors, metadatas, partitions_later=partitions_later)
+
+    @property
+    def partitions_behind(self) -> bool:
+        """The label partitions lack items the index holds (a large write not followed by :meth:`fill_partitions`
+        yet, or interrupted before it ended): label filters are answered without them meanwhile."""
+        return self.record.label_partitions and self._col.partitions_behind
+
+    def fill_partitions(self, *, release: bool = False) -> int:
+        """Bring every label partition level with the index (see :meth:`VectorCollection.fill_partitions`);
+        returns the entries added."""
+        return self._col.fill_partitions(range(len(self.label_names)), release=release)
 
     def replace(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Add or replace items (vector and metadata) in the index and their label partitions."""

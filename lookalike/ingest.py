@@ -27,7 +27,7 @@ from lookalike.datasets import FOLDER_PREFIX, SPLITS, Dataset, load_dataset
 from lookalike.embedder import Embedder, EmbedderSpec, build_embedder, check_options, default_embedder, defaults_by_data, make_spec
 from lookalike.errors import InputError, MismatchError, NotFoundError, StoreError
 from lookalike.filters import _same
-from lookalike.gallery import Gallery
+from lookalike.gallery import PARTITIONS_LATER, Gallery
 from lookalike.images import Unreadable, check_max_pixels
 from lookalike.reader import read_batches
 from lookalike.record import SCHEMA, Record
@@ -64,7 +64,10 @@ class IngestReport:
     skipped_links: list[str] = field(default_factory=list)
     decode_seconds: float = 0.0  # wall time of each stage, summed over batches; decoding overlaps the others
     embed_seconds: float = 0.0
-    write_seconds: float = 0.0
+    write_seconds: float = 0.0  # the label partitions' fill after a large write included
+    # label partition entries written after the index (a write of ``PARTITIONS_LATER`` items or more, or finishing one
+    # that was interrupted); 0 when they were written with each batch
+    partitions_filled: int = 0
     ray_workers: int = 0  # Ray actors that embedded (0: this process did); ``seconds`` then includes Ray's start-up
     # a folder is mirrored (see lookalike.catalogue): files changed (re-embedded, replaced), unchanged (touched ones
     # included: their metadata refreshed), gone from the folder (``removed`` with prune, else only listed in ``gone``)
@@ -262,6 +265,7 @@ def ingest(
         stages = dict.fromkeys(("decode", "embed", "write"), 0.0)
         started = time.perf_counter()
         writes = _Writes(ds, report, replace_ids, stages, sync.extra if ds.living else {}, stored)
+        writes.partitions_later = len(todo) - len(replace_ids) >= PARTITIONS_LATER
         if todo and ray_options is not None:
             if store is None:
                 store = Store(db, create=True, wait=wait)
@@ -294,6 +298,12 @@ def ingest(
                 gallery = Gallery.create(store, name, record, partitions=label_partitions is not False)
             started = time.perf_counter()  # the model's and the store's start-up are not ingest time
             _stream(ds, todo, model_obj, gallery, batch_size, decode_workers, skipped, writes, progress)
+        if gallery is None and store is not None and store.exists(name):
+            gallery = Gallery(store, name)  # (made by the Ray path)
+        if gallery is not None and gallery.partitions_behind:  # this ingest's large write, or one interrupted before
+            t = time.perf_counter()
+            report.partitions_filled = gallery.fill_partitions(release=own)
+            stages["write"] += time.perf_counter() - t
         report.seconds = time.perf_counter() - started
         report.db = store.db if store is not None else str(db or default_db())
     finally:
@@ -574,6 +584,7 @@ class _Writes:
         self._vectors: list[np.ndarray] = []
         self._since = 0.0
         self.written = 0
+        self.partitions_later = False  # new items go to the index alone, the label partitions filled at the end
 
     def __call__(self, gallery: Gallery, items: list, vectors: np.ndarray) -> None:
         if not self._items:
@@ -600,7 +611,7 @@ class _Writes:
             gallery.replace([items[j].id for j in changed], vectors[changed], [metas[j] for j in changed])
             self.report.updated += len(changed)
         if new:
-            gallery.add([items[j].id for j in new], vectors[new], [metas[j] for j in new])
+            gallery.add([items[j].id for j in new], vectors[new], [metas[j] for j in new], partitions_later=self.partitions_later)
             for j in new:
                 self.report.added[items[j].split] += 1
         self.stages["write"] += time.perf_counter() - t

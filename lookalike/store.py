@@ -79,6 +79,8 @@ ALLOW_MAX = 20_000  # the longest id allow-list sent to Chroma (else its where)
 EXTRA = 16  # neighbours asked beyond k when some ids are excluded (the held-out items of evaluate)
 PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the collection it belongs to
 REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: the collection it will replace
+# metadata of a main collection written ahead of its label partitions (a large ingest): "1" until they are filled
+BEHIND_KEY = "lookalike_partitions_behind"
 REBUILD_SUFFIX = ".rebuild"
 MAX_PARTITIONS = 100  # collections with more labels than this get no label partitions
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
@@ -149,6 +151,8 @@ class VectorCollection:
         self._c = collection
         self.name: str = collection.name
         self.partitioned = partitioned
+        # the label partitions lack items of the main collection (see :meth:`fill_partitions`): label filters go without them
+        self.partitions_behind = bool((collection.metadata or {}).get(BEHIND_KEY))
         self._parts: dict[int, VectorCollection] = {}
         # how filtered queries were answered (cold: short probes by brute force / by Chroma's where; warm: the plans)
         self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "kept": 0, "allow-list": 0}
@@ -255,7 +259,7 @@ class VectorCollection:
         """Every text kept in the collection's metadata beside its record (read from the store now)."""
         with self._guard():
             fresh = self._store._client.get_collection(self.name, embedding_function=None)
-        skip = {RECORD_KEY, PARTITION_KEY, REBUILD_KEY}
+        skip = {RECORD_KEY, PARTITION_KEY, REBUILD_KEY, BEHIND_KEY}
         return {k: str(v) for k, v in (fresh.metadata or {}).items() if k not in skip and v not in (None, "")}
 
     def set_note(self, key: str, text: str) -> None:
@@ -319,15 +323,66 @@ class VectorCollection:
                 found.update(got["ids"])
         return found
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
+    def add(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]], *, partitions_later: bool = False) -> None:
         """Add vectors ``(n, dim)`` float32 in batches Chroma accepts (existing ids are skipped).
 
         Label partitions are written first: an interrupted add leaves the main collection without
         the batch, so a resumed ingest writes it everywhere again (the partitions' entries replaced).
+        ``partitions_later`` (a large ingest): the main collection alone, marked as ahead of its partitions until
+        :meth:`fill_partitions` (label filters meanwhile go without them), so that a process writing holds one index
+        in memory, not the main collection's and every partition's.
         """
-        if self.partitioned:
+        if self.partitioned and partitions_later:
+            self._set_behind(True)
+        elif self.partitioned:
             self.add_to_partitions(ids, vectors, metadatas)
         self._write("add", ids, vectors, metadatas)
+
+    def _set_behind(self, behind: bool) -> None:
+        """Mark (or unmark) the main collection as ahead of its label partitions, in the store (another process
+        opening it reads the mark)."""
+        if self.partitions_behind == behind:
+            return
+        with self._guard():
+            fresh = self._store._client.get_collection(self.name, embedding_function=None)
+            meta = dict(fresh.metadata or {})
+            meta[BEHIND_KEY] = "1" if behind else ""  # (Chroma's modify keeps keys it is not given: emptied, not removed)
+            fresh.modify(metadata=meta)
+            self._c = self._store._client.get_collection(self.name, embedding_function=None)
+        self.partitions_behind = behind
+
+    def fill_partitions(self, labels: Sequence[int], *, release: bool = False) -> int:
+        """Make each label partition of ``labels`` hold exactly the main collection's items of its label: the missing
+        ones read back from the main collection (``PAGE`` at a time) and added, entries without a main item removed;
+        then the main collection is no longer marked as ahead of them. Called after writes with ``partitions_later``
+        and to finish a fill that was interrupted (it starts over from what the partitions hold). ``release``: let the
+        store drop its indexes after each label, so that at most the main collection's and one partition's are in
+        memory (each label then loads the main collection's again: ~10 s at a million). Returns the entries added."""
+        if not self.partitioned:
+            return 0
+        added = 0
+        for label in labels:
+            want = self.ids({"label": int(label)})
+            part = self.partition(int(label), create=bool(want))
+            if part is None:
+                continue
+            have = part.ids()
+            wanted, held = set(want), set(have)
+            extra = [i for i in have if i not in wanted]
+            if extra:
+                part.delete(extra)
+            missing = [i for i in want if i not in held]
+            for start in range(0, len(missing), PAGE):
+                got_ids, vecs, metas = self.get(missing[start : start + PAGE], vectors=True)
+                if got_ids:
+                    assert vecs is not None
+                    part._write("add", got_ids, vecs, metas)
+                    added += len(got_ids)
+            if release and missing:
+                self._store.release_memory()
+            log.info("label partition %d of %r: %d added, %d removed", label, self.name, len(missing), len(extra))
+        self._set_behind(False)
+        return added
 
     def add_to_partitions(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
         """Write items to the label partitions only (each to its label's), replacing what a killed write left there:
@@ -560,7 +615,7 @@ class VectorCollection:
         """
         if len(vectors) == 0:
             return []
-        split = label_filter(where) if where is not None and self.partitioned else None
+        split = label_filter(where) if where is not None and self.partitioned and not self.partitions_behind else None
         if split is not None:
             labels, rest = split
             rows: list[list[Neighbor]] = [[] for _ in range(len(vectors))]

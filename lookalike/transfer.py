@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lookalike.errors import InputError, StoreError
-from lookalike.gallery import Gallery
+from lookalike.gallery import PARTITIONS_LATER, Gallery
 from lookalike.record import Record
 from lookalike.store import PAGE, Store, check_name
 
@@ -151,6 +151,7 @@ def import_collection(
         else:
             g = Gallery.create(st, name, record, notes={IMPORT_NOTE: marker})  # made and marked in one step
         dim = record.embedder.dim
+        later = pf.metadata.num_rows >= PARTITIONS_LATER  # the label partitions filled after the index (see Gallery.add)
         n = 0
         for batch in pf.iter_batches(batch_size=PAGE, columns=["id", "vector", "metadata"]):
             ids = batch.column("id").to_pylist()
@@ -159,8 +160,10 @@ def import_collection(
             have = g.existing_ids(ids) if resumed else set()
             todo = [i for i, x in enumerate(ids) if x not in have]
             if todo:
-                g.add([ids[i] for i in todo], vectors[todo], [metas[i] for i in todo])
+                g.add([ids[i] for i in todo], vectors[todo], [metas[i] for i in todo], partitions_later=later)
             n += len(ids)
+        if g.partitions_behind:  # (also what a killed import left)
+            g.fill_partitions(release=own)
         col = g.collection()
         for key, text in json.loads(meta.get("lookalike.notes") or "{}").items():
             if key != IMPORT_NOTE:

@@ -43,6 +43,21 @@ def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
         assert mended.ok and sum(mended.partitions.values()) == 250
 
 
+def test_partitions_left_behind_by_a_large_write_are_a_problem_repair_fills(stored: str) -> None:
+    with Store(stored) as store:
+        col = store.open("mnist", partitioned=True)
+        col._set_behind(True)  # as a large ingest killed before its partitions were filled leaves it
+        r = check(store)
+        assert not r.ok and r.problems == [
+            "the label partitions are behind the index (a large ingest or import stopped before filling them): "
+            "label filters are answered without them until they are filled"
+        ]
+        assert "--repair" in r.fix
+        mended = repair(store, release_store_memory=True)
+        assert mended.ok and sum(mended.partitions.values()) == 250
+        assert not store.open("mnist", partitioned=True).partitions_behind
+
+
 @pytest.mark.slow
 def test_a_damaged_index_is_reported_with_the_fix(tmp_path: Path, db: str, fake_embedder) -> None:
     source = write_npz(tmp_path / "more.npz", make_digits(2500, seed=5), make_digits(100, seed=6))

@@ -215,3 +215,69 @@ def test_embedded_batches_are_written_to_the_store_in_large_calls(tiny_npz: Path
     writes.clear()
     ingest("mnist", source=str(tiny_npz), embedder="pixels", batch_size=40, db=db, collection="again")
     assert writes == [40] * 6 + [10]
+
+
+def test_a_large_ingest_writes_the_index_first_then_the_partitions_label_by_label(
+    tiny_npz: Path, db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At PARTITIONS_LATER new items or more, every batch goes to the index alone and the label partitions are filled
+    after it, one label at a time; they then hold what partitions written batch by batch hold."""
+    from lookalike.check import check
+    from lookalike.store import VectorCollection
+
+    order: list[str] = []
+    real = VectorCollection._write
+    monkeypatch.setattr(VectorCollection, "_write", lambda self, how, ids, *a: order.append(self.name) or real(self, how, ids, *a))
+    monkeypatch.setattr(ingest_mod, "PARTITIONS_LATER", 100)
+    later = ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db, collection="later")
+    assert later.partitions_filled == 250 and later.stored == {"train": 200, "test": 50}
+    first = next(i for i, name in enumerate(order) if ".p" in name)
+    assert first > 0 and set(order[:first]) == {"later"} and all(name.startswith("later.p") for name in order[first:])
+    assert len(order[first:]) == 10  # each label's items in one write
+    monkeypatch.setattr(ingest_mod, "PARTITIONS_LATER", 10**9)
+    each = ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db, collection="each")
+    assert each.partitions_filled == 0
+    with Gallery.open("later", db) as g, Gallery.open("each", db, store=g.store) as h:
+        assert not g.partitions_behind and check(g.store, "later", full=True).ok
+        for label in range(10):
+            assert sorted(g.collection().partition(label).ids()) == sorted(h.collection().partition(label).ids())
+        q = g.vector("mnist:test:3").reshape(1, -1)
+        assert g.neighbours(q, 5, labels=["3"]) == h.neighbours(q, 5, labels=["3"])
+
+
+def test_an_ingest_killed_before_its_partitions_were_filled_answers_exactly_and_is_finished_by_the_next(tiny_npz: Path, db: str) -> None:
+    """kill -9 while a large ingest writes its index: the store says its partitions are behind, label filters are
+    answered without them (exactly), `check` names the fix, and the next ingest fills them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lookalike.check import check
+    from lookalike.search import search
+
+    args = ("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--batch-size", "25", "--db", db)
+    env = {**os.environ, "LOOKALIKE_WRITE_BATCH": "25", "LOOKALIKE_PARTITIONS_LATER": "100"}
+    cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the first batch is in the index: kill -9 there
+        if "stored 25" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    with Gallery.open("mnist", db) as g:
+        assert g.partitions_behind and 25 <= g.count() < 250
+        ids, vecs, metas = g.scan(None)
+        q = g.vector(ids[0])
+        threes = [i for i, m in enumerate(metas) if m["label"] == 3]
+        d = ((vecs[threes] - q) ** 2).sum(1)
+        want = [ids[threes[j]] for j in np.argsort(d, kind="stable")[:3]]
+        assert [h.id for h in search(g, id=ids[0], k=3, labels=["3"])] == want
+        r = check(g.store, "mnist")
+        assert not r.ok and any("label partitions are behind the index" in p for p in r.problems) and "--repair" in r.fix
+        written = g.count()
+    report = ingest("mnist", source=str(tiny_npz), embedder="pixels", db=db)  # (the rest: too few to write later)
+    assert report.partitions_filled == written and sum(report.added.values()) == 250 - written
+    with Gallery.open("mnist", db) as g:
+        assert not g.partitions_behind and g.count() == 250 and check(g.store, "mnist", full=True).ok

@@ -120,6 +120,52 @@ def test_released_memory_is_loaded_again_by_the_next_call_and_the_handles_still_
     s.close()
 
 
+def test_partitions_filled_after_the_index_answer_as_those_written_with_each_batch(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large write goes to the main collection alone, marked in the store as ahead of its partitions (label filters
+    go without them, exactly); ``fill_partitions`` writes each label's items then, mends what an interrupted fill
+    left (a stray entry removed, the missing added) and takes the mark away."""
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    rng = np.random.default_rng(3)
+    vecs = rng.random((200, 16), dtype=np.float32)
+    ids = [f"mnist:train:{i}" for i in range(200)]
+    labels = np.arange(200) % 10
+    metas = [{"label": int(x), "label_name": str(x), "split": "train"} for x in labels]
+    col.add(ids[:150], vecs[:150], metas[:150], partitions_later=True)
+    assert col.partitions_behind and col.count() == 150
+    assert [c.name for c in s._client.list_collections()] == ["digits"]  # no partition written yet
+    reopened = s.open("digits", partitioned=True)  # (another process reads the mark)
+    assert reopened.partitions_behind and "lookalike_partitions_behind" not in reopened.notes()
+    for row, q in zip(reopened.query(vecs[:5], 4, where={"label": 3}), vecs[:5]):  # exact without the partitions
+        assert [n.id for n in row] == [ids[i] for i in _exact_filtered(vecs[:150], q, labels[:150] == 3, 4)]
+    assert reopened.partition(3) is None
+    assert col.fill_partitions(range(10), release=True) == 150
+    assert not col.partitions_behind and not s.open("digits", partitioned=True).partitions_behind
+    assert [col.partition(x).count() for x in range(10)] == [15] * 10
+
+    col.add(ids[150:], vecs[150:], metas[150:], partitions_later=True)
+    col.partition(4)._write("add", ["stray"], vecs[:1], [metas[4]])  # an entry without a main item
+    real = store_mod.VectorCollection._write
+
+    def dies_at_the_third_label(self: store_mod.VectorCollection, how: str, *a: object) -> None:
+        if self.name.endswith(".p2"):
+            raise KeyboardInterrupt
+        real(self, how, *a)
+
+    monkeypatch.setattr(store_mod.VectorCollection, "_write", dies_at_the_third_label)
+    with pytest.raises(KeyboardInterrupt):
+        col.fill_partitions(range(10))
+    monkeypatch.setattr(store_mod.VectorCollection, "_write", real)
+    again = s.open("digits", partitioned=True)
+    assert again.partitions_behind and again.partition(1).count() == 20 and again.partition(2).count() == 15
+    assert again.fill_partitions(range(10)) == 50 - 10  # labels 2-9 (0 and 1 were filled before the interruption)
+    assert not again.partitions_behind
+    assert [again.partition(x).count() for x in range(10)] == [20] * 10  # the stray entry removed
+    for row, q in zip(again.query(vecs[:5], 4, where={"label": {"$in": [2, 4]}}), vecs[:5]):  # through the partitions
+        assert [n.id for n in row] == [ids[i] for i in _exact_filtered(vecs, q, np.isin(labels, [2, 4]), 4)]
+    s.close()
+
+
 def test_filtered_query_falls_back_when_the_probe_is_short(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_mod, "PROBE", 5)
     col = create(Store(db, create=True), "digits", n_labels=200)

@@ -34,7 +34,10 @@ def _same(a: dict, b: dict) -> None:
     assert borrowed == b["record"]  # (an import borrows the exporter's folder of added images: it never deletes there)
 
 
-def test_a_round_trip_through_a_chroma_server_is_bit_for_bit(tmp_path: Path, db: str, fake_embedder: PixelEmbedder, runner) -> None:
+def test_a_round_trip_through_a_chroma_server_is_bit_for_bit(
+    tmp_path: Path, db: str, fake_embedder: PixelEmbedder, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lookalike import transfer
     from lookalike.cli import app
 
     root = tmp_path / "F"
@@ -60,6 +63,7 @@ def test_a_round_trip_through_a_chroma_server_is_bit_for_bit(tmp_path: Path, db:
             assert g.evaluation()["accuracy"] == 0.5  # the notes travel too
             second = export_collection(g, tmp_path / "back.parquet")
         assert second.items == 91
+    monkeypatch.setattr(transfer, "PARTITIONS_LATER", 50)  # back home as a large import: the label partitions after the index
     r = runner.invoke(app, ["import", second.path, "--collection", "home", "--db", db])
     assert r.exit_code == 0, r.output
     _same(snapshot(db, "home"), original)
