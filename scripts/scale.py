@@ -280,7 +280,15 @@ def _trim(name: str, got: dict[str, Any]) -> dict[str, Any]:
     """Keep the figures of a command's JSON that the table uses (not its whole report)."""
     j = got.pop("json", None) or {}
     keep = {
-        "ingest": ("images_per_s", "embed_images_per_s", "write_seconds", "decode_seconds", "embed_seconds", "seconds"),
+        "ingest": (
+            "images_per_s",
+            "embed_images_per_s",
+            "write_seconds",
+            "decode_seconds",
+            "embed_seconds",
+            "seconds",
+            "partitions_filled",
+        ),
         "ingest_flat": ("images_per_s", "write_seconds", "seconds"),
         "queries": tuple(j),
         "queries_flat": tuple(j),
