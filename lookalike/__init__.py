@@ -13,14 +13,14 @@ Importing the package is cheap: TensorFlow and chromadb load only when first nee
 
 from __future__ import annotations
 
-from lookalike.check import CheckReport, check, repair
+from lookalike.analysis.check import CheckReport, check, repair
+from lookalike.analysis.evaluate import EvalReport, evaluate
+from lookalike.core.gallery import CollectionInfo, Gallery, list_collections
+from lookalike.core.ingest import IngestReport, ingest
+from lookalike.core.search import Hit, search
+from lookalike.core.store import Store
 from lookalike.errors import LookalikeError
-from lookalike.evaluate import EvalReport, evaluate
-from lookalike.gallery import CollectionInfo, Gallery, list_collections
-from lookalike.ingest import IngestReport, ingest
-from lookalike.quickstart import QuickstartReport, quickstart
-from lookalike.search import Hit, search
-from lookalike.store import Store
+from lookalike.frontends.quickstart import QuickstartReport, quickstart
 
 __version__ = "0.2.0"
 

@@ -65,7 +65,7 @@ def main() -> int:
     buf = io.BytesIO()
     Image.fromarray(digit).save(buf, format="PNG")
     port = free_port()
-    cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "app", "--db", args.db, "--port", str(port)]
+    cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "app", "--db", args.db, "--port", str(port)]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"

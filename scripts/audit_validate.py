@@ -78,9 +78,9 @@ def main() -> int:
     ap.add_argument("--embedders", nargs="+", default=["pixels", "vgg16", "trained"])
     args = ap.parse_args()
 
-    from lookalike.audit import audit
-    from lookalike.gallery import Gallery
-    from lookalike.ingest import ingest
+    from lookalike.analysis.audit import audit
+    from lookalike.core.gallery import Gallery
+    from lookalike.core.ingest import ingest
 
     work = Path(tempfile.mkdtemp(prefix="lookalike-audit-"))
     npz = work / "noisy.npz"
@@ -95,7 +95,7 @@ def main() -> int:
         elif name == "vgg16":
             ingest("mnist", source=str(npz), embedder="vgg16", weights="random", seed=args.seed, db=db, collection="audit")
         else:
-            from lookalike.train import train
+            from lookalike.models.train import train
 
             model = work / "model.keras"
             train("mnist", source=str(npz), out=model, weights="random", seed=args.seed, epochs=args.epochs)
@@ -156,7 +156,7 @@ def main() -> int:
 
 def _nn_ratios(g, median: float) -> np.ndarray:
     """Every item's nearest-neighbour distance over the median, planted copies excluded (the held-out items past 940)."""
-    from lookalike.audit import self_neighbours
+    from lookalike.analysis.audit import self_neighbours
 
     ids, vecs, _ = g.scan()
     keep = np.array([not (i.startswith("mnist:test:") and int(i.rsplit(":", 1)[1]) >= 940) for i in ids])

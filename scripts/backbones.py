@@ -37,7 +37,7 @@ import json, os, resource, sys, time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["LOOKALIKE_RUNTIME"] = "tensorflow"  # ONNX Runtime measured apart, below
 import numpy as np
-from lookalike.embedder import build_embedder, make_spec
+from lookalike.models.embedder import build_embedder, make_spec
 name, seconds, sizes = sys.argv[1], float(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
 rng = np.random.default_rng(0)
 images = list(rng.integers(0, 256, (max(sizes) * 2, 224, 224, 3), dtype=np.uint8))
@@ -65,7 +65,7 @@ for precision in ("float32", "bfloat16"):
             done += b
         out["rates"][f"{precision}/{b}"] = done / (time.perf_counter() - started)
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-from lookalike import onnxrt
+from lookalike.models import onnxrt
 if onnxrt.installed():  # float32 on ONNX Runtime, converted into a fresh cache (the conversion's time counted apart)
     import tempfile
     os.environ.update({"LOOKALIKE_CACHE": tempfile.mkdtemp(), onnxrt.RUNTIME_ENV: "onnx"})
@@ -86,7 +86,7 @@ print(json.dumps(out))
 
 INGEST_CHILD = """
 import json, resource, sys
-from lookalike.ingest import ingest
+from lookalike.core.ingest import ingest
 r = ingest("folder", sys.argv[1], embedder=sys.argv[2], weights="random", db=sys.argv[3], test_size=0.1)
 out = r.to_dict()
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -103,7 +103,7 @@ def child(code: str, *args: str, env: dict[str, str] | None = None) -> dict[str,
 
 
 def main() -> None:
-    from lookalike.backbones import BACKBONES
+    from lookalike.models.backbones import BACKBONES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
@@ -145,7 +145,7 @@ def main() -> None:
         if "onnx_images_per_s" in row:
             row["onnx_speedup"] = row["onnx_images_per_s"] / row["float32_images_per_s"]
         for runtime in args.runtimes if photos is not None else ():
-            from lookalike import onnxrt
+            from lookalike.models import onnxrt
 
             runs = []
             with tempfile.TemporaryDirectory() as cache:  # fresh: the first ingest pays any ONNX conversion

@@ -83,7 +83,7 @@ def _timed(fn: Any) -> float:
 
 def model_macs(spec: Any) -> float:
     """Multiply-adds per image of the VGG16 convolutions up to ``spec.layer``."""
-    from lookalike.embedder import VGG16_LAYERS
+    from lookalike.models.embedder import VGG16_LAYERS
 
     macs, side, c_in = 0.0, spec.input_size, 3
     for name, (c_out, _pools) in VGG16_LAYERS.items():
@@ -101,8 +101,8 @@ def embedding_rows(images: list[np.ndarray], peak: float) -> dict[str, Any]:
     """Our embed path (default precision, batches of 256) vs the notebook's single float32 ``model.predict``."""
     from keras.applications.vgg16 import preprocess_input
 
-    from lookalike.embedder import VGG16Embedder, make_spec
-    from lookalike.images import resize
+    from lookalike.data.images import resize
+    from lookalike.models.embedder import VGG16Embedder, make_spec
 
     spec = make_spec("vgg16", weights="random")  # bfloat16 where the CPU has it natively
     ours = VGG16Embedder(spec)
@@ -137,7 +137,7 @@ def run_ingest(source: str, db: Path, limit: int | None) -> dict[str, Any]:
     args = [
         sys.executable,
         "-c",
-        "from lookalike.cli import main; main()",
+        "from lookalike.frontends.cli import main; main()",
         "ingest",
         "mnist",
         "--source",
@@ -162,10 +162,10 @@ def run_ingest(source: str, db: Path, limit: int | None) -> dict[str, Any]:
 def write_rows(ids: list[str], vectors: np.ndarray, metas: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     """Writing the vectors: our ``VectorCollection.add`` (main collection + label partitions, so every
     vector is written twice) vs a plain ``collection.add`` loop of 256 into one collection."""
-    from lookalike.embedder import EmbedderSpec
-    from lookalike.gallery import Gallery
-    from lookalike.record import Record
-    from lookalike.store import Store
+    from lookalike.core.gallery import Gallery
+    from lookalike.core.record import Record
+    from lookalike.core.store import Store
+    from lookalike.models.embedder import EmbedderSpec
 
     with Store(str(root / "writes"), create=True) as store:
         names = sorted({str(m["label_name"]) for m in metas}, key=lambda n: int(n) if n.isdigit() else n)
@@ -187,9 +187,9 @@ def evaluation_rows(db: Path) -> dict[str, Any]:
     """10,000 held-out queries through the store vs sklearn NearestNeighbors and exact NumPy search."""
     from sklearn.neighbors import NearestNeighbors
 
-    from lookalike.evaluate import evaluate
-    from lookalike.gallery import Gallery
-    from lookalike.metrics import exact_neighbours
+    from lookalike.analysis.evaluate import evaluate
+    from lookalike.analysis.metrics import exact_neighbours
+    from lookalike.core.gallery import Gallery
 
     with Gallery.open(db=str(db)) as gallery:
         report = evaluate(gallery)
@@ -222,8 +222,8 @@ def evaluation_rows(db: Path) -> dict[str, Any]:
 def search_rows(db: Path) -> dict[str, Any]:
     """Single label-filtered queries (a random label, ~10% of the items; through the label partitions)
     and ``search(id=...)``: latency, and the filtered answers' recall@5 against exact filtered search."""
-    from lookalike.gallery import Gallery
-    from lookalike.search import search
+    from lookalike.core.gallery import Gallery
+    from lookalike.core.search import search
 
     col = Gallery.open(db=str(db))
     ids, vecs, metas = col.scan()
@@ -276,8 +276,8 @@ def main() -> None:
 
 
 def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from lookalike.datasets import load_dataset
-    from lookalike.gallery import Gallery
+    from lookalike.core.gallery import Gallery
+    from lookalike.data.datasets import load_dataset
 
     results: dict[str, Any] = {"machine": machine(), "limit": args.limit}
     peaks = peak_gflops()

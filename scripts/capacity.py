@@ -34,7 +34,7 @@ def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-from lookalike.store import Store
+from lookalike.core.store import Store
 s = Store(sys.argv[1])
 s.open("tiny").query(np.ones((1, int(sys.argv[2])), np.float32), 10, metadata=False)  # (Chroma's own start-up, apart)
 before = rss()
@@ -49,9 +49,9 @@ def du_mb(path: Path) -> float:
 
 
 def measure(dim: int, n: int, partitioned: bool, work: Path) -> dict[str, float]:
-    from lookalike.embedder import make_spec
-    from lookalike.record import Record
-    from lookalike.store import Store
+    from lookalike.core.record import Record
+    from lookalike.core.store import Store
+    from lookalike.models.embedder import make_spec
 
     db = work / f"db-{dim}-{'parts' if partitioned else 'flat'}"
     shutil.rmtree(db, ignore_errors=True)

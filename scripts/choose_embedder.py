@@ -15,11 +15,11 @@ import time
 
 import numpy as np
 
-from lookalike.backend import make_vgg16
-from lookalike.datasets import load_dataset
-from lookalike.embedder import PixelEmbedder, make_spec
-from lookalike.images import resize
-from lookalike.metrics import exact_neighbours
+from lookalike.analysis.metrics import exact_neighbours
+from lookalike.data.datasets import load_dataset
+from lookalike.data.images import resize
+from lookalike.models.backend import make_vgg16
+from lookalike.models.embedder import PixelEmbedder, make_spec
 
 LAYERS = ["block2_pool", "block3_pool", "block4_conv3", "block4_pool", "block5_conv3", "block5_pool"]
 

@@ -61,7 +61,7 @@ def main() -> int:
     import chromadb
     from chromadb.config import Settings
 
-    from lookalike.store import HNSW
+    from lookalike.core.store import HNSW
 
     proc = None
     url = args.url

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lookalike.check import check, repair
-from lookalike.embedder import make_spec
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, sync
-from lookalike.store import Store
+from lookalike.analysis.check import check, repair
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest, sync
+from lookalike.core.store import Store
+from lookalike.models.embedder import make_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from lookalike.gallery import Gallery
+from lookalike.core.gallery import Gallery
 
 
 def main() -> int:

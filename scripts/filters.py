@@ -3,7 +3,7 @@
 Builds (or reuses) a collection of the 70,000 MNIST digits (official split; ``--embedder pixels`` by
 default to keep the model out of the way) and asks, for each selectivity (50%, 10%, 1%, 0.1% of
 the items, a filter on the stored ``index`` and ``source`` fields), ``--queries`` searches by a
-held-out item's id with k=10, through :func:`lookalike.search.search` (the library's planner). Each
+held-out item's id with k=10, through :func:`lookalike.core.search.search` (the library's planner). Each
 answer is compared with brute force over the matching items. It also times Chroma's ``where``
 alone on the same filter (the baseline) and says which plan each selectivity took.
 
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from lookalike.filters import matches
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import search
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import search
+from lookalike.data.filters import matches
 
 SHARES = (0.5, 0.1, 0.01, 0.001)
 

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from lookalike.client import multipart_body
+from lookalike.frontends.client import multipart_body
 from lookalike.util import is_loopback
 
 

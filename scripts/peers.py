@@ -63,8 +63,8 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from lookalike.gallery import Gallery
-    from lookalike.metrics import exact_neighbours
+    from lookalike.analysis.metrics import exact_neighbours
+    from lookalike.core.gallery import Gallery
 
     rows: list[dict[str, Any]] = []
     with Gallery.open(args.collection, args.db) as g:

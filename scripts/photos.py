@@ -25,7 +25,7 @@ import numpy as np
 
 CHILD = """
 import json, resource, sys
-from lookalike.ingest import ingest
+from lookalike.core.ingest import ingest
 r = ingest("folder", sys.argv[1], embedder="vgg16", input_size=32, fit="squash", weights="random", db=sys.argv[2], test_size=0.1,
            batch_size=int(sys.argv[3]))
 out = r.to_dict()

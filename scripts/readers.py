@@ -62,7 +62,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="lookalike-readers-"))
     db = root / "db"
     try:
-        cli = [sys.executable, "-c", "from lookalike.cli import main; main()"]
+        cli = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()"]
         ingest = [*cli, "ingest", "mnist", "--source", args.source, "--limit", str(args.limit), "--test-size", "1000"]
         subprocess.run([*ingest, "--embedder", "pixels", "--db", str(db)], check=True, capture_output=True)
         before, rows_before = snapshot(db), tables(db)

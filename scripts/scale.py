@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 QUERY_CHILD = """
 import json, sys, time
 import numpy as np
-from lookalike.gallery import Gallery
+from lookalike.core.gallery import Gallery
 db, n, n_queries = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 t = time.perf_counter()
 g = Gallery.open(db=db)
@@ -106,7 +106,7 @@ print(json.dumps(out))
 
 FLAT_INGEST = """
 import json, sys
-from lookalike.ingest import ingest
+from lookalike.core.ingest import ingest
 r = ingest("mnist", source=sys.argv[1], embedder=sys.argv[2], db=sys.argv[3], label_partitions=False)  # --no-label-partitions
 print(json.dumps(r.to_dict()))
 """

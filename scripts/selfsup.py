@@ -85,7 +85,7 @@ def measure(protocol: str, budget: str, args: argparse.Namespace) -> dict[str, A
 
 
 def _description(model: Path) -> dict[str, Any]:
-    from lookalike.embedder import read_model_description
+    from lookalike.models.embedder import read_model_description
 
     return read_model_description(model)
 

@@ -16,9 +16,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.transfer import export_collection, import_collection
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.transfer import export_collection, import_collection
 
 
 def main(argv: list[str] | None = None) -> int:

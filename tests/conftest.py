@@ -24,15 +24,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.embedder import PixelEmbedder, make_spec
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.models.embedder import PixelEmbedder, make_spec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # converted models and maps of this run in a fresh cache (subprocesses inherit it), never the user's
 os.environ["LOOKALIKE_CACHE"] = tempfile.mkdtemp(prefix="lookalike-test-cache-")
 atexit.register(shutil.rmtree, os.environ["LOOKALIKE_CACHE"], True)
-os.environ.pop("LOOKALIKE_RUNTIME", None)  # the tests choose their runtime (lookalike.onnxrt)
+os.environ.pop("LOOKALIKE_RUNTIME", None)  # the tests choose their runtime (lookalike.models.onnxrt)
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +114,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
     """Run ``lookalike ARGS`` in a new process (the console script's module)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-c", "from lookalike.cli import main; main()", *args],
+        [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", *args],
         capture_output=True,
         text=True,
         env=full_env,
@@ -189,8 +189,8 @@ def free_port() -> int:
 @contextmanager
 def chroma_run(path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A real `chroma run` server on loopback over ``path``: (its process, its URL), stopped at the end."""
+    from lookalike.core.store import Store
     from lookalike.errors import StoreError
-    from lookalike.store import Store
 
     exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
     port = free_port()
@@ -218,7 +218,7 @@ class ServiceProcess:
     """A real `lookalike serve` process on loopback (``--port 0``: the port it prints), its stderr collected."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> None:
-        cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "serve", "--port", "0", *args]
+        cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "serve", "--port", "0", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         found: queue.Queue[str | None] = queue.Queue()

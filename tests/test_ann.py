@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike import ann
-from lookalike.audit import self_neighbours
+from lookalike.analysis import ann
+from lookalike.analysis.audit import self_neighbours
 from lookalike.errors import InputError
 
 

@@ -11,13 +11,13 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-import lookalike.app as app_module
-from lookalike.embedder import PixelEmbedder
-from lookalike.evaluate import evaluate
-from lookalike.explore import cluster
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import search
+import lookalike.frontends.app as app_module
+from lookalike.analysis.evaluate import evaluate
+from lookalike.analysis.explore import cluster
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import search
+from lookalike.models.embedder import PixelEmbedder
 
 APP = str(Path(app_module.__file__))
 
@@ -143,8 +143,8 @@ def test_evaluation_offers_to_run_then_shows_the_librarys_numbers(app_db: str) -
 
 def test_evaluation_cell_shows_its_mistakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cluttered_npz: Path) -> None:
     db = str(tmp_path / "db")
-    from lookalike.embedder import PixelEmbedder, make_spec
-    from lookalike.evaluate import save_report
+    from lookalike.analysis.evaluate import save_report
+    from lookalike.models.embedder import PixelEmbedder, make_spec
 
     ingest("mnist", source=str(cluttered_npz), embedder=PixelEmbedder(make_spec("pixels", input_size=8)), db=db, collection="clutter")
     with Gallery.open("clutter", db) as g:
@@ -181,7 +181,7 @@ def test_clusters_equal_the_librarys(app_db: str) -> None:
 
 
 def test_an_empty_store_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lookalike.store import Store
+    from lookalike.core.store import Store
 
     Store(str(tmp_path / "empty"), create=True).close()
     monkeypatch.setenv("LOOKALIKE_DB", str(tmp_path / "empty"))
@@ -195,7 +195,7 @@ def test_app_command_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.Mon
 
     from typer.testing import CliRunner
 
-    from lookalike.cli import app as cli
+    from lookalike.frontends.cli import app as cli
 
     from .conftest import one_line_error, run_cli
 
@@ -235,7 +235,7 @@ def test_audit_page_runs_shows_the_librarys_findings_and_any_item_becomes_a_quer
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from lookalike.audit import audit
+    from lookalike.analysis.audit import audit
 
     monkeypatch.setenv("LOOKALIKE_DB", planted)
     monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))

@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.audit import audit, self_neighbours
-from lookalike.cli import app
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.audit import audit, self_neighbours
+from lookalike.analysis.evaluate import evaluate
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
 from lookalike.errors import InputError
-from lookalike.evaluate import evaluate
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
+from lookalike.frontends.cli import app
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import make_digits, one_line_error, write_npz
 
@@ -35,7 +35,7 @@ def test_self_neighbours_exclude_the_item_but_keep_its_copies() -> None:
 
 
 def test_the_sample_recall_measures_neighbours_against_exact_search() -> None:
-    from lookalike.audit import _sample_recall
+    from lookalike.analysis.audit import _sample_recall
 
     rng = np.random.default_rng(1)
     v = rng.normal(size=(80, 6)).astype(np.float32)
@@ -84,7 +84,7 @@ def test_past_exact_max_the_store_answers_and_a_sample_checks_it(planted: str, m
     seeded sample; on these 253 items HNSW is exact, so every finding is the exact audit's."""
     import importlib
 
-    audit_module, evaluate_module = (importlib.import_module(f"lookalike.{m}") for m in ("audit", "evaluate"))
+    audit_module, evaluate_module = (importlib.import_module(f"lookalike.analysis.{m}") for m in ("audit", "evaluate"))
 
     with Gallery.open("planted", planted) as g:
         exact = audit(g, k=5)
@@ -108,7 +108,7 @@ def test_past_exact_max_a_faiss_graph_answers_and_a_sample_checks_it(planted: st
     import importlib
 
     pytest.importorskip("faiss")
-    audit_module, evaluate_module = (importlib.import_module(f"lookalike.{m}") for m in ("audit", "evaluate"))
+    audit_module, evaluate_module = (importlib.import_module(f"lookalike.analysis.{m}") for m in ("audit", "evaluate"))
     args = ["audit", "--collection", "planted", "--db", planted, "--k", "5", "--neighbours", "faiss", "--no-save"]
     by_graph = CliRunner().invoke(app, args)
     assert by_graph.exit_code == 0 and "faiss graph's answers hold 1.0000 of the exact 5" in by_graph.output, by_graph.output
@@ -178,7 +178,7 @@ def test_cli_audit_text_json_csv_and_picture(planted: str, tmp_path: Path) -> No
     first = data["suspects"][0]
     assert {"id", "split", "label", "suggested_label", "score", "neighbours"} <= set(first) and first["id"] == "mnist:train:7"
     assert data["n_leaked"] == 1 and data["leaked_ids"] == ["mnist:test:50"] and data["n_cross_split_groups"] == 1
-    from lookalike.audit import saved_audit
+    from lookalike.analysis.audit import saved_audit
 
     with Gallery.open("planted", planted) as g:
         kept = saved_audit(g)  # the first run kept its report (--save is the default)

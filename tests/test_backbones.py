@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike import onnxrt
-from lookalike.backbones import BACKBONES, PHOTO_DEFAULT, get_backbone, require_hub
-from lookalike.cli import app
-from lookalike.embedder import EmbedderSpec, build_embedder, default_input_size, make_spec
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest, resolve_spec, sync
+from lookalike.core.search import search
+from lookalike.core.store import Store
 from lookalike.errors import EmbedderError, InputError, MismatchError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, resolve_spec, sync
-from lookalike.search import search
-from lookalike.store import Store
+from lookalike.frontends.cli import app
+from lookalike.models import onnxrt
+from lookalike.models.backbones import BACKBONES, PHOTO_DEFAULT, get_backbone, require_hub
+from lookalike.models.embedder import EmbedderSpec, build_embedder, default_input_size, make_spec
 
 from .conftest import make_digits, one_line_error
 
@@ -119,7 +119,7 @@ def test_each_backbone_gives_the_same_vector_in_a_new_process(built: dict, tmp_p
     """Random weights come from the seed alone: the same picture gives the same vector in a new process, for each backbone."""
     np.savez(tmp_path / "x.npz", a=PICTURES[0], b=PICTURES[1])
     code = (
-        "import json, sys, numpy as np; from lookalike.embedder import build_embedder, make_spec\n"
+        "import json, sys, numpy as np; from lookalike.models.embedder import build_embedder, make_spec\n"
         "z = np.load(sys.argv[1]); x = [z['a'], z['b']]\n"
         "out = {n: build_embedder(make_spec(n, weights='random', seed=0, precision='float32')).embed(x).tolist() for n in sys.argv[2:]}\n"
         "print(json.dumps(out))"

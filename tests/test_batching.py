@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lookalike.batching import DynamicBatcher
+from lookalike.models.batching import DynamicBatcher
 
 
 class Recorder:

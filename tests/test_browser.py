@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.audit import audit, save_audit
-from lookalike.embedder import PixelEmbedder
-from lookalike.evaluate import evaluate, save_report
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import Hit, search
+from lookalike.analysis.audit import audit, save_audit
+from lookalike.analysis.evaluate import evaluate, save_report
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import Hit, search
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import free_port
 
@@ -80,7 +80,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny_npz: Path, fake_embedder:
         hits = search(g, image=g.read_query_image(buf.getvalue()), k=8, labels=["3"])
     port = free_port()
     env = {**os.environ, "LOOKALIKE_CACHE": str(root / "cache")}
-    cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "app", "--db", db, "--port", str(port)]
+    cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "app", "--db", db, "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lookalike.catalogue import assign_splits, balance, merge_labels, plan
-from lookalike.datasets import Item, load_dataset
+from lookalike.data.catalogue import assign_splits, balance, merge_labels, plan
+from lookalike.data.datasets import Item, load_dataset
 
 
 def _items(label: int, start: int, n: int) -> list[Item]:

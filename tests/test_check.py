@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.check import check, repair
-from lookalike.ingest import ingest
-from lookalike.store import Store
+from lookalike.analysis.check import check, repair
+from lookalike.core.ingest import ingest
+from lookalike.core.store import Store
 
 from .conftest import make_digits, one_line_error, run_cli, write_npz
 
@@ -26,6 +26,9 @@ def test_a_whole_collection_checks_ok(stored: str) -> None:
     assert r.ok and r.problems == [] and r.fix == "" and r.notes == []
     assert (r.count, r.counts) == (250, {"train": 200, "test": 50})
     assert len(r.partitions) == 10 and sum(r.partitions.values()) == 250
+    with Store(stored) as store:  # the same answers when the store drops each index after its checks
+        assert check(store, release_store_memory=True) == r
+        assert store.epoch == 1 + 10  # after the main collection, then after each partition
 
 
 def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
@@ -82,8 +85,8 @@ def test_a_rebuild_killed_at_either_moment_is_finished_or_undone_at_the_next_ope
     """``check --repair`` rebuilds an index by copying into ``NAME.rebuild`` then swapping it in: a kill before the
     swap leaves the original (the copy is dropped), a kill after the original was dropped leaves the copy (it is
     put in the original's place)."""
-    from lookalike.gallery import Gallery
-    from lookalike.store import REBUILD_KEY, check_name
+    from lookalike.core.gallery import Gallery
+    from lookalike.core.store import REBUILD_KEY, check_name
 
     with pytest.raises(Exception, match="kept for label partitions and index rebuilds"):
         check_name("mnist.rebuild")
@@ -111,7 +114,7 @@ def test_a_rebuild_killed_at_either_moment_is_finished_or_undone_at_the_next_ope
 def test_a_vector_found_only_by_a_wider_search_is_a_note_not_damage(stored: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """At 100,000 noisy digits one stored vector of 200 was missed by the collection's own search (k=1, ef 64) and found
     at k=100: HNSW's miss, not the unreachable record of a damaged index. Only a vector missed even WIDE deep is damage."""
-    from lookalike.store import VectorCollection
+    from lookalike.core.store import VectorCollection
 
     real = VectorCollection.query
     misses = {"k1": 0, "wide": 0}

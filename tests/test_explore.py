@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.analysis.explore import cluster, cluster_scores, embedding_map, project, read_points, save_coords, save_disagreement_picture
+from lookalike.core.gallery import Gallery
 from lookalike.errors import InputError, LookalikeError
-from lookalike.explore import cluster, cluster_scores, embedding_map, project, read_points, save_coords, save_disagreement_picture
-from lookalike.gallery import Gallery
 
 
 def blobs(n_per: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +76,7 @@ def test_map_and_clusters_sample_by_default_and_say_so(gallery: Gallery, monkeyp
     """A large collection is mapped and clustered on a seeded sample of explore.SAMPLE items (0: all), and says so."""
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("lookalike.explore"), "SAMPLE", 100)
+    monkeypatch.setattr(importlib.import_module("lookalike.analysis.explore"), "SAMPLE", 100)
     r = embedding_map(gallery, method="pca")
     assert len(r.points.ids) == 100 and r.points.total == 250 and r.points.sampled
     assert len(embedding_map(gallery, method="pca", sample=0).points.ids) == 250

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lookalike.cli import app
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import search
+from lookalike.data.filters import matches, parse_where
 from lookalike.errors import InputError
-from lookalike.filters import matches, parse_where
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import search
+from lookalike.frontends.cli import app
 
 from .conftest import make_digits, one_line_error, write_npz
 
@@ -60,7 +60,7 @@ def test_the_matcher_agrees_with_chroma(tmp_path: Path, db: str, fake_embedder) 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from lookalike.embedder import PixelEmbedder, make_spec
+    from lookalike.models.embedder import PixelEmbedder, make_spec
 
     root = tmp_path_factory.mktemp("filters")
     path = write_npz(root / "d.npz", make_digits(2000, seed=7), make_digits(40, seed=8))
@@ -76,7 +76,7 @@ def test_filtered_search_is_exact_at_every_selectivity(big: str, share: float, w
     Cold (a command: probe, then brute force or Chroma's where) and warm (the service: planned from the mirror,
     with its vectors or, when they do not fit, reading the matching ones by id once and keeping them, or past
     EXACT_MAX searching Chroma's id allow-list)."""
-    import lookalike.store as store_mod
+    import lookalike.core.store as store_mod
 
     n_match = max(1, round(share * 2000))
     where = {"$and": [{"source": "x_train"}, {"index": {"$lt": n_match}}]}
@@ -128,7 +128,7 @@ def test_a_warm_collection_reads_unfiltered_hits_metadata_from_its_mirror(big: s
 
 
 def test_where_in_the_cli_and_the_service(big: str) -> None:
-    from lookalike.service import Service
+    from lookalike.frontends.service import Service
 
     runner = CliRunner()
     r = runner.invoke(

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lookalike.core.gallery import Gallery, list_collections
+from lookalike.core.ingest import ingest
+from lookalike.core.store import RECORD_KEY, Store
 from lookalike.errors import InputError, NotFoundError, StoreError
-from lookalike.gallery import Gallery, list_collections
-from lookalike.ingest import ingest
-from lookalike.store import RECORD_KEY, Store
 
 
 def test_the_gallery_owns_record_labels_and_items(gallery: Gallery, tiny_npz: Path) -> None:
@@ -63,7 +63,7 @@ def test_a_short_probe_is_widened_until_k_are_found(gallery: Gallery) -> None:
 def test_the_embedder_is_built_once_and_shared_between_threads(gallery: Gallery, tiny_npz: Path, monkeypatch) -> None:
     import time
 
-    import lookalike.gallery as gallery_mod
+    import lookalike.core.gallery as gallery_mod
 
     with np.load(tiny_npz) as f:
         images = list(f["x_test"][:8])

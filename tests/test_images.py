@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.data.images import PAD_COLOUR, PILLOW_MAX_PIXELS, Unreadable, default_max_pixels, open_image, read_image, resize
 from lookalike.errors import InputError, TooLargeError
-from lookalike.images import PAD_COLOUR, PILLOW_MAX_PIXELS, Unreadable, default_max_pixels, open_image, read_image, resize
 
 
 def test_grey_colour_palette_and_16_bit(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ def test_photo_sizes_decode_to_the_size_itself(tmp_path: Path) -> None:
     """From 112 px up a JPEG is decoded to no less than the embedder's side (not twice it): a 1600x1200 photo at 224 px
     comes out at 1/4 scale (400x300); at 32 px, as before, at 1/8 then halved (100x75, both sides >= 64). A record of an
     earlier release (no ``decode``) keeps twice the side at any size."""
-    from lookalike.embedder import EmbedderSpec, make_spec
+    from lookalike.models.embedder import EmbedderSpec, make_spec
 
     new, digits = make_spec("resnet50", weights="random", input_size=224), make_spec("vgg16", weights="random")
     old = EmbedderSpec.from_dict({k: v for k, v in make_spec("vgg16", weights="random", input_size=224).to_dict().items() if k != "decode"})

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import PixelEmbedder
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
 from lookalike.errors import EmbedderError, InputError, MismatchError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
+from lookalike.models.embedder import PixelEmbedder
 
-ingest_mod = importlib.import_module("lookalike.ingest")  # (the package exports the function under the same name)
+ingest_mod = importlib.import_module("lookalike.core.ingest")  # (the package exports the function under the same name)
 
 
 class CountingEmbedder(PixelEmbedder):
@@ -116,7 +116,7 @@ def test_images_over_the_pixel_limit_are_skipped_and_counted(digits_folder: Path
 
 
 def test_ingest_into_a_given_store_leaves_it_open(tiny_npz: Path, db: str, fake_embedder: PixelEmbedder) -> None:
-    from lookalike.store import Store
+    from lookalike.core.store import Store
 
     with Store(db, create=True) as store:
         ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, collection="one", store=store)
@@ -128,7 +128,7 @@ def test_a_collection_made_meanwhile_is_resumed_not_replaced(tiny_npz: Path, db:
     """Two first ingests into a store that does not exist yet: the later one finds the earlier one's work."""
     import importlib
 
-    ingest_mod = importlib.import_module("lookalike.ingest")  # the package attribute is the function
+    ingest_mod = importlib.import_module("lookalike.core.ingest")  # the package attribute is the function
 
     real_build = ingest_mod.build_embedder
 
@@ -147,7 +147,7 @@ def test_a_collection_made_meanwhile_is_resumed_not_replaced(tiny_npz: Path, db:
 def test_photos_are_found_by_their_own_file_and_phone_shots_read_upright(tmp_path: Path, db: str, fake_embedder) -> None:
     from PIL import Image
 
-    from lookalike.search import search
+    from lookalike.core.search import search
 
     rng = np.random.default_rng(4)
     root = tmp_path / "photos"
@@ -178,8 +178,8 @@ def test_photos_are_found_by_their_own_file_and_phone_shots_read_upright(tmp_pat
 def test_no_label_partitions_makes_a_collection_without_them_and_filters_stay_exact(tiny_npz: Path, db: str) -> None:
     from typer.testing import CliRunner
 
-    from lookalike.cli import app
-    from lookalike.search import search
+    from lookalike.core.search import search
+    from lookalike.frontends.cli import app
 
     r = CliRunner().invoke(app, ["ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--no-label-partitions", "--db", db])
     assert r.exit_code == 0, r.output
@@ -222,8 +222,8 @@ def test_a_large_ingest_writes_the_index_first_then_the_partitions_label_by_labe
 ) -> None:
     """At PARTITIONS_LATER new items or more, every batch goes to the index alone and the label partitions are filled
     after it, one label at a time; they then hold what partitions written batch by batch hold."""
-    from lookalike.check import check
-    from lookalike.store import VectorCollection
+    from lookalike.analysis.check import check
+    from lookalike.core.store import VectorCollection
 
     order: list[str] = []
     real = VectorCollection._write
@@ -253,12 +253,12 @@ def test_an_ingest_killed_before_its_partitions_were_filled_answers_exactly_and_
     import subprocess
     import sys
 
-    from lookalike.check import check
-    from lookalike.search import search
+    from lookalike.analysis.check import check
+    from lookalike.core.search import search
 
     args = ("ingest", "mnist", "--source", str(tiny_npz), "--embedder", "pixels", "--batch-size", "25", "--db", db)
     env = {**os.environ, "LOOKALIKE_WRITE_BATCH": "25", "LOOKALIKE_PARTITIONS_LATER": "100"}
-    cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "--verbose", *args]
+    cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "--verbose", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:  # the first batch is in the index: kill -9 there

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.check import check
-from lookalike.cli import app
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.check import check
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest, sync
+from lookalike.core.items import add_images, remove_items
+from lookalike.core.search import search
+from lookalike.core.store import Store
 from lookalike.errors import InputError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, sync
-from lookalike.items import add_images, remove_items
-from lookalike.search import search
-from lookalike.store import Store
+from lookalike.frontends.cli import app
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import make_digits, one_line_error, write_npz
 from .test_sync import _wait_for_lock, snapshot, write_digits
@@ -111,7 +111,7 @@ def test_add_and_remove_in_the_cli(tmp_path: Path, db: str, runner, fake_embedde
 
 def _cli_remove(db: str) -> subprocess.Popen[str]:
     args = ["remove", "--where", "index < 1200", "--where", "source = x_train", "--db", db]
-    cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", *args]
+    cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", *args]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

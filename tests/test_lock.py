@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from lookalike.core.gallery import Gallery
+from lookalike.core.lock import LOCK_FILE, StoreLock, holder, is_locked_here
+from lookalike.core.store import Store
 from lookalike.errors import LockedError
-from lookalike.gallery import Gallery
-from lookalike.lock import LOCK_FILE, StoreLock, holder, is_locked_here
-from lookalike.store import Store
 
 from .conftest import one_line_error, run_cli
 
@@ -24,7 +24,7 @@ from .conftest import one_line_error, run_cli
 SLOW_INGEST = """
 import sys, time
 from pathlib import Path
-from lookalike.ingest import ingest
+from lookalike.core.ingest import ingest
 flag, source, db = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def progress(done, total):
     flag.write_text(str(done))
@@ -93,7 +93,7 @@ def test_lock_is_shared_within_a_process_and_released_by_the_last(tmp_path: Path
     assert holder(tmp_path)["pid"] == os.getpid()  # type: ignore[index]
     first.close()
     assert is_locked_here(tmp_path)
-    probe = "from pathlib import Path; from lookalike.lock import StoreLock; import sys; StoreLock(Path(sys.argv[1]))"
+    probe = "from pathlib import Path; from lookalike.core.lock import StoreLock; import sys; StoreLock(Path(sys.argv[1]))"
     other = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True)
     assert other.returncode != 0 and "LockedError" in other.stderr
     second.close()
@@ -103,7 +103,7 @@ def test_lock_is_shared_within_a_process_and_released_by_the_last(tmp_path: Path
 
 def test_waiting_gives_up_with_the_holder_named(tmp_path: Path) -> None:
     hold = (
-        "import sys, time; from pathlib import Path; from lookalike.lock import StoreLock; "
+        "import sys, time; from pathlib import Path; from lookalike.core.lock import StoreLock; "
         "StoreLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(30)"
     )
     proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -120,7 +120,7 @@ def test_waiting_gives_up_with_the_holder_named(tmp_path: Path) -> None:
 
 
 def test_closing_a_gallery_releases_the_store_for_others(tiny_npz: Path, db: str, fake_embedder) -> None:
-    from lookalike.ingest import ingest
+    from lookalike.core.ingest import ingest
 
     ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
     with Gallery.open(db=db) as g:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import lookalike.metrics as metrics
-from lookalike.metrics import (
+import lookalike.analysis.metrics as metrics
+from lookalike.analysis.metrics import (
     confusion,
     duplicate_groups,
     exact_neighbours,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookalike.filters import matches
-from lookalike.mirror import Mirror
+from lookalike.core.mirror import Mirror
+from lookalike.data.filters import matches
 
 
 def _random_metas(rng: np.random.Generator, n: int) -> list[dict]:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike import onnxrt
-from lookalike.cli import app
-from lookalike.embedder import BackboneEmbedder, make_spec
 from lookalike.errors import EmbedderError, InputError
+from lookalike.frontends.cli import app
+from lookalike.models import onnxrt
+from lookalike.models.embedder import BackboneEmbedder, make_spec
 
 from .conftest import one_line_error
 from .test_backbones import PICTURES
@@ -95,7 +95,7 @@ def test_converted_once_then_loaded_without_tensorflow(converted: dict, tmp_path
 
     np.savez(tmp_path / "x.npz", a=PICTURES[0], b=PICTURES[1])
     code = (
-        "import json, sys, numpy as np; from lookalike.embedder import build_embedder, EmbedderSpec\n"
+        "import json, sys, numpy as np; from lookalike.models.embedder import build_embedder, EmbedderSpec\n"
         "z = np.load(sys.argv[1]); e = build_embedder(EmbedderSpec.from_dict(json.loads(sys.argv[2])))\n"
         "v = e.embed([z['a'], z['b']]); print(json.dumps([e.runtime, 'tensorflow' in sys.modules, v.tolist()]))"
     )

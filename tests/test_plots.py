@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.analysis.plots import bars_figure, confusion_figure, gallery_figure, map_figure, neighbours_figure, pairs_figure, save_figure
 from lookalike.errors import InputError
-from lookalike.plots import bars_figure, confusion_figure, gallery_figure, map_figure, neighbours_figure, pairs_figure, save_figure
 
 
 def test_map_figure_has_every_point_and_a_legend_of_names() -> None:

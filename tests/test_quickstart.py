@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.cli import app
-from lookalike.quickstart import quickstart
+from lookalike.frontends.cli import app
+from lookalike.frontends.quickstart import quickstart
 
 from .conftest import offline_env, run_cli
 

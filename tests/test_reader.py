@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.datasets import load_dataset
-from lookalike.images import Unreadable
-from lookalike.reader import read_batches
+from lookalike.data.datasets import load_dataset
+from lookalike.data.images import Unreadable
+from lookalike.data.reader import read_batches
 
 
 @pytest.fixture

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from lookalike.embedder import make_spec
+from lookalike.core.record import SCHEMA, Record
 from lookalike.errors import MismatchError, StoreError
-from lookalike.record import SCHEMA, Record
+from lookalike.models.embedder import make_spec
 
 
 def record(**protocol: object) -> Record:

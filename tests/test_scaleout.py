@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.evaluate import evaluate
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.store import Store
 from lookalike.errors import EmbedderError, InputError
-from lookalike.evaluate import evaluate
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.store import Store
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import chroma_run, make_digits, one_line_error, run_cli, write_npz
 
@@ -95,7 +95,7 @@ def test_a_killed_ray_ingest_into_a_chroma_server_resumes_exactly(cluster: None,
     xt, yt = make_digits(500, seed=10)
     npz = write_npz(tmp_path / "many.npz", (x, y), (xt, yt))
     with chroma_run(tmp_path / "server") as (_, url):
-        cmd = [sys.executable, "-c", "from lookalike.cli import main; main()", "ingest", "mnist", "--source", str(npz)]
+        cmd = [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", "ingest", "mnist", "--source", str(npz)]
         cmd += ["--embedder", "pixels", "--input-size", "8", "--normalize", "l2", "--batch-size", "50", "--ray", "--workers", "2"]
         cmd += ["--db", url, "--collection", "killed"]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -123,8 +123,8 @@ def test_a_killed_ray_ingest_into_a_chroma_server_resumes_exactly(cluster: None,
 
 @pytest.mark.slow
 def test_worker_errors_are_one_line(cluster: None, tiny_npz: Path) -> None:
-    from lookalike.embedder import make_spec
-    from lookalike.scaleout import RayOptions, embed_on_ray
+    from lookalike.core.scaleout import RayOptions, embed_on_ray
+    from lookalike.models.embedder import make_spec
 
     rows = [(f"mnist:train:{i}", {"source": "x_train", "index": i, "label": 0, "split": "train"}) for i in range(6)]
     spec = make_spec("pixels", input_size=8, normalize="l2").to_dict()
@@ -156,7 +156,7 @@ def test_bad_ray_options_and_the_missing_extra(tiny_npz: Path, db: str, monkeypa
 
 def test_ray_address_after_the_flag() -> None:
     """`--ray ADDRESS` reads as `--ray --ray-address ADDRESS`; `--ray` alone or before another option stays a flag."""
-    from lookalike.cli import ray_argv
+    from lookalike.frontends.cli import ray_argv
 
     assert ray_argv(["ingest", "mnist", "--ray", "auto"]) == ["ingest", "mnist", "--ray", "--ray-address", "auto"]
     assert ray_argv(["ingest", "mnist", "--ray", "ray://head:10001", "--workers", "2"])[3:5] == ["--ray-address", "ray://head:10001"]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lookalike.core.gallery import Gallery
+from lookalike.core.search import save_picture, search
 from lookalike.errors import InputError, NotFoundError
-from lookalike.gallery import Gallery
-from lookalike.search import save_picture, search
 
 
 def test_search_by_id_never_returns_the_query(gallery: Gallery) -> None:

@@ -1,4 +1,4 @@
-"""lookalike.selfsup: SimCLR on a collection's own images, no label read (tiny data, a few steps)."""
+"""lookalike.models.selfsup: SimCLR on a collection's own images, no label read (tiny data, a few steps)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import build_embedder, make_spec, read_model_description
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
 from lookalike.errors import InputError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.selfsup import _lr, augment_batch, checkpoint_dir, train_self_supervised
+from lookalike.models.embedder import build_embedder, make_spec, read_model_description
+from lookalike.models.selfsup import _lr, augment_batch, checkpoint_dir, train_self_supervised
 
 from .conftest import make_digits, one_line_error, run_cli, write_npz
 
@@ -32,7 +32,7 @@ def trained(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 
 def weights_of(path: Path) -> list[np.ndarray]:
-    from lookalike.backend import load_keras_model
+    from lookalike.models.backend import load_keras_model
 
     return [np.asarray(w) for w in load_keras_model(path).get_weights()]
 
@@ -85,7 +85,7 @@ def test_the_saved_model_is_an_embedder_that_says_how_it_was_made(trained: tuple
 
 
 def test_training_moves_the_weights_and_lowers_the_loss(trained: tuple[Path, object]) -> None:
-    from lookalike.backend import make_backbone
+    from lookalike.models.backend import make_backbone
 
     out, report = trained
     assert report.steps == 12 and report.epochs_run == 2 and report.resumed_after == 0
@@ -168,7 +168,7 @@ def test_learning_rate_warms_up_then_falls_to_zero() -> None:
     ],
 )
 def test_bad_options_are_one_line(argv: list[str], message: str, digits: Path, tmp_path: Path, runner) -> None:
-    from lookalike.cli import app
+    from lookalike.frontends.cli import app
 
     r = runner.invoke(app, ["train", "mnist", "--source", str(digits), "--out", str(tmp_path / "m.keras"), *argv])
     assert r.exit_code != 0 and message in one_line_error(r)
@@ -200,7 +200,7 @@ def test_a_process_killed_mid_training_resumes_to_the_weights_of_an_unbroken_run
     whole = run_cli(*argv, "--out", str(tmp_path / "whole.keras"))
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed.keras"
-    code = "from lookalike.cli import main; main()"
+    code = "from lookalike.frontends.cli import main; main()"
     child = subprocess.Popen([sys.executable, "-c", code, *argv, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = checkpoint_dir(out) / "state.json"
     deadline = time.monotonic() + 240
@@ -218,7 +218,7 @@ def test_a_process_killed_mid_training_resumes_to_the_weights_of_an_unbroken_run
 
 @pytest.mark.slow  # ~6 s: a training
 def test_without_a_budget_it_runs_the_epochs_of_about_default_steps(digits: Path, tmp_path: Path, monkeypatch) -> None:
-    import lookalike.selfsup as selfsup
+    import lookalike.models.selfsup as selfsup
 
     monkeypatch.setattr(selfsup, "DEFAULT_STEPS", 10)  # 96 images in batches of 16: 6 steps an epoch -> 2 epochs
     r = train_self_supervised("mnist", source=str(digits), out=tmp_path / "d.keras", batch_size=16, seed=5)
@@ -244,7 +244,7 @@ def test_a_minutes_budget_fixes_its_epochs_after_the_first_and_a_resumed_run_kee
 
 
 def test_a_folder_is_learnt_from_once_ingested(digits_folder: Path, tmp_path: Path, runner) -> None:
-    from lookalike.cli import app
+    from lookalike.frontends.cli import app
 
     r = runner.invoke(app, ["train", "folder", str(digits_folder), "--self-supervised", "--out", str(tmp_path / "f.keras")])
     assert r.exit_code != 0 and "lookalike train --self-supervised --collection NAME" in one_line_error(r)

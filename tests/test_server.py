@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.audit import audit, save_audit
+from lookalike.analysis.audit import audit, save_audit
+from lookalike.analysis.evaluate import evaluate, save_report
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import search
 from lookalike.errors import InputError
-from lookalike.evaluate import evaluate, save_report
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import search
-from lookalike.server import check_exposure, read_api_key, require_extra, status_of
+from lookalike.frontends.server import check_exposure, read_api_key, require_extra, status_of
 from lookalike.util import is_loopback
 
 from .conftest import ServiceProcess, chroma_run, multipart, one_line_error, run_cli
@@ -465,7 +465,7 @@ def test_a_service_over_a_chroma_server_runs_beside_the_cli_and_says_503_when_th
 def test_sigterm_stops_the_service_cleanly_and_frees_the_store(tmp_path: Path, tiny_npz: Path, fake_embedder) -> None:
     import signal
 
-    from lookalike.store import Store
+    from lookalike.core.store import Store
 
     db = str(tmp_path / "db")
     ingest("mnist", source=str(tiny_npz), embedder=fake_embedder, db=db)
@@ -491,8 +491,8 @@ def test_bad_serve_options_are_one_line(tmp_path: Path) -> None:
 def test_the_client_does_not_carry_the_key_through_a_redirect() -> None:
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from lookalike.client import Client
     from lookalike.errors import LookalikeError
+    from lookalike.frontends.client import Client
 
     seen: list[tuple[str, str | None]] = []
 

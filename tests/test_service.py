@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.evaluate import evaluate, save_report
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.search import search
 from lookalike.errors import InputError, NotFoundError, TooLargeError
-from lookalike.evaluate import evaluate, save_report
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.search import search
-from lookalike.service import MAX_K, Service, check_k
+from lookalike.frontends.service import MAX_K, Service, check_k
+from lookalike.models.embedder import PixelEmbedder
 
 
 def png(image: np.ndarray) -> bytes:

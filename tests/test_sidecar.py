@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.embedder import PixelEmbedder
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest, sync
+from lookalike.core.search import search
+from lookalike.data.filters import parse_where
+from lookalike.data.sidecar import parse_fields, read_sidecar
 from lookalike.errors import InputError
-from lookalike.filters import parse_where
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, sync
-from lookalike.search import search
-from lookalike.sidecar import parse_fields, read_sidecar
+from lookalike.models.embedder import PixelEmbedder
 
 from .test_sync import snapshot, write_digits
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lookalike.store as store_mod
-from lookalike.embedder import make_spec
+import lookalike.core.store as store_mod
+from lookalike.core.record import Record
+from lookalike.core.store import Store
 from lookalike.errors import DamagedError, InputError, NotFoundError, StoreError
-from lookalike.record import Record
-from lookalike.store import Store
+from lookalike.models.embedder import make_spec
 
 from .conftest import chroma_run, free_port, run_cli
 
@@ -367,7 +367,7 @@ def test_creating_an_existing_collection_touches_nothing(db: str) -> None:
 
 
 def test_a_failing_client_close_still_releases_the_lock(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lookalike.lock import is_locked_here
+    from lookalike.core.lock import is_locked_here
 
     s = Store(db, create=True)
 

@@ -17,18 +17,18 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from lookalike.audit import audit
-from lookalike.check import check
-from lookalike.cli import app
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.audit import audit
+from lookalike.analysis.check import check
+from lookalike.analysis.evaluate import evaluate
+from lookalike.analysis.explore import cluster, embedding_map
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest, sync
+from lookalike.core.record import Record
+from lookalike.core.search import search
+from lookalike.core.store import Store
 from lookalike.errors import MismatchError
-from lookalike.evaluate import evaluate
-from lookalike.explore import cluster, embedding_map
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest, sync
-from lookalike.record import Record
-from lookalike.search import search
-from lookalike.store import Store
+from lookalike.frontends.cli import app
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import make_digits, one_line_error
 
@@ -142,7 +142,7 @@ def test_an_unlabelled_folder_is_ingested_searched_audited_and_mapped(
         assert np.isnan(ev.accuracy) and ev.recall_at_1 == 1.0 and ev.retrieval["unlabelled"]
         result = embedding_map(g, method="pca")
         assert len(result.points.ids) == 61
-        from lookalike.explore import save_map_picture
+        from lookalike.analysis.explore import save_map_picture
 
         assert save_map_picture(result, tmp_path / "map.png").stat().st_size > 5000
         clusters = cluster(g, k=3)
@@ -184,8 +184,8 @@ def write_legacy_collection(db: str, root: Path, embedder: PixelEmbedder) -> dic
     """A folder collection as the release before living folders wrote it: record schema 2, mode "stratified",
     ids ``folder:SPLIT:PATH``, label partitions; one file stored under both splits (that release's bug).
     Returns each stored id's vector."""
-    from lookalike.datasets import stratified_pick
-    from lookalike.images import read_image
+    from lookalike.data.datasets import stratified_pick
+    from lookalike.data.images import read_image
 
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     names = sorted({f.split("/")[0] for f in files})
@@ -242,7 +242,7 @@ def test_a_collection_of_the_earlier_release_answers_then_upgrades_in_place(tmp_
 def _cli_sync(root: Path, db: str) -> subprocess.Popen[str]:
     args = ["ingest", "folder", str(root), "--embedder", "pixels", "--collection", "live", "--db", db, "--prune", "--batch-size", "8"]
     return subprocess.Popen(
-        [sys.executable, "-c", "from lookalike.cli import main; main()", *args],
+        [sys.executable, "-c", "from lookalike.frontends.cli import main; main()", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -341,7 +341,7 @@ def test_churn_keeps_every_item_findable_or_check_says_so_and_repair_mends_it(
         with Store(db) as store:
             found = check(store, full=True)
             if not found.ok:
-                from lookalike.check import repair
+                from lookalike.analysis.check import repair
 
                 assert any("does not find" in p for p in found.problems), found.problems
                 assert repair(store).ok
@@ -359,9 +359,9 @@ def test_an_unlabelled_collection_in_the_service_and_the_app(
 
     from streamlit.testing.v1 import AppTest
 
-    import lookalike.app as app_module
+    import lookalike.frontends.app as app_module
     from lookalike.errors import InputError
-    from lookalike.service import Service
+    from lookalike.frontends.service import Service
 
     root = tmp_path / "album"
     x, _ = make_digits(30, seed=5)
@@ -370,7 +370,7 @@ def test_an_unlabelled_collection_in_the_service_and_the_app(
         Image.fromarray(img).save(root / f"{i:02d}.png")
     ingest("folder", str(root), embedder=fake_embedder, db=db, collection="album")
     with Gallery.open("album", db) as g:
-        from lookalike.evaluate import save_report
+        from lookalike.analysis.evaluate import save_report
 
         save_report(g, evaluate(g))
     buf = io.BytesIO()

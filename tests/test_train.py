@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.embedder import KerasModelEmbedder, make_spec, read_model_description
+from lookalike.core.gallery import Gallery
 from lookalike.errors import EmbedderError, InputError
-from lookalike.gallery import Gallery
-from lookalike.train import _shifted, train
+from lookalike.models.embedder import KerasModelEmbedder, make_spec, read_model_description
+from lookalike.models.train import _shifted, train
 from lookalike.util import file_sha256
 
 from .conftest import make_cluttered, one_line_error, run_cli
@@ -33,9 +33,9 @@ def trained(cluttered_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_training_improves_1nn_accuracy_over_the_untrained_network(trained: tuple[Path, object]) -> None:
     import keras
 
-    from lookalike.backend import vgg16_preprocess
-    from lookalike.images import resize
-    from lookalike.train import _build
+    from lookalike.data.images import resize
+    from lookalike.models.backend import vgg16_preprocess
+    from lookalike.models.train import _build
 
     out, report = trained
     x_train, y_train = make_cluttered(320, seed=11)
@@ -64,7 +64,7 @@ def test_saved_model_describes_itself_and_gives_the_same_vectors_in_a_new_proces
     script = tmp_path / "embed.py"
     script.write_text(
         "import sys, numpy as np\n"
-        "from lookalike.embedder import KerasModelEmbedder, make_spec\n"
+        "from lookalike.models.embedder import KerasModelEmbedder, make_spec\n"
         "x = np.load(sys.argv[1])\n"
         f"np.save(sys.argv[2], KerasModelEmbedder(make_spec('keras', weights={str(out)!r})).embed(list(x)))\n"
     )
@@ -115,9 +115,9 @@ def test_ingest_with_the_model_records_it_and_searches_with_it(
 ) -> None:
     from PIL import Image
 
-    from lookalike.evaluate import evaluate
-    from lookalike.ingest import ingest
-    from lookalike.search import search
+    from lookalike.analysis.evaluate import evaluate
+    from lookalike.core.ingest import ingest
+    from lookalike.core.search import search
 
     out, _ = trained
     report = ingest("mnist", source=str(cluttered_npz), model=str(out), db=db, collection="clutter-trained")

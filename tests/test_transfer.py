@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookalike.check import check
-from lookalike.embedder import PixelEmbedder
+from lookalike.analysis.check import check
+from lookalike.core.gallery import Gallery
+from lookalike.core.ingest import ingest
+from lookalike.core.items import add_images
+from lookalike.core.store import Store
+from lookalike.core.transfer import export_collection, import_collection
 from lookalike.errors import InputError
-from lookalike.gallery import Gallery
-from lookalike.ingest import ingest
-from lookalike.items import add_images
-from lookalike.store import Store
-from lookalike.transfer import export_collection, import_collection
+from lookalike.models.embedder import PixelEmbedder
 
 from .conftest import chroma_run, make_digits, one_line_error
 from .test_items import _png
@@ -37,8 +37,8 @@ def _same(a: dict, b: dict) -> None:
 def test_a_round_trip_through_a_chroma_server_is_bit_for_bit(
     tmp_path: Path, db: str, fake_embedder: PixelEmbedder, runner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lookalike import transfer
-    from lookalike.cli import app
+    from lookalike.core import transfer
+    from lookalike.frontends.cli import app
 
     root = tmp_path / "F"
     write_digits(root, 30)
@@ -84,7 +84,7 @@ def test_a_round_trip_through_a_chroma_server_is_bit_for_bit(
 
 
 def test_an_interrupted_import_is_resumed_and_check_says_so(tmp_path: Path, db: str, fake_embedder: PixelEmbedder, monkeypatch) -> None:
-    import lookalike.transfer as transfer
+    import lookalike.core.transfer as transfer
 
     root = tmp_path / "F"
     write_digits(root, 40)
