@@ -42,8 +42,11 @@ def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
             "and has 0 entries without a main item"
         ]
         assert "--repair" in r.fix
+        kept = store._client.get_collection("mnist.p5", embedding_function=None).id
         mended = repair(store)
         assert mended.ok and sum(mended.partitions.values()) == 250
+        # only entries missing: filled in place, the partitions not dropped and written again
+        assert store._client.get_collection("mnist.p5", embedding_function=None).id == kept
 
 
 def test_partitions_left_behind_by_a_large_write_are_a_problem_repair_fills(stored: str) -> None:

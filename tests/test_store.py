@@ -141,6 +141,11 @@ def test_partitions_filled_after_the_index_answer_as_those_written_with_each_bat
     assert reopened.partition(3) is None
     assert col.fill_partitions(range(10), release=True) == 150
     assert not col.partitions_behind and not s.open("digits", partitioned=True).partitions_behind
+    assert reopened.partitions_behind  # a local store's lock keeps other writers out: what it read at opening holds
+    monkeypatch.setattr(store_mod, "is_server", lambda db: True)  # on a server, other processes write: read again
+    monkeypatch.setattr(store_mod, "BEHIND_RECHECK", 0.0)
+    assert not reopened.partitions_behind
+    monkeypatch.undo()
     assert [col.partition(x).count() for x in range(10)] == [15] * 10
 
     col.add(ids[150:], vecs[150:], metas[150:], partitions_later=True)

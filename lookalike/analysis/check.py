@@ -291,7 +291,15 @@ def repair(store: Store, name: str | None = None, *, release_store_memory: bool 
     if any(p.startswith(("the index does not find", "the index fails to answer")) for p in report.problems):
         store.rebuild(report.collection)
     name = report.collection
-    if Gallery(store, name).record.label_partitions:
-        store.drop_partitions(name)
-        Gallery(store, name).fill_partitions(release=release_store_memory)  # (read back label by label)
+    gallery = Gallery(store, name)
+    if gallery.record.label_partitions:
+        gallery.collection()._set_behind(True)  # (a repair killed midway leaves label filters exact, without them)
+        # partitions that only lack entries or hold extra ones are filled in place; any other damage (an index
+        # that loses its own items, a partition of no label) drops them all first
+        in_place = ("the label partitions are behind", "label partition ")
+        damaged = [p for p in report.problems if p.startswith("label partition ") and " lacks " not in p]
+        if damaged or not all(p.startswith(in_place) for p in report.problems):
+            store.drop_partitions(name)
+            gallery = Gallery(store, name)
+        gallery.fill_partitions(release=release_store_memory)  # (read back label by label)
     return check(store, name, full=True, release_store_memory=release_store_memory)

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ PARTITION_KEY = "lookalike_partition_of"  # metadata of a label partition: the c
 REBUILD_KEY = "lookalike_rebuild_of"  # metadata of a collection being rebuilt: the collection it will replace
 # metadata of a main collection written ahead of its label partitions (a large ingest): "1" until they are filled
 BEHIND_KEY = "lookalike_partitions_behind"
+BEHIND_RECHECK = 5.0  # seconds a server collection's mark is trusted before it is read again
 REBUILD_SUFFIX = ".rebuild"
 MAX_PARTITIONS = 100  # collections with more labels than this get no label partitions
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
@@ -152,7 +154,8 @@ class VectorCollection:
         self.name: str = collection.name
         self.partitioned = partitioned
         # the label partitions lack items of the main collection (see :meth:`fill_partitions`): label filters go without them
-        self.partitions_behind = bool((collection.metadata or {}).get(BEHIND_KEY))
+        self._behind = bool((collection.metadata or {}).get(BEHIND_KEY))
+        self._behind_read = time.monotonic()
         self._parts: dict[int, VectorCollection] = {}
         # how filtered queries were answered (cold: short probes by brute force / by Chroma's where; warm: the plans)
         self.plan_counts = {"brute": 0, "where": 0, "probe": 0, "overfetch": 0, "mirror": 0, "kept": 0, "allow-list": 0}
@@ -338,18 +341,27 @@ class VectorCollection:
             self.add_to_partitions(ids, vectors, metadatas)
         self._write("add", ids, vectors, metadatas)
 
+    @property
+    def partitions_behind(self) -> bool:
+        """The label partitions lack items of the main collection (a large write not filled yet, or interrupted):
+        read when the collection was opened, and again, at most every ``BEHIND_RECHECK`` seconds, on a server
+        (where other processes write; a local store's lock keeps them out)."""
+        if is_server(self._store.db) and time.monotonic() - self._behind_read > BEHIND_RECHECK:
+            self._behind = bool(self.note(BEHIND_KEY))
+            self._behind_read = time.monotonic()
+        return self._behind
+
     def _set_behind(self, behind: bool) -> None:
         """Mark (or unmark) the main collection as ahead of its label partitions, in the store (another process
-        opening it reads the mark)."""
-        if self.partitions_behind == behind:
-            return
+        opening it reads the mark). Written every time (a batch's one metadata write): never skipped on what this
+        object last knew."""
         with self._guard():
             fresh = self._store._client.get_collection(self.name, embedding_function=None)
             meta = dict(fresh.metadata or {})
             meta[BEHIND_KEY] = "1" if behind else ""  # (Chroma's modify keeps keys it is not given: emptied, not removed)
             fresh.modify(metadata=meta)
             self._c = self._store._client.get_collection(self.name, embedding_function=None)
-        self.partitions_behind = behind
+        self._behind, self._behind_read = behind, time.monotonic()
 
     def fill_partitions(self, labels: Sequence[int], *, release: bool = False) -> int:
         """Make each label partition of ``labels`` hold exactly the main collection's items of its label: the missing
