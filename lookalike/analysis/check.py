@@ -3,8 +3,9 @@
 :func:`check` verifies that the record parses, that every stored id reads back with a finite vector
 of the recorded dimension and valid metadata, that the index answers (a sample of stored vectors
 finds itself), that each label partition holds exactly the main collection's ids of its label, and
-counts the items per split. :func:`repair` mends what can be mended in place: it rebuilds the label
-partitions from the main collection's vectors. A main collection whose vectors or index no longer
+counts the items per split. :func:`repair` mends what can be mended in place: it fills the label
+partitions from the main collection's vectors (dropping them first when more than entries are wrong)
+and rebuilds an index that lost items. A main collection whose vectors or index no longer
 read cannot be mended in place (measured: deleting its unreadable items leaves Chroma unable to
 apply its own log, and every later read fails): drop it and ingest again.
 """
