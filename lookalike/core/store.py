@@ -354,13 +354,8 @@ class VectorCollection:
     def _set_behind(self, behind: bool) -> None:
         """Mark (or unmark) the main collection as ahead of its label partitions, in the store (another process
         opening it reads the mark). Written every time (a batch's one metadata write): never skipped on what this
-        object last knew."""
-        with self._guard():
-            fresh = self._store._client.get_collection(self.name, embedding_function=None)
-            meta = dict(fresh.metadata or {})
-            meta[BEHIND_KEY] = "1" if behind else ""  # (Chroma's modify keeps keys it is not given: emptied, not removed)
-            fresh.modify(metadata=meta)
-            self._c = self._store._client.get_collection(self.name, embedding_function=None)
+        object last knew. Unmarked, the key is kept, empty."""
+        self.set_note(BEHIND_KEY, "1" if behind else "")
         self._behind, self._behind_read = behind, time.monotonic()
 
     def fill_partitions(self, labels: Sequence[int], *, release: bool = False) -> int:
