@@ -43,6 +43,28 @@ UNLABELLED = -1  # the label number of an item in a collection without labels
 UNLABELLED_NAME = "unlabelled"
 
 
+def trim_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``); False where there is no glibc.
+
+    Reading a large collection leaves the heap with freed but unreturned pages (about 100 MB after reading
+    70,000 items' metadata): without this, a long-lived process keeps them as resident memory beside the
+    indexes it loads next. Called after the big reads and after the store lets go of its indexes."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    return bool(_LIBC) and bool(_LIBC.malloc_trim(0))
+
+
+_LIBC: Any = None
+
+
 def label_name(names: Sequence[str], label: int) -> str:
     """The name of integer ``label`` (its number as text when unnamed; "unlabelled" for :data:`UNLABELLED`)."""
     if label == UNLABELLED:

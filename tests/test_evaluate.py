@@ -311,3 +311,29 @@ def test_a_scan_by_split_puts_the_held_out_items_first_and_its_splits_are_views(
     apart = Scanned([ids[i] for i in order], vecs[order], np.zeros(len(ids), int), [str(metas[i]["split"]) for i in order])
     _, mixed, _ = apart.split("train")  # (rows apart: a copy, as before)
     assert not np.shares_memory(mixed, apart.vectors) and len(mixed) == 200
+
+
+def test_held_out_that_consumes_the_scan_gives_the_same_answers_and_lets_the_vectors_go(
+    gallery: Gallery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """audit hands its scan over (``consume``): exact search runs first, then every indexed vector is let go of
+    before the store's index is loaded for the held-out queries; the answers are those of a held_out that kept them."""
+    from lookalike.analysis import evaluate as ev
+
+    kept = ev.held_out(gallery, 3, items=gallery.scan_by_split(), sample_exact=False)
+    items = gallery.scan_by_split()
+    seen: list[int] = []
+    asked = ev._store_ranking
+
+    def ranking(*args, **kwargs):  # (what the scan still holds when the store is asked)
+        seen.append(len(items.vectors))
+        return asked(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "_store_ranking", ranking)
+    given = ev.held_out(gallery, 3, items=items, sample_exact=False, consume=True)
+    assert seen == [0] and len(items.vectors) == 0 and len(given.train_vecs) == 0
+    assert given.test_ids == kept.test_ids and np.array_equal(given.test_vecs, kept.test_vecs)
+    assert not np.shares_memory(given.test_vecs, kept.test_vecs)
+    for name in ("store_nn", "store_d1", "exact_rows", "exact_nn", "exact_d2", "y_test", "y_train"):
+        assert np.array_equal(getattr(given, name), getattr(kept, name)), name
+    assert np.array_equal(given.predictions(), kept.predictions())

@@ -103,3 +103,27 @@ def test_describe_gives_what_filter_widgets_need() -> None:
     assert d["n"]["kind"] == "mixed"
     mir.remove(["m"])
     assert mir.describe()["n"] == {"kind": "number", "count": 59, "min": 0.0, "max": 58.0}
+
+
+def _typed(meta: dict) -> list:
+    return sorted((key, type(value).__name__, repr(value)) for key, value in meta.items())
+
+
+def test_metadata_comes_back_with_its_types_and_only_tags_and_big_ints_are_kept_as_objects() -> None:
+    """The columns give every value back as it was stored (1 stays an int, 1.0 a float, True a bool), while only
+    tag lists and ints past a float64's exact range are kept as Python objects (a million items' metadata)."""
+    rng = np.random.default_rng(2)
+    metas = [*_random_metas(rng, 400), {"n": -0.0, "s": "", "big": -(2**62)}, {"n": 2**53 - 1, "mixed": False}]
+    ids = [f"i{j}" for j in range(len(metas))]
+    mir = Mirror(2, vectors=False)
+    mir.put(ids, None, metas)
+    for item_id, meta in zip(ids, metas):
+        assert _typed(mir.metadata(item_id)) == _typed(meta), item_id
+    objects = sum(len(col.other) for col in mir._cols.values())
+    assert objects == sum(isinstance(v, list) or (type(v) is int and abs(v) >= 2**53) for m in metas for v in m.values())
+    assert not any(hasattr(col, "raw") for col in mir._cols.values())
+    tags = mir.metadata("i1").get("tags") or next(mir.metadata(i)["tags"] for i, m in zip(ids, metas) if "tags" in m)
+    tags.append("changed")  # (a copy: the mirror's own list is not changed through it)
+    assert all("changed" not in (mir.metadata(i).get("tags") or []) for i in ids)
+    mir.put(["i0"], None, [{"tags": None, "n": 7}])  # a value replaced: its kept object goes
+    assert "tags" not in mir.metadata("i0") and mir.metadata("i0")["n"] == 7

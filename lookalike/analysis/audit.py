@@ -329,6 +329,14 @@ def audit(
         )
     groups.sort(key=lambda g: (not g.cross_split, -len(g.ids), g.ids[0]))
 
+    # the store's answers against the exact ones, on a sample (before the leaks, which take the vectors over)
+    t0 = time.perf_counter()
+    if by_store:
+        recall, sample = _sample_recall(ids, vecs, nn, dist, k, store_sample, seed)
+    else:
+        recall, sample = _store_recall(gallery, ids, vecs, nn, dist, k, store_sample, seed)
+    timings["store_check"] = time.perf_counter() - t0
+
     # leaks: held-out items whose exact nearest indexed item is within the threshold (not read off the
     # groups, which chain and see only k neighbours); evaluate's accuracy with and without them
     accuracy = leak_free = None
@@ -339,7 +347,9 @@ def audit(
 
         t0 = time.perf_counter()
         # the vectors already read, not read again; every held-out item exact unless the neighbours came from the store
-        h = held_out(gallery, 1, items=items, seed=seed, sample_exact=by_store)
+        # (the vectors handed over: the store's index is loaded for the queries without every vector beside it)
+        del vecs
+        h = held_out(gallery, 1, items=items, seed=seed, sample_exact=by_store, consume=True)
         n_queries = len(h.test_ids)
         nearest = h.store_d1.copy()  # each held-out item's nearest indexed item: exact where exact search answered
         nearest[h.exact_rows] = np.minimum(nearest[h.exact_rows], np.sqrt(np.maximum(h.exact_d2[:, 0], 0.0)))
@@ -354,14 +364,6 @@ def audit(
     # outliers
     spread = outlier_scores(dist)
     far = np.lexsort((np.arange(len(ids)), -spread))[:n_outliers]
-
-    # the store's answers against the exact ones, on a sample
-    t0 = time.perf_counter()
-    if by_store:
-        recall, sample = _sample_recall(ids, vecs, nn, dist, k, store_sample, seed)
-    else:
-        recall, sample = _store_recall(gallery, ids, vecs, nn, dist, k, store_sample, seed)
-    timings["store_check"] = time.perf_counter() - t0
 
     group_of = {i: n for n, g in enumerate(groups) for i in g.ids}
     names = {int(x): gallery.label_name(int(x)) for x in np.unique(np.concatenate([labels, suggested]))}

@@ -38,6 +38,7 @@ from lookalike.analysis.metrics import (
 )
 from lookalike.core.gallery import Gallery, Scanned
 from lookalike.errors import InputError, StoreError
+from lookalike.util import trim_memory
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def held_out(
     seed: int = 0,
     sample_exact: bool = True,
     max_queries: int | None = None,
+    consume: bool = False,
 ) -> HeldOut:
     """Ask the store for each held-out item's ``max(k, width)`` nearest indexed items, and brute force for those of
     every item or of a seeded sample (:func:`exact_sample`).
@@ -158,6 +160,10 @@ def held_out(
     ``items``: the whole collection as :meth:`Gallery.scan_by_split` read it, when the caller has it already;
     ``sample_exact=False``: every item exact (an audit that computes exact neighbours anyway); ``max_queries``:
     past that many held-out items, a seeded sample of that many are the queries (``n_held_out`` counts them all).
+    ``consume``: the caller hands ``items`` over and keeps no other reference to its vectors: after exact search,
+    ``items.vectors`` is emptied, the result keeps a copy of the held-out rows and no ``train_vecs`` (empty), so the
+    store's index is loaded for its queries without every vector beside it (an audit of a million 784-d items held
+    both: 3.8 GB and 3.1 GB).
     """
     if k < 1:
         raise InputError(f"--k must be at least 1, got {k}")
@@ -186,11 +192,17 @@ def held_out(
         raise InputError(f"--k {k} is more than the {len(train_ids)} indexed items of {gallery.name!r}")
     wide = min(max(k, width or k), len(train_ids))
     t0 = time.perf_counter()
-    store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, excluded, train_ids, distances=True)
-    query_seconds = time.perf_counter() - t0
     rows = exact_sample(len(test_ids), len(train_ids), seed) if sample_exact else np.arange(len(test_ids))
     exact_nn, exact_d2 = exact_neighbours(test_vecs[rows], train_vecs, wide)
-    timings = {"read": t0 - t_read, "store": query_seconds, "exact": time.perf_counter() - t0 - query_seconds}
+    exact_seconds = time.perf_counter() - t0
+    if consume and items is not None:
+        test_vecs = np.array(test_vecs)  # (a copy: the held-out rows alone outlive the read)
+        train_vecs = items.vectors = np.zeros((0, test_vecs.shape[1]), test_vecs.dtype)
+        trim_memory()
+    t1 = time.perf_counter()
+    store_nn, store_d1 = _store_ranking(gallery, test_vecs, wide, excluded, train_ids, distances=True)
+    query_seconds = time.perf_counter() - t1
+    timings = {"read": t0 - t_read, "store": query_seconds, "exact": exact_seconds}
     return HeldOut(
         test_ids,
         test_vecs,

@@ -35,7 +35,7 @@ from lookalike.data.filters import check_fields, combine, validate
 from lookalike.data.images import Unreadable, as_image_array, check_max_pixels, open_image
 from lookalike.errors import InputError, NotFoundError, StoreError, TooLargeError
 from lookalike.models.embedder import Embedder, build_embedder
-from lookalike.util import UNLABELLED, json_safe, label_name
+from lookalike.util import UNLABELLED, json_safe, label_name, trim_memory
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +368,10 @@ class Gallery:
             got, _, metas = self._col.scan(only=rest, vectors=False, fields=("split",))
             split_of.update((i, str(m.get("split", ""))) for i, m in zip(got, metas))
         ids, vectors, _ = self.scan(only=list(split_of), metadata=False)
-        return Scanned(ids, vectors, self.labels_of(ids, listed), [split_of[i] for i in ids])
+        scanned = Scanned(ids, vectors, self.labels_of(ids, listed), [split_of[i] for i in ids])
+        del listed, split_of
+        trim_memory()  # (the listings' and pages' freed memory back to the system before the caller's next step)
+        return scanned
 
     def listed_labels(self) -> dict[str, int]:
         """id -> label number of every item, one id listing a label (ids only: reading a million items' metadata

@@ -38,31 +38,80 @@ def _kind(value: Any) -> int:
 
 
 class _Column:
-    """One metadata field over the mirror's rows: the values, their kinds, numbers as floats, strings as codes."""
+    """One metadata field over the mirror's rows: their kinds, numbers as floats (and which were floats), strings as
+    codes into the field's words. Only what those cannot give back (tag lists, ints past a float64's exact range)
+    is kept as Python objects, by row: every value kept as an object cost ~45 bytes an item a field."""
 
     def __init__(self, capacity: int) -> None:
-        self.raw = np.empty(capacity, object)
         self.kind = np.zeros(capacity, np.int8)
         self.num = np.full(capacity, np.nan)
+        self.isfloat = np.zeros(capacity, bool)
         self.code = np.full(capacity, -1, np.int32)
         self.vocab: dict[str, int] = {}
+        self.words: list[str] = []  # code -> string
+        self.other: dict[int, Any] = {}  # row -> its tag list, or its int too large for a float64
         self.big = False  # some int too large for a float64's exact range
 
     def grow(self, capacity: int) -> None:
         n = len(self.kind)
-        self.raw = np.concatenate([self.raw, np.empty(capacity - n, object)])
         self.kind = np.concatenate([self.kind, np.zeros(capacity - n, np.int8)])
         self.num = np.concatenate([self.num, np.full(capacity - n, np.nan)])
+        self.isfloat = np.concatenate([self.isfloat, np.zeros(capacity - n, bool)])
         self.code = np.concatenate([self.code, np.full(capacity - n, -1, np.int32)])
 
     def set(self, row: int, value: Any) -> None:
         kind = _kind(value)
         self.kind[row] = kind
-        self.raw[row] = list(value) if kind == LIST else (value if kind else None)
         self.num[row] = float(value) if kind in (BOOL, NUMBER) else np.nan
-        self.code[row] = self.vocab.setdefault(value, len(self.vocab)) if kind == STRING else -1
-        if kind == NUMBER and isinstance(value, int) and abs(value) >= EXACT_FLOAT:
+        self.isfloat[row] = isinstance(value, float)
+        self.other.pop(row, None)
+        if kind == STRING:
+            code = self.vocab.get(value)
+            if code is None:
+                code = self.vocab[value] = len(self.words)
+                self.words.append(value)
+            self.code[row] = code
+        else:
+            self.code[row] = -1
+        if kind == LIST:
+            self.other[row] = list(value)
+        elif kind == NUMBER and isinstance(value, int) and abs(value) >= EXACT_FLOAT:
+            self.other[row] = value
             self.big = True
+
+    def value(self, row: int) -> Any:
+        """The value of ``row`` as it was set (None when missing; a tag list copied)."""
+        kind = self.kind[row]
+        if kind == MISSING:
+            return None
+        if kind == STRING:
+            return self.words[self.code[row]]
+        if kind == BOOL:
+            return bool(self.num[row])
+        if row in self.other:
+            got = self.other[row]
+            return list(got) if kind == LIST else got
+        return float(self.num[row]) if self.isfloat[row] else int(self.num[row])
+
+    def values(self, n: int) -> np.ndarray:
+        """The values of rows ``< n`` as Python objects (None where missing), made at once from the columns."""
+        out = np.full(n, None, object)
+        kind, num = self.kind[:n], self.num[:n]
+        strings = np.flatnonzero(kind == STRING)
+        if len(strings):
+            words = np.empty(len(self.words), object)
+            words[:] = self.words
+            out[strings] = words[self.code[:n][strings]]
+        bools = kind == BOOL
+        out[bools] = (num[bools] != 0).tolist()
+        floats = (kind == NUMBER) & self.isfloat[:n]
+        out[floats] = num[floats].tolist()
+        ints = (kind == NUMBER) & ~self.isfloat[:n]
+        out[ints] = num[ints].astype(np.int64).tolist()
+        for row, got in self.other.items():
+            if row < n:
+                out[row] = got
+        return out
 
     def compare(self, op: str, value: Any, n: int) -> np.ndarray:
         """Rows ``< n`` whose value satisfies ``op value`` (as :func:`lookalike.data.filters._compare`)."""
@@ -90,7 +139,7 @@ class _Column:
         return self._slow(op, value, n)
 
     def _slow(self, op: str, value: Any, n: int) -> np.ndarray:
-        return np.fromiter((_compare(v, op, value) for v in self.raw[:n]), bool, count=n)
+        return np.fromiter((_compare(v, op, value) for v in self.values(n)), bool, count=n)
 
 
 class Mirror:
@@ -167,7 +216,7 @@ class Mirror:
         row = self.row(item_id)
         if row is None:
             return {}
-        return {name: (list(col.raw[row]) if col.kind[row] == LIST else col.raw[row]) for name, col in self._cols.items() if col.kind[row]}
+        return {name: col.value(row) for name, col in self._cols.items() if col.kind[row]}
 
     def rows(self, ids: Iterable[str]) -> np.ndarray:
         """Rows of the live items among ``ids``."""
@@ -218,7 +267,7 @@ class Mirror:
                 nums = col.num[: self._n][live & (col.kind[: self._n] == NUMBER)]
                 info.update(min=float(nums.min()), max=float(nums.max()))
             elif info["kind"] in ("text", "bool", "tags"):
-                raw = col.raw[: self._n][live & (col.kind[: self._n] != MISSING)]
+                raw = col.values(self._n)[live & (col.kind[: self._n] != MISSING)]
                 seen: set[Any] = set()
                 for v in raw:
                     seen.update(v if isinstance(v, list) else [v])

@@ -35,7 +35,7 @@ from lookalike.core.lock import StoreLock
 from lookalike.core.mirror import Mirror
 from lookalike.data.filters import matches
 from lookalike.errors import DamagedError, InputError, LookalikeError, NotFoundError, StoreError
-from lookalike.util import first_line
+from lookalike.util import first_line, trim_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -234,6 +234,8 @@ class VectorCollection:
                 if self._generation == generation:  # no write while it was read: it is the collection now
                     self._mirror = mir
                     log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
+                    del mir
+                    trim_memory()  # (the pages read and freed go back to the system)
                     return self._mirror
         raise StoreError(f"collection {self.name!r} kept changing while it was read: run the query again")
 
@@ -993,6 +995,7 @@ class Store:
                 close()  # (the path's last client: Chroma stops its system, and the indexes go with it)
             self._client = None
             gc.collect()
+            trim_memory()
             self._client = _persistent_client(self._path)
         self.epoch += 1
 
