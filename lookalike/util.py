@@ -54,11 +54,15 @@ def trim_memory() -> bool:
         import ctypes
         import ctypes.util
 
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
+        _LIBC = False
+        for name in ("libc.so.6", None):  # (glibc's name first: find_library may start ldconfig or a compiler)
+            try:
+                libc = ctypes.CDLL(name or ctypes.util.find_library("c") or "libc.so.6")
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            except (OSError, AttributeError, TypeError):
+                continue
+            _LIBC = libc
+            break
     return bool(_LIBC) and bool(_LIBC.malloc_trim(0))
 
 

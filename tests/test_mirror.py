@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -113,7 +115,7 @@ def test_metadata_comes_back_with_its_types_and_only_tags_and_big_ints_are_kept_
     """The columns give every value back as it was stored (1 stays an int, 1.0 a float, True a bool), while only
     tag lists and ints past a float64's exact range are kept as Python objects (a million items' metadata)."""
     rng = np.random.default_rng(2)
-    metas = [*_random_metas(rng, 400), {"n": -0.0, "s": "", "big": -(2**62)}, {"n": 2**53 - 1, "mixed": False}]
+    metas = [*_random_metas(rng, 400), {"n": -0.0, "s": "", "big": -(2**62)}, {"n": 2**53 - 1, "mixed": False}, {"big": 2**63 - 1}]
     ids = [f"i{j}" for j in range(len(metas))]
     mir = Mirror(2, vectors=False)
     mir.put(ids, None, metas)
@@ -122,6 +124,9 @@ def test_metadata_comes_back_with_its_types_and_only_tags_and_big_ints_are_kept_
     objects = sum(len(col.other) for col in mir._cols.values())
     assert objects == sum(isinstance(v, list) or (type(v) is int and abs(v) >= 2**53) for m in metas for v in m.values())
     assert not any(hasattr(col, "raw") for col in mir._cols.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (an int near 2**63 is not cast through a float)
+        assert mir.mask({"big": {"$gte": 2**63 - 1}}).sum() == 1 and mir.describe()["big"]["kind"] == "number"
     tags = mir.metadata("i1").get("tags") or next(mir.metadata(i)["tags"] for i, m in zip(ids, metas) if "tags" in m)
     tags.append("changed")  # (a copy: the mirror's own list is not changed through it)
     assert all("changed" not in (mir.metadata(i).get("tags") or []) for i in ids)

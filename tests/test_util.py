@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import sys
 
 import numpy as np
@@ -15,7 +16,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim and /proc are Linux's"
+)
 def test_trim_memory_hands_freed_heap_pages_back_and_is_false_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     """Freed blocks below the heap's top stay resident until trimmed: what a big read leaves behind."""
     blocks = [np.ones(8000) for _ in range(4000)]  # 64 KB each (below glibc's mmap threshold): 256 MB of heap

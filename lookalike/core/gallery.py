@@ -52,7 +52,8 @@ LABELS_LISTED = 256
 @dataclass
 class Scanned:
     """Every item of a collection, held-out ones first, then the indexed ones, then any other: ids, vectors
-    ``(n, dim)``, label numbers and splits (read by :meth:`Gallery.scan_by_split`, without metadata)."""
+    ``(n, dim)``, label numbers and splits (read by :meth:`Gallery.scan_by_split`, without metadata). A scan handed to
+    :func:`lookalike.analysis.evaluate.held_out` with ``consume`` has no vectors left after it (``vectors`` empty)."""
 
     ids: list[str]
     vectors: np.ndarray

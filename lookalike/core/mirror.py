@@ -107,6 +107,7 @@ class _Column:
         floats = (kind == NUMBER) & self.isfloat[:n]
         out[floats] = num[floats].tolist()
         ints = (kind == NUMBER) & ~self.isfloat[:n]
+        ints[[row for row in self.other if row < n]] = False  # (ints past a float64's range: kept as they are, below)
         out[ints] = num[ints].astype(np.int64).tolist()
         for row, got in self.other.items():
             if row < n:

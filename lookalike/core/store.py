@@ -231,12 +231,13 @@ class VectorCollection:
             for ids, vecs, metas in self.pages(vectors=mir.keeps_vectors):  # (vectors read only when they are kept)
                 mir.put(ids, vecs, metas)
             with self._mirror_lock:
-                if self._generation == generation:  # no write while it was read: it is the collection now
+                current = self._generation == generation  # no write while it was read: it is the collection now
+                if current:
                     self._mirror = mir
-                    log.info("mirrored %d items of %r (vectors: %s)", len(self._mirror), self.name, self._mirror.keeps_vectors)
-                    del mir
-                    trim_memory()  # (the pages read and freed go back to the system)
-                    return self._mirror
+                    log.info("mirrored %d items of %r (vectors: %s)", len(mir), self.name, mir.keeps_vectors)
+            if current:
+                trim_memory()  # (the pages read and freed go back to the system; outside the lock: it walks the heap)
+                return mir
         raise StoreError(f"collection {self.name!r} kept changing while it was read: run the query again")
 
     def _stored_dim(self) -> int:
