@@ -79,6 +79,39 @@ def test_a_planted_copy_is_a_leak_and_leaves_the_leak_free_accuracy(planted: str
         assert {frozenset(gr.ids) for gr in exact.groups} == {leak, within} and exact.leaked_ids == ["mnist:test:50"]
 
 
+def test_the_held_out_queries_run_after_every_read_vector_is_let_go(planted: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """audit reads every vector once; by the time the store is asked about the held-out items (its index loaded
+    again: 3.8 GB at a million) no array of all of them is alive, and the findings are those of an audit that kept them."""
+    import gc
+    import weakref
+
+    from lookalike.analysis import evaluate as evaluate_module
+
+    with Gallery.open("planted", planted) as g:
+        kept = audit(g, k=5)
+        read: list[weakref.ref] = []
+        alive_when_asked: list[bool] = []
+        scan, asked = Gallery.scan_by_split, evaluate_module._store_ranking
+
+        def scan_by_split(self: Gallery):
+            items = scan(self)
+            read.append(weakref.ref(items.vectors))
+            return items
+
+        def store_ranking(*args, **kwargs):
+            gc.collect()
+            alive_when_asked.append(read[-1]() is not None)
+            return asked(*args, **kwargs)
+
+        monkeypatch.setattr(Gallery, "scan_by_split", scan_by_split)
+        monkeypatch.setattr(evaluate_module, "_store_ranking", store_ranking)
+        r = audit(g, k=5)
+    assert len(read) == 1 and alive_when_asked == [False]
+    assert r.leaked_ids == kept.leaked_ids == ["mnist:test:50"] and r.accuracy == kept.accuracy
+    assert r.leak_free_accuracy == kept.leak_free_accuracy and r.store_recall_at_k == kept.store_recall_at_k
+    assert [s.id for s in r.suspects] == [s.id for s in kept.suspects]
+
+
 def test_past_exact_max_the_store_answers_and_a_sample_checks_it(planted: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A large collection's neighbours come from the store (n log n, not n^2), checked against exact search on a
     seeded sample; on these 253 items HNSW is exact, so every finding is the exact audit's."""
