@@ -52,7 +52,7 @@ def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
 def test_partitions_left_behind_by_a_large_write_are_a_problem_repair_fills(stored: str) -> None:
     with Store(stored) as store:
         col = store.open("mnist", partitioned=True)
-        col._set_behind(True)  # as a large ingest killed before its partitions were filled leaves it
+        col.mark_partitions_behind(True)  # as a large ingest killed before its partitions were filled leaves it
         r = check(store)
         assert not r.ok and r.problems == [
             "the label partitions are behind the index (a large ingest or import stopped before filling them): "

@@ -294,7 +294,7 @@ def repair(store: Store, name: str | None = None, *, release_store_memory: bool 
     name = report.collection
     gallery = Gallery(store, name)
     if gallery.record.label_partitions:
-        gallery.collection()._set_behind(True)  # (a repair killed midway leaves label filters exact, without them)
+        gallery.collection().mark_partitions_behind(True)  # (a repair killed midway leaves label filters exact, without them)
         # partitions that only lack entries or hold extra ones are filled in place; any other damage (an index
         # that loses its own items, a partition of no label) drops them all first
         in_place = ("the label partitions are behind", "label partition ")

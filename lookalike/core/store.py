@@ -339,7 +339,7 @@ class VectorCollection:
         in memory, not the main collection's and every partition's.
         """
         if self.partitioned and partitions_later:
-            self._set_behind(True)
+            self.mark_partitions_behind(True)
         elif self.partitioned:
             self.add_to_partitions(ids, vectors, metadatas)
         self._write("add", ids, vectors, metadatas)
@@ -354,7 +354,7 @@ class VectorCollection:
             self._behind_read = time.monotonic()
         return self._behind
 
-    def _set_behind(self, behind: bool) -> None:
+    def mark_partitions_behind(self, behind: bool) -> None:
         """Mark (or unmark) the main collection as ahead of its label partitions, in the store (another process
         opening it reads the mark). Written every time (a batch's one metadata write): never skipped on what this
         object last knew. Unmarked, the key is kept, empty."""
@@ -391,7 +391,7 @@ class VectorCollection:
             if release and missing:
                 self._store.release_memory()
             log.info("label partition %d of %r: %d added, %d removed", label, self.name, len(missing), len(extra))
-        self._set_behind(False)
+        self.mark_partitions_behind(False)
         return added
 
     def add_to_partitions(self, ids: Sequence[str], vectors: np.ndarray, metadatas: Sequence[dict[str, Any]]) -> None:
