@@ -1,0 +1,133 @@
+"""Chroma's HNSW build settings side by side: write rate against the quality of the answers.
+
+    python scripts/hnsw_settings.py --source /tmp/lk-scale/digits-1000000.npz --n 100000 \
+        --settings 32:200 32:100 24:100 16:100 --json docs/hnsw-settings.json
+
+For each ``M:efConstruction`` a bare Chroma collection (``l2``, ef_search 64, lookalike's own write
+path is not involved) is filled with the first ``--n`` indexed digits of the source (``x_train`` of
+``scripts/scale.py``'s file of distinct digits), embedded by the ``pixels`` embedder (784-d, l2),
+in calls of 5,000 as lookalike writes. Measured: vectors written a second, disk, then ``--queries``
+held-out digits (``x_test``, seeded) asked one a call at k=10 at each ``--ef-search``: p50, p99, and recall@1 and recall@10
+against exact search (float64 brute force over the same vectors), and the share of a seeded sample
+of stored vectors that find themselves first (what ``lookalike check`` asks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+K = 10
+BATCH = 5000
+
+
+def exact(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids (rows of ``base``) of each query's ``k`` nearest, exact, in float64 (ties by row)."""
+    b = base.astype(np.float64)
+    norms = (b * b).sum(1)
+    out = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), 256):
+        q = queries[s : s + 256].astype(np.float64)
+        d = norms[None, :] - 2 * q @ b.T
+        part = np.argpartition(d, k, axis=1)[:, :k]
+        order = np.take_along_axis(d, part, 1).argsort(1, kind="stable")
+        out[s : s + 256] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def one(
+    setting: str, ef_searches: list[int], vecs: np.ndarray, queries: np.ndarray, truth: np.ndarray, selfs: np.ndarray, workdir: Path
+) -> dict[str, Any]:
+    import chromadb
+    from chromadb.api.client import SharedSystemClient
+
+    m, efc = (int(x) for x in setting.split(":"))
+    path = workdir / f"hnsw-{m}-{efc}"
+    shutil.rmtree(path, ignore_errors=True)
+    client = chromadb.PersistentClient(str(path))
+    col = client.create_collection(
+        "bench", configuration={"hnsw": {"space": "l2", "max_neighbors": m, "ef_construction": efc, "ef_search": 64}}
+    )
+    ids = [str(i) for i in range(len(vecs))]
+    t = time.perf_counter()
+    for s in range(0, len(vecs), BATCH):
+        col.add(ids=ids[s : s + BATCH], embeddings=vecs[s : s + BATCH])
+    write_s = time.perf_counter() - t
+    asked = {}
+    for ef in ef_searches:
+        # (a loaded index keeps the ef_search it was opened with: the client is opened again to ask with another)
+        col.modify(configuration={"hnsw": {"ef_search": ef}})
+        del col, client
+        SharedSystemClient.clear_system_cache()
+        client = chromadb.PersistentClient(str(path))
+        col = client.get_collection("bench")
+        col.query(query_embeddings=queries[:1], n_results=K, include=[])
+        found, lat = [], []
+        for q in queries:
+            t = time.perf_counter()
+            got = col.query(query_embeddings=q[None], n_results=K, include=[])
+            lat.append((time.perf_counter() - t) * 1000)
+            found.append([int(x) for x in got["ids"][0]])
+        asked[ef] = {
+            "p50_ms": round(float(np.percentile(lat, 50)), 2),
+            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            "recall_at_1": round(float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(found, truth)])), 4),
+            "recall_at_10": round(float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth)])), 4),
+        }
+    got = col.query(query_embeddings=vecs[selfs], n_results=1, include=[])
+    self_found = float(np.mean([bool(g) and int(g[0]) == int(i) for g, i in zip(got["ids"], selfs)]))
+    disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+    del col, client
+    shutil.rmtree(path, ignore_errors=True)
+    row = {
+        "setting": setting,
+        "max_neighbors": m,
+        "ef_construction": efc,
+        "n": len(vecs),
+        "write_s": round(write_s, 1),
+        "vectors_per_s": round(len(vecs) / write_s, 1),
+        "disk_mb": round(disk, 1),
+        "by_ef_search": asked,
+        "finds_itself": round(self_found, 4),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", required=True, help="scripts/scale.py's npz of distinct digits (x_train, x_test)")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--settings", nargs="+", default=["32:200", "32:100"], help="M:efConstruction pairs")
+    ap.add_argument("--ef-search", type=int, nargs="+", default=[64], help="ef_search values asked (the last one finds itself)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from lookalike.models.embedder import PixelEmbedder
+
+    data = np.load(args.source)
+    emb = PixelEmbedder()
+    vecs = np.concatenate([emb.embed(list(data["x_train"][s : s + 20_000])) for s in range(0, args.n, 20_000)])[: args.n]
+    rng = np.random.default_rng(args.seed)
+    queries = emb.embed(list(data["x_test"][np.sort(rng.choice(len(data["x_test"]), args.queries, replace=False))]))
+    selfs = np.sort(rng.choice(args.n, 200, replace=False))
+    truth = exact(vecs, queries, K)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lk-hnsw-"))
+    rows = [one(s, args.ef_search, vecs, queries, truth, selfs, workdir) for s in args.settings]
+    if args.json:
+        Path(args.json).write_text(json.dumps({"source": args.source, "n": args.n, "queries": args.queries, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
