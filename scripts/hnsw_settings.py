@@ -1,15 +1,16 @@
 """Chroma's HNSW build settings side by side: write rate against the quality of the answers.
 
     python scripts/hnsw_settings.py --source /tmp/lk-scale/digits-1000000.npz --n 100000 \
-        --settings 32:200 32:100 24:100 16:100 --json docs/hnsw-settings.json
+        --settings 32:200 32:100 24:100 32:64 --ef-search 64 128 --json docs/hnsw-settings.json
 
-For each ``M:efConstruction`` a bare Chroma collection (``l2``, ef_search 64, lookalike's own write
-path is not involved) is filled with the first ``--n`` indexed digits of the source (``x_train`` of
-``scripts/scale.py``'s file of distinct digits), embedded by the ``pixels`` embedder (784-d, l2),
-in calls of 5,000 as lookalike writes. Measured: vectors written a second, disk, then ``--queries``
-held-out digits (``x_test``, seeded) asked one a call at k=10 at each ``--ef-search``: p50, p99, and recall@1 and recall@10
-against exact search (float64 brute force over the same vectors), and the share of a seeded sample
-of stored vectors that find themselves first (what ``lookalike check`` asks).
+For each ``M:efConstruction`` a bare Chroma collection (``l2``; lookalike's own write path is not
+involved) is filled with the first ``--n`` indexed digits of the source (``x_train`` of
+``scripts/scale.py``'s file of distinct digits; ``--label``: one label's, as a label partition
+holds), embedded by lookalike's ``pixels`` embedder (784-d), in calls of 5,000 as lookalike writes.
+Measured: vectors written a second, disk, then ``--queries`` held-out digits (``x_test``, seeded)
+asked one a call at k=10 at each ``--ef-search``: p50, p99, and recall@1 and recall@10 against
+exact search (float64 brute force over the same vectors), and the share of a seeded sample of
+stored vectors that find themselves first (what ``lookalike check`` asks).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--settings", nargs="+", default=["32:200", "32:100"], help="M:efConstruction pairs")
     ap.add_argument("--ef-search", type=int, nargs="+", default=[64], help="ef_search values asked (the last one finds itself)")
+    ap.add_argument("--label", type=int, default=None, help="only this label's digits, as in a label partition")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
@@ -117,15 +119,21 @@ def main() -> int:
 
     data = np.load(args.source)
     emb = PixelEmbedder()
-    vecs = np.concatenate([emb.embed(list(data["x_train"][s : s + 20_000])) for s in range(0, args.n, 20_000)])[: args.n]
+    x_train, x_test = data["x_train"], data["x_test"]
+    if args.label is not None:  # one label's digits: what a label partition holds
+        x_train, x_test = x_train[data["y_train"] == args.label], x_test[data["y_test"] == args.label]
+    args.n = min(args.n, len(x_train))
+    vecs = np.concatenate([emb.embed(list(x_train[s : s + 20_000])) for s in range(0, args.n, 20_000)])[: args.n]
     rng = np.random.default_rng(args.seed)
-    queries = emb.embed(list(data["x_test"][np.sort(rng.choice(len(data["x_test"]), args.queries, replace=False))]))
+    queries = emb.embed(list(x_test[np.sort(rng.choice(len(x_test), args.queries, replace=False))]))
     selfs = np.sort(rng.choice(args.n, 200, replace=False))
     truth = exact(vecs, queries, K)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lk-hnsw-"))
     rows = [one(s, args.ef_search, vecs, queries, truth, selfs, workdir) for s in args.settings]
     if args.json:
-        Path(args.json).write_text(json.dumps({"source": args.source, "n": args.n, "queries": args.queries, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"source": args.source, "label": args.label, "n": args.n, "queries": args.queries, "rows": rows}, indent=1) + "\n"
+        )
     return 0
 
 

@@ -49,17 +49,20 @@ PAGE = 5000  # rows per get() page, below Chroma's 32,766-record limit
 # 900,000 indexed ids took 55.8 s in pages of 100,000 and 11.7 s in one (every id 17.7 s and 7.4 s). The price is memory
 # for the moment of the call: up to 600 MB for a page of a million ids, 270 MB for 300,000 (7.6 s): see docs/scale.md
 ID_PAGE = 1_000_000
-# max_neighbors 32, not Chroma's 16: with ef_construction 100, M 16 lost quality on 100,000 distinct digits
-# (scripts/scale.py): store recall@1 0.9934 against 0.9989, 1-NN accuracy through the store 0.9146 against 0.9173 (exact
-# 0.9181), and some stored vectors no longer found themselves (check). ef_construction 100 with ef_search 128 (collections
-# made before 2026-12-02: 200 and 64): a bare collection of those 100,000 digits (scripts/hnsw_settings.py) was written
-# 1.73x as fast (2,692 against 1,556 vectors/s) and answered recall@10 0.9956 against 0.9946 (recall@1 0.994 against
-# 0.993) for 0.1 ms more a query (p50 1.60 against 1.51 ms); ingest's rate is bound by this build (docs/scale.md).
-# A collection keeps the settings it was made with (Chroma stores them).
-HNSW = {"space": "l2", "ef_construction": 100, "ef_search": 128, "max_neighbors": 32}
+# ef_search 64: recall@1 0.9999 on MNIST's 10,000 held-out VGG16 vectors against 60,000, the same as
+# ef_search 200, in 6.7 s instead of 12.2 s (32: 3.6 s, same recall); see docs/performance.md.
+# max_neighbors 32 and ef_construction 200, not Chroma's 16 and 100: those wrote 1.5x faster in one Chroma call, but on
+# 100,000 distinct digits (scripts/scale.py) they lost quality: store recall@1 0.9934 against 0.9989, 1-NN accuracy
+# through the store 0.9146 against 0.9173 (exact: 0.9181), and some stored vectors no longer found themselves (check).
+# M 32 with ef_construction 100 (searched 128 wide) wrote a flat million 1.35x as fast (934.7 against 690.7 items/s), but
+# lost recall@1 there: 0.9973 against 1.0 on evaluate's 1,111 exact queries (0.9982 searched 256 wide); docs/scale.md
+HNSW = {"space": "l2", "ef_construction": 200, "ef_search": 64, "max_neighbors": 32}
 # a label partition is small (a tenth of MNIST): a wider search costs ~1 ms and lifts label-filtered
-# recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query)
-PARTITION_HNSW = {**HNSW, "ef_search": 256}
+# recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query). Searched that wide, a
+# graph built with ef_construction 100 answers as well: one label's 91,823 distinct digits (scripts/hnsw_settings.py
+# --label 3) written 1.90x as fast (1,863 against 981 vectors/s), recall@1 and @10 1.0 either way, p50 3.3 against 3.9 ms.
+# (Partitions made before 2026-12-02 keep ef_construction 200: Chroma stores a collection's settings.)
+PARTITION_HNSW = {**HNSW, "ef_construction": 100, "ef_search": 256}
 QUERY_BATCH = 500  # query vectors per Chroma call (larger batches were no faster)
 # Chroma reads a query call's metadatas in one SQL statement of rows x k variables; past SQLite's
 # 32,766 it fails ("too many SQL variables"): calls that read metadata stay under this many results
