@@ -45,5 +45,5 @@ def test_without_faiss_one_line_names_the_install(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(builtins, "__import__", no_faiss)
     assert not ann.available()
-    with pytest.raises(InputError, match=r"pip install 'lookalike\[faiss\]'"):
+    with pytest.raises(InputError, match=r"pip install faiss-cpu"):
         ann.self_neighbours(np.zeros((10, 2), np.float32), 3)

@@ -162,7 +162,7 @@ def test_past_exact_max_a_faiss_graph_answers_and_a_sample_checks_it(planted: st
             audit(g, neighbours="hnsw")
         monkeypatch.setattr(audit_module.ann, "available", lambda: False)
         assert audit(g, k=5, store_sample=50).neighbours_by == "store"
-        with pytest.raises(InputError, match=r"the faiss index needs faiss: pip install 'lookalike\[faiss\]'"):
+        with pytest.raises(InputError, match=r"the faiss index needs faiss: pip install faiss-cpu"):
             audit(g, neighbours="faiss")
 
 
