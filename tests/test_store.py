@@ -100,12 +100,12 @@ def test_label_filter_uses_partitions_and_matches_exact_search(db: str) -> None:
             assert [int(n.id.rsplit(":", 1)[1]) for n in row] == _exact_filtered(vecs, vecs[i], keep, 4), where
             assert all(store_mod.matches(n.metadata, where) for n in row)
     assert reopened.query(vecs[:1], 4, where={"label": 3})[0][0].metadata["label"] == 3
-    # the collection's graph is built 200 wide and searched 64 wide; a partition's (small, searched 256 wide) is built
+    # the collection's graph is built 200 wide and searched 64 wide; a partition's (small, searched 384 wide) is built
     # 100 wide, as Chroma stores them for every later process
     main_hnsw = s._client.get_collection("digits").configuration_json["hnsw"]
     part_hnsw = s._client.get_collection("digits.p3").configuration_json["hnsw"]
     assert (main_hnsw["max_neighbors"], main_hnsw["ef_construction"], main_hnsw["ef_search"]) == (32, 200, 64)
-    assert (part_hnsw["max_neighbors"], part_hnsw["ef_construction"], part_hnsw["ef_search"]) == (32, 100, 256)
+    assert (part_hnsw["max_neighbors"], part_hnsw["ef_construction"], part_hnsw["ef_search"]) == (32, 100, 384)
     s.drop("digits")
     assert s._client.list_collections() == []  # partitions dropped with it
 

@@ -58,11 +58,13 @@ ID_PAGE = 1_000_000
 # lost recall@1 there: 0.9973 against 1.0 on evaluate's 1,111 exact queries (0.9982 searched 256 wide); docs/scale.md
 HNSW = {"space": "l2", "ef_construction": 200, "ef_search": 64, "max_neighbors": 32}
 # a label partition is small (a tenth of MNIST): a wider search costs ~1 ms and lifts label-filtered
-# recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query). Searched that wide, a
-# graph built with ef_construction 100 answers as well: one label's 91,823 distinct digits (scripts/hnsw_settings.py
-# --label 3) written 1.90x as fast (1,863 against 981 vectors/s), recall@1 and @10 1.0 either way, p50 3.3 against 3.9 ms.
-# (Partitions made before 2026-12-02 keep ef_construction 200: Chroma stores a collection's settings.)
-PARTITION_HNSW = {**HNSW, "ef_construction": 100, "ef_search": 256}
+# recall@5 from 0.975 to 0.997 (Chroma's where over the whole gallery: 0.998, at ~50 ms a query). Built 100 wide and
+# searched 384 wide, it answers as the graph built 200 wide and searched 256 wide did, as fast, and is written 1.7x as
+# fast: one label's 91,823 distinct digits (scripts/hnsw_settings.py --label 3 --any-queries: 1,000 held-out digits of
+# every label ask) written at 2,123 against 1,188 vectors/s; recall@1 0.999 and 0.999, recall@10 0.9980 and 0.9981, p50
+# 3.31 and 3.47 ms (searched 256 wide, the cheaper graph: 0.998, 0.9962). Partitions made before 2026-12-02 keep 200 and
+# 256 (Chroma stores a collection's settings).
+PARTITION_HNSW = {**HNSW, "ef_construction": 100, "ef_search": 384}
 QUERY_BATCH = 500  # query vectors per Chroma call (larger batches were no faster)
 # Chroma reads a query call's metadatas in one SQL statement of rows x k variables; past SQLite's
 # 32,766 it fails ("too many SQL variables"): calls that read metadata stay under this many results
