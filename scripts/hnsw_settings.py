@@ -10,7 +10,7 @@ holds, asked by that label's held-out digits or, ``--any-queries``, by every lab
 lookalike's ``pixels`` embedder (784-d), in calls of 5,000 as lookalike writes.
 Measured: vectors written a second, disk, then ``--queries`` held-out digits (``x_test``, seeded)
 asked one a call at k=10 at each ``--ef-search``: p50, p99, and recall@1 and recall@10 against
-exact search (float64 brute force over the same vectors), and the share of a seeded sample of
+exact search (``metrics.exact_neighbours``: brute force, re-ranked in float64), and the share of a seeded sample of
 stored vectors that find themselves first (what ``lookalike check`` asks).
 """
 
@@ -26,23 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from peers import K, recall, timed_queries  # (scripts/peers.py, beside this one: the same recall and timing)
 
-K = 10
 BATCH = 5000
-
-
-def exact(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids (rows of ``base``) of each query's ``k`` nearest, exact, in float64."""
-    b = base.astype(np.float64)
-    norms = (b * b).sum(1)
-    out = np.empty((len(queries), k), np.int64)
-    for s in range(0, len(queries), 256):
-        q = queries[s : s + 256].astype(np.float64)
-        d = norms[None, :] - 2 * q @ b.T
-        part = np.argpartition(d, k, axis=1)[:, :k]
-        order = np.take_along_axis(d, part, 1).argsort(1, kind="stable")
-        out[s : s + 256] = np.take_along_axis(part, order, 1)
-    return out
 
 
 def one(
@@ -71,18 +57,15 @@ def one(
         SharedSystemClient.clear_system_cache()
         client = chromadb.PersistentClient(str(path))
         col = client.get_collection("bench")
-        col.query(query_embeddings=queries[:1], n_results=K, include=[])
-        found, lat = [], []
-        for q in queries:
-            t = time.perf_counter()
-            got = col.query(query_embeddings=q[None], n_results=K, include=[])
-            lat.append((time.perf_counter() - t) * 1000)
-            found.append([int(x) for x in got["ids"][0]])
+
+        def ask(v: np.ndarray, c: Any = col) -> list[int]:
+            return [int(x) for x in c.query(query_embeddings=v, n_results=K, include=[])["ids"][0]]
+
+        found, lat = timed_queries(ask, queries)
         asked[ef] = {
-            "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2),
+            **{name: round(ms, 2) for name, ms in lat.items()},
             "recall_at_1": round(float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(found, truth)])), 4),
-            "recall_at_10": round(float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth)])), 4),
+            "recall_at_10": round(recall(found, truth), 4),
         }
     got = col.query(query_embeddings=vecs[selfs], n_results=1, include=[])
     self_found = float(np.mean([bool(g) and int(g[0]) == int(i) for g, i in zip(got["ids"], selfs)]))
@@ -120,6 +103,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    from lookalike.analysis.metrics import exact_neighbours
     from lookalike.models.embedder import PixelEmbedder
 
     data = np.load(args.source)
@@ -133,7 +117,7 @@ def main() -> int:
     rng = np.random.default_rng(args.seed)
     queries = emb.embed(list(x_test[np.sort(rng.choice(len(x_test), args.queries, replace=False))]))
     selfs = np.sort(rng.choice(args.n, 200, replace=False))
-    truth = exact(vecs, queries, K)
+    truth, _ = exact_neighbours(queries, vecs, K)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="lk-hnsw-"))
     rows = [one(s, args.ef_search, vecs, queries, truth, selfs, workdir) for s in args.settings]
     if args.json:
