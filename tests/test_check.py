@@ -31,6 +31,20 @@ def test_a_whole_collection_checks_ok(stored: str) -> None:
         assert store.epoch == 1 + 10  # after the main collection, then after each partition
 
 
+def test_an_id_index_that_differs_from_the_store_is_built_again_by_check(stored: str) -> None:
+    with Store(stored) as store:
+        col = store.open("mnist")
+        first = col.page(None, None, 250)[0]
+        assert store._ids is not None
+        with store._ids._tx() as db:  # a silent difference: the counts agree, one id is another
+            db.execute("UPDATE ids SET id = 'ghost' WHERE id = ?", (first[7],))
+        assert first[7] not in store.open("mnist").page(None, None, 250)[0]  # (its place names an id not stored)
+        r = check(store)
+        assert r.ok and len(r.notes) == 1 and "id index differed from the store (2 ids differ): built again" in r.notes[0]
+        assert store.open("mnist").page(None, None, 250)[0] == first
+        assert check(store).notes == []
+
+
 def test_a_partition_that_lost_items_is_found_and_rebuilt(stored: str) -> None:
     with Store(stored) as store:
         part = store._client.get_collection("mnist.p3", embedding_function=None)

@@ -19,7 +19,7 @@ from PIL import Image
 from lookalike.analysis.check import check
 from lookalike.core.gallery import Gallery
 from lookalike.core.ingest import ingest, sync
-from lookalike.core.items import add_images, remove_items
+from lookalike.core.items import add_images, list_items, remove_items
 from lookalike.core.search import search
 from lookalike.core.store import Store
 from lookalike.errors import InputError
@@ -107,6 +107,47 @@ def test_add_and_remove_in_the_cli(tmp_path: Path, db: str, runner, fake_embedde
     assert r.exit_code == 0 and "removed 3" in r.stdout
     bad = runner.invoke(app, ["remove", "--db", db])
     assert bad.exit_code == 2 and "give ids" in one_line_error(bad)
+
+
+def test_items_are_listed_a_page_at_a_time_with_filters(gallery: Gallery, db: str, runner) -> None:
+    everything, cursor = [], None
+    while True:
+        page = list_items(gallery, cursor=cursor, limit=64)
+        everything += page.items
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    ids = [it["id"] for it in everything]
+    assert len(ids) == 250 == len(set(ids)) == gallery.count()
+    assert all(it["label_name"] == gallery.label_name(it["label"]) and it["split"] in ("train", "test") for it in everything)
+    sevens = list_items(gallery, labels=["7"], split="train", where=["index < 150"], limit=1000)
+    assert sevens.next_cursor is None and [it["id"] for it in sevens.items] == [
+        it["id"] for it in everything if it["label"] == 7 and it["split"] == "train" and it["metadata"]["index"] < 150
+    ]
+    for kwargs, message in (
+        ({"limit": 0}, "--limit must be 1 to 1,000"),
+        ({"limit": 1001}, "--limit must be 1 to 1,000"),
+        ({"cursor": "abc"}, "start again without a cursor"),
+        ({"where": ["colour = red"]}, "colour"),
+        ({"labels": ["cat"]}, "cat"),
+    ):
+        with pytest.raises(InputError, match=message):
+            list_items(gallery, **kwargs)
+    gallery.close()
+    r = runner.invoke(app, ["items", "--db", db, "--limit", "4"])
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and [line.split()[0] for line in lines[:4]] == ids[:4] and lines[4].startswith("next page: --cursor ")
+    r = runner.invoke(app, ["items", "--db", db, "--limit", "4", "--cursor", lines[4].split()[-1], "--json"])
+    assert r.exit_code == 0 and [it["id"] for it in json.loads(r.stdout)["items"]] == ids[4:8]
+    r = runner.invoke(app, ["items", "--db", db, "--where", "index > 100000"])
+    assert r.exit_code == 0 and r.stdout.strip() == "no items match the filters"
+    for args, message in (
+        (["--cursor", "12.34"], "start again without a cursor"),
+        (["--where", "index >"], "index"),
+        (["--limit", "0"], "--limit"),
+    ):
+        bad = runner.invoke(app, ["items", "--db", db, *args])
+        assert bad.exit_code == 2 and message in one_line_error(bad), bad.output
 
 
 def _cli_remove(db: str) -> subprocess.Popen[str]:

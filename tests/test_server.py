@@ -182,6 +182,46 @@ def test_items_and_their_images(served: Served) -> None:
         assert "root:" not in data.decode()
 
 
+def test_items_listed_a_page_at_a_time_by_cursor(served: Served) -> None:
+    listed, cursor, pages = [], None, 0
+    while True:
+        status, _, data = served.call("GET", "/collections/pixels/items?limit=60" + (f"&cursor={cursor}" if cursor else ""))
+        page = json.loads(data)
+        assert status == 200 and page["collection"] == "pixels" and len(page["items"]) <= 60, page
+        listed += page["items"]
+        pages, cursor = pages + 1, page["next_cursor"]
+        if cursor is None:
+            break
+    ids = [it["id"] for it in listed]
+    assert pages == 5 and len(ids) == 250 == len(set(ids))
+    assert set(ids) == {f"mnist:train:{i}" for i in range(200)} | {f"mnist:test:{i}" for i in range(50)}
+    status, _, data = served.call("GET", "/collections/pixels/items?label=2&split=test&where=index%20%3E%3D%2010&limit=1000")
+    got = json.loads(data)["items"]
+    assert (
+        status == 200
+        and got
+        and got == [it for it in listed if it["label"] == 2 and it["split"] == "test" and it["metadata"]["index"] >= 10]
+    )
+    remote = run_cli("items", "--server", served.server.url, "-c", "pixels", "--limit", "7", "--json", env={"LOOKALIKE_API_KEY": KEY})
+    assert remote.returncode == 0, remote.stderr
+    first = json.loads(remote.stdout)
+    assert [it["id"] for it in first["items"]] == ids[:7] and first["next_cursor"]
+    text = run_cli("items", "--server", served.server.url, "-c", "pixels", "--limit", "3", "--cursor", first["next_cursor"],
+                   env={"LOOKALIKE_API_KEY": KEY})  # fmt: skip
+    assert text.returncode == 0 and [line.split()[0] for line in text.stdout.splitlines()[:3]] == ids[7:10]
+    assert "next page: --cursor " in text.stdout
+    for query, message in (
+        ("cursor=nonsense", "start again without a cursor"),
+        ("limit=0", "--limit must be 1 to 1,000"),
+        ("limit=many", "limit"),
+        ("split=val", "is not one of train, test"),
+        ("where=width%20%3E%3D", "where"),
+    ):
+        status, _, data = served.call("GET", f"/collections/pixels/items?{query}")
+        answer = json.loads(data)
+        assert status == 422 and message in answer["error"] and "\n" not in answer["error"], (query, answer)
+
+
 def test_evaluation_saved_with_the_collection(served: Served) -> None:
     status, _, data = served.call("GET", "/collections/digits/evaluation")
     assert status == 200 and json.loads(data) == served.evaluation
@@ -445,6 +485,14 @@ def test_a_service_over_a_chroma_server_runs_beside_the_cli_and_says_503_when_th
                 "POST", "/collections/shared/search", *multipart([("k", "3")], png(np.load(tiny_npz)["x_test"][5]))
             )
             assert status == 200 and json.loads(data)["hits"][0]["id"] == "mnist:test:5"
+            listed, cursor = [], ""  # a server's collection pages by offset (other processes write to it)
+            while cursor is not None:
+                code, _, body = server.call("GET", f"/collections/shared/items?limit=100&cursor={cursor}")
+                assert code == 200, body
+                page = json.loads(body)
+                listed += [it["id"] for it in page["items"]]
+                cursor = page["next_cursor"]
+            assert len(listed) == 250 == len(set(listed))
             beside = run_cli("search", "--id", "mnist:test:5", "--k", "2", "--db", url, "--json")  # no lock on a server
             assert beside.returncode == 0, beside.stderr
             assert [h["id"] for h in json.loads(beside.stdout)] == [h["id"] for h in json.loads(data)["hits"][1:]]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -521,3 +522,147 @@ def test_without_mirrored_vectors_a_filters_vectors_are_read_once_and_follow_wri
     assert col.query(vecs[:2], 3, where) == first
     assert col.plan_counts["kept"] == 7 and col.plan_counts["allow-list"] == 0
     s.close()
+
+
+def flat(pages: list[list[str]]) -> list[str]:
+    return [i for page in pages for i in page]
+
+
+def listing(col: store_mod.VectorCollection, where: dict[str, object] | None = None, limit: int = 7) -> list[list[str]]:
+    """Every page of ``col`` by cursor, to the end."""
+    pages, cursor = [], None
+    while True:
+        ids, metas, cursor = col.page(where, cursor, limit)
+        assert len(ids) <= limit and len(metas) == len(ids)
+        pages.append(ids)
+        if cursor is None:
+            return pages
+
+
+def test_pages_by_cursor_follow_the_write_order_through_writes_and_reopening(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    fill(col, 30)
+    written = [f"mnist:{'test' if i % 3 == 0 else 'train'}:{i}" for i in range(30)]
+    pages = listing(col)
+    assert [len(p) for p in pages] == [7, 7, 7, 7, 2] and flat(pages) == written  # no empty last page
+    ids, metas, cursor = col.page(None, None, 7)
+    assert ids == written[:7] and metas[3]["label"] == 3 and cursor is not None
+    # writes between two pages: an item already listed and one still to come removed, one replaced, two added
+    col.delete([written[2], written[20]])
+    col.upsert([written[10]], np.zeros((1, 784), np.float32), [{"label": 0, "label_name": "0", "split": "train"}])
+    col.add(["new:1", "new:2"], np.ones((2, 784), np.float32), [{"label": 1, "label_name": "1", "split": "train"}] * 2)
+    rest = []
+    while cursor is not None:
+        ids, _, cursor = col.page(None, cursor, 7)
+        rest += ids
+    assert rest == [i for i in written[7:] if i != written[20]] + ["new:1", "new:2"]  # nothing skipped, nothing twice
+    # a filtered page reads the index's ids a chunk at a time and looks at a bounded number of them
+    monkeypatch.setattr(store_mod, "PAGE", 4)
+    monkeypatch.setattr(store_mod, "SCAN_MAX", 8)
+    label3 = [i for i in written if i not in (written[2], written[20]) and int(i.rsplit(":", 1)[1]) % 10 == 3]
+    pages = listing(col, {"label": 3}, limit=2)
+    assert flat(pages) == label3 and any(len(p) < 2 for p in pages[:-1])  # short pages that still go on
+    assert flat(listing(col, {"$and": [{"label": 1}, {"split": "train"}]}, limit=50)) == [
+        i for i in written if i.startswith("mnist:train") and int(i.rsplit(":", 1)[1]) % 10 == 1
+    ] + ["new:1", "new:2"]
+    ids, _, cursor = col.page(None, None, 5)
+    s.close()
+    again = Store(db).open("digits")  # another process later: the index and its cursors are kept
+    assert again.page(None, cursor, 5)[0] == [i for i in written if i not in (written[2], written[20])][5:10]
+
+
+def test_an_unfinished_or_missing_id_index_is_built_again_and_old_cursors_are_refused(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lookalike.core.idindex import FILE
+
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    fill(col, 20)
+    expected = flat(listing(col))
+    _, _, cursor = col.page(None, None, 5)
+
+    def killed(*a: object, **k: object) -> None:  # Chroma wrote the batch, then the process died before the index heard
+        real_add(*a, **k)
+        raise KeyboardInterrupt
+
+    real_add = col._c.add
+    monkeypatch.setattr(col._c, "add", killed)
+    with pytest.raises(KeyboardInterrupt):
+        col.add(["late:1"], np.ones((1, 784), np.float32), [{"label": 2, "label_name": "2", "split": "train"}])
+    monkeypatch.undo()
+    s.close()
+    s = Store(db)
+    col = s.open("digits")
+    assert flat(listing(col)) == [*expected, "late:1"]  # built again from Chroma's listing
+    with pytest.raises(InputError, match="re-indexed since"):
+        col.page(None, cursor, 5)  # a cursor of the index before: refused, not followed to the wrong place
+    s.close()
+    Path(db, FILE).unlink()  # a store of an earlier release has no index: the first page makes it
+    for suffix in ("-wal", "-shm"):
+        Path(db, FILE + suffix).unlink(missing_ok=True)
+    s = Store(db)
+    assert flat(listing(s.open("digits"))) == [*expected, "late:1"]
+    s.rebuild("digits")  # a rebuilt collection has another UUID: indexed afresh, the old one's rows dropped
+    assert flat(listing(s.open("digits"))) == [*expected, "late:1"]
+    s.drop("digits")
+    assert s._ids is not None and s._ids._conn().execute("SELECT COUNT(*) FROM ids").fetchone()[0] == 0
+    with pytest.raises(InputError, match="not one this collection gave"):
+        create(s, "fresh").page(None, "12.x", 5)
+
+
+def test_writes_the_index_never_saw_are_found_and_a_failing_index_file_is_gone_without(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lookalike.core.idindex import FILE
+
+    def chroma_ids(col: store_mod.VectorCollection) -> list[str]:
+        return col._c.get(include=[])["ids"]
+
+    meta = [{"label": 2, "label_name": "2", "split": "train"}]
+    s = Store(db, create=True)
+    col = create(s, "digits")
+    fill(col, 12)
+    flat(listing(col))
+
+    def then_killed(real: Any) -> Any:
+        def call(*a: object, **k: object) -> None:
+            real(*a, **k)
+            raise KeyboardInterrupt
+
+        return call
+
+    # an add killed after Chroma wrote it, then a delete killed likewise, then a write that finishes: the counts
+    # come out equal, the ids do not; the index stays stale until built again
+    monkeypatch.setattr(col._c, "add", then_killed(col._c.add))
+    with pytest.raises(KeyboardInterrupt):
+        col.add(["x1"], np.ones((1, 784), np.float32), meta)
+    monkeypatch.undo()
+    monkeypatch.setattr(col._c, "delete", then_killed(col._c.delete))
+    with pytest.raises(KeyboardInterrupt):
+        col.delete(["mnist:train:4"])
+    monkeypatch.undo()
+    col.add(["z"], np.ones((1, 784), np.float32), meta)
+    s.close()
+    s = Store(db)
+    col = s.open("digits")
+    assert flat(listing(col)) == chroma_ids(col) and "x1" in chroma_ids(col)
+    # an earlier release writes without the index (one added, one removed: the same count): the last id tells
+    old = store_mod.VectorCollection(col._c, s)
+    old.add(["old:1"], np.ones((1, 784), np.float32), meta)
+    old.delete(["mnist:train:5"])
+    s.close()
+    s = Store(db)
+    col = s.open("digits")
+    assert flat(listing(col)) == chroma_ids(col) and "old:1" in chroma_ids(col)
+    s.close()
+    Path(db, FILE).write_bytes(b"not a database" * 200)  # a damaged index file: the store goes on without it
+    for suffix in ("-wal", "-shm"):
+        Path(db, FILE + suffix).unlink(missing_ok=True)
+    s = Store(db)
+    col = s.open("digits")
+    col.add(["after:1"], np.ones((1, 784), np.float32), meta)  # the write works (the file is given up and removed)
+    assert not Path(db, FILE).exists()
+    assert flat(listing(col)) == chroma_ids(col)  # paged by offset meanwhile
+    assert [i for ids, _, _ in col.pages(vectors=False) for i in ids] == chroma_ids(col)
+    s.close()
+    s = Store(db)
+    col = s.open("digits")
+    assert flat(listing(col)) == chroma_ids(col) and Path(db, FILE).exists()  # the next process builds it again

@@ -116,13 +116,14 @@ def _check_items(g: Gallery, full: bool = False, release: bool = False) -> Check
         problems.append(f"the import from {importing} did not finish: run `lookalike import` with that file again")
     catalogue_trouble = _catalogue_problems(g, ids, metas)
     problems += catalogue_trouble
+    index_note = col.verify_id_index(ids)  # (lookalike's own id index, for paging by cursor: rebuilt when it differs)
 
     unreadable = _unreadable_vectors(col, ids, g.record.embedder.dim)
     if unreadable:
         problems.append(f"{len(unreadable)} of {len(ids)} items have no readable vector (e.g. {unreadable[0]!r})")
     bad = set(unreadable)
     readable = [i for i in ids if i not in bad]
-    notes: list[str] = []
+    notes: list[str] = [index_note] if index_note else []
     lost, missed = _self_query(col, readable, len(readable) if full else SELF_QUERIES)
     if lost:
         problems.append(lost)

@@ -357,6 +357,11 @@ class Gallery:
         dim = self.record.embedder.dim
         return self._col.scan(self.where(split=split), vectors=vectors, dim=dim, fields=fields, only=only, metadatas=metadata)
 
+    def page(self, where: dict[str, Any] | None, cursor: str | None, limit: int) -> tuple[list[str], list[dict[str, Any]], str | None]:
+        """Up to ``limit`` items matching ``where`` after ``cursor``, in write order: (ids, metadatas, the next page's
+        cursor or None); see :meth:`lookalike.core.store.VectorCollection.page`."""
+        return self._col.page(where, cursor, limit)
+
     def scan_by_split(self) -> Scanned:
         """Every item, held-out ones first, then the indexed ones, then any other, read once: each split's ids and each
         label's are listed, the vectors read without metadata (a million items: their metadata would nearly double

@@ -32,7 +32,7 @@ from typing import Any
 from lookalike.core.gallery import Gallery
 from lookalike.core.store import is_server
 from lookalike.data.datasets import ADDED_PREFIX as PREFIX
-from lookalike.data.filters import parse_where
+from lookalike.data.filters import combine, parse_where
 from lookalike.data.images import image_fields
 from lookalike.data.sidecar import check_metadata, parse_fields
 from lookalike.errors import InputError
@@ -67,6 +67,51 @@ class RemoveReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ItemsPage:
+    """One page of :func:`list_items`: the items (id, label, split, metadata) in write order, and the cursor of the next
+    page (None after the last)."""
+
+    collection: str
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MAX_LIST = 1000  # items a page of list_items may hold
+
+
+def list_items(
+    gallery: Gallery,
+    *,
+    labels: Sequence[int | str] | None = None,
+    split: str | None = None,
+    where: dict[str, Any] | Sequence[str] | None = None,
+    cursor: str | None = None,
+    limit: int = 100,
+) -> ItemsPage:
+    """The stored items matching the filters, ``limit`` at a time, in the order they were first written (a replaced
+    item keeps its place), like immich's or FiftyOne's paged listings. ``cursor``: the ``next_cursor`` of the page
+    before (None: from the start). On a local store the cursor is a place in lookalike's id index
+    (:mod:`lookalike.core.idindex`), not an offset: a page costs about the same wherever it starts, and items added or
+    removed meanwhile shift nothing (new ones come at the end). A filtered page looks at a bounded number of items, so
+    a rare filter's page may hold fewer than ``limit`` and still give a cursor: the listing ends when ``next_cursor``
+    is None. On a ``chroma run`` server the cursor is an offset in Chroma's order."""
+    if not 1 <= limit <= MAX_LIST:
+        raise InputError(f"--limit must be 1 to {MAX_LIST:,}, got {limit}")
+    filt = parse_where(where) if where is not None and not isinstance(where, dict) else where
+    gallery.check_where(filt)
+    ids, metas, nxt = gallery.page(combine(gallery.where(labels, split), filt), cursor or None, limit)
+    items = []
+    for i, m in zip(ids, metas):
+        label = m.get("label", UNLABELLED)
+        label = label if isinstance(label, int) and not isinstance(label, bool) else UNLABELLED
+        items.append({"id": i, "label": label, "label_name": gallery.label_name(label), "split": str(m.get("split", "")), "metadata": m})
+    return ItemsPage(gallery.name, items, nxt)
 
 
 def files_dir(gallery: Gallery, files: str | os.PathLike[str] | None = None) -> Path:

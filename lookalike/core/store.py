@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from lookalike.core.idindex import IdIndex, IdIndexError, decode_cursor, encode_cursor
 from lookalike.core.lock import StoreLock
 from lookalike.core.mirror import Mirror
 from lookalike.data.filters import matches
@@ -43,12 +44,19 @@ T = TypeVar("T")
 DEFAULT_DB = "./lookalike-db"
 RECORD_KEY = "lookalike"
 PAGE = 5000  # rows per get() page, below Chroma's 32,766-record limit
-# a scan lists the matching ids first (ids only: 0.33 s for 100,000), then reads them by id, PAGE at a time: a page by
-# offset costs more the further it starts (100,000 items: 290 ms at offset 50,000, 450 ms at 95,000), a page by id does not.
-# The listing itself pages by offset (Chroma's get has no cursor), so its pages are large: listing a million items'
+# a scan of every item of a local collection follows its id index (lookalike.core.idindex), PAGE ids at a time, each page
+# read by id. A filtered scan (or a server's collection) lists the matching ids first (ids only: 0.33 s for 100,000),
+# then reads them by id, PAGE at a time: a page by offset costs more the further it starts (100,000 items: 290 ms at
+# offset 50,000, 450 ms at 95,000), a page by id does not.
+# That listing pages by offset (Chroma's get has no cursor), so its pages are large: listing a million items'
 # 900,000 indexed ids took 55.8 s in pages of 100,000 and 11.7 s in one (every id 17.7 s and 7.4 s). The price is memory
 # for the moment of the call: up to 600 MB for a page of a million ids, 270 MB for 300,000 (7.6 s): see docs/scale.md
 ID_PAGE = 1_000_000
+# a filtered page by cursor reads the id index's next ids with their metadata from Chroma (by id: index-backed; Chroma's
+# where beside 5,000 ids took 6.8 s a call at 20,000 items), keeps the matches (lookalike.data.filters.matches, as the
+# mirror does) and reads on, twice as many each time up to PAGE, until the page is full or SCAN_MAX ids were looked at:
+# a rare filter's page may then hold fewer items (its cursor goes on)
+SCAN_MAX = 50_000
 # ef_search 64: recall@1 0.9999 on MNIST's 10,000 held-out VGG16 vectors against 60,000, the same as
 # ef_search 200, in 6.7 s instead of 12.2 s (32: 3.6 s, same recall); see docs/performance.md.
 # max_neighbors 32 and ef_construction 200, not Chroma's 16 and 100: those wrote 1.5x faster in one Chroma call, but on
@@ -155,11 +163,17 @@ class VectorCollection:
     whole gallery (~50 ms a query on 70,000 items, see :meth:`query`).
     """
 
-    def __init__(self, collection: Any, store: Store, partitioned: bool = False) -> None:
+    def __init__(self, collection: Any, store: Store, partitioned: bool = False, *, indexed: bool = False) -> None:
         self._store = store
         self._c = collection
         self.name: str = collection.name
         self.partitioned = partitioned
+        # a local store's collection keeps its ids in write order in the store's id index (see lookalike.core.idindex):
+        # its key is Chroma's UUID of the collection (a rebuilt or re-made collection has another, and is indexed afresh)
+        self._ids = store._ids if indexed else None
+        self._ids_key = str(collection.id)
+        self._ids_lock = threading.RLock()
+        self._ids_checked = False  # the index was compared with Chroma's count in this process (only it writes since)
         # the label partitions lack items of the main collection (see :meth:`fill_partitions`): label filters go without them
         self._behind = bool((collection.metadata or {}).get(BEHIND_KEY))
         self._behind_read = time.monotonic()
@@ -435,7 +449,7 @@ class VectorCollection:
             self._generation += 1
             mir, self._mirror = self._mirror, None
         try:
-            with self._guard():
+            with self._guard(), self._indexing(ids, removed=True):
                 for start in range(0, len(ids), self._store.max_batch):
                     self._c.delete(ids=ids[start : start + self._store.max_batch])
             if mir is not None:
@@ -476,7 +490,7 @@ class VectorCollection:
             new = list(range(len(ids)))
         step = self._store.max_batch
         try:
-            with self._guard():
+            with self._guard(), self._indexing(ids if how != "update" else None):
                 call = getattr(self._c, how)
                 for start in range(0, len(ids), step):
                     end = start + step
@@ -493,6 +507,151 @@ class VectorCollection:
         finally:
             with self._mirror_lock:
                 self._written()  # (also when no mirror was loaded: a read running now must start again)
+
+    @contextmanager
+    def _indexing(self, ids: Sequence[str] | None, *, removed: bool = False) -> Iterator[None]:
+        """Around a Chroma write of ``ids`` (None: no id added or removed): the id index marked stale before, given the
+        ids and Chroma's count after; a write that fails or is killed leaves it stale (built again at its next use).
+        An index that cannot be used is gone without (see :class:`~lookalike.core.idindex.IdIndex`)."""
+        if self._ids is None or ids is None:
+            yield
+            return
+        with self._ids_lock:
+            try:
+                was_fresh: bool | None = self._ids.stale(self._ids_key)
+            except IdIndexError:
+                was_fresh = None
+            yield
+            if was_fresh is not None:
+                stored = int(self._c.count())
+                with contextlib.suppress(IdIndexError):
+                    (self._ids.removed if removed else self._ids.added)(self._ids_key, ids, stored, was_fresh)
+
+    def _id_epoch(self) -> int:
+        """The id index's epoch, after building the index from Chroma's listing when it is missing, stale, counts other
+        than Chroma or ends with another id (checked once a process: only this process writes to a local store
+        meanwhile). IdIndexError when it cannot be used."""
+        assert self._ids is not None
+        with self._ids_lock:
+            state = self._ids.state(self._ids_key)
+            if state is not None and state.fresh and self._ids_checked:
+                return state.epoch
+            stored = self.count()
+            if state is None or not state.agrees(stored) or self._ids.last(self._ids_key) != self._last_listed(stored):
+                began = time.perf_counter()
+                epoch = self._ids.build(self._ids_key, self.ids())
+                log.info("indexed the %d ids of %r in write order (%.1f s)", stored, self.name, time.perf_counter() - began)
+            else:
+                epoch = state.epoch
+            self._ids_checked = True
+            return epoch
+
+    def _last_listed(self, stored: int) -> str | None:
+        """The last id of Chroma's listing (the order items were written in): a write the index did not see (a process
+        of an earlier release) changes it even when the count comes out the same."""
+        if stored == 0:
+            return None
+        with self._guard():
+            got = self._c.get(limit=1, offset=stored - 1, include=[])
+        return got["ids"][0] if got["ids"] else None
+
+    def verify_id_index(self, listed: Sequence[str]) -> str:
+        """Compare the id index with ``listed`` (every id Chroma lists, in its order): when they differ, build the index
+        again from it and say so (a note: the index is lookalike's own, derived from the store); "" when they agree or
+        there is no index."""
+        if self._ids is None:
+            return ""
+        with self._ids_lock:
+            try:
+                state = self._ids.state(self._ids_key)
+                if state is None:
+                    return ""
+                held = set(self._ids.ids(self._ids_key))
+                differ = len(held.symmetric_difference(listed))
+                if not differ and state.agrees(len(listed)):
+                    return ""
+                self._ids.build(self._ids_key, list(dict.fromkeys(listed)))
+            except IdIndexError as exc:
+                return str(exc)
+            self._ids_checked = True
+        what = f"{differ} ids differ" if differ else "a write was not finished"
+        return (
+            f"lookalike's id index differed from the store ({what}): built again from the store's listing "
+            "(a listing by cursor starts again)"
+        )
+
+    def page(self, where: dict[str, Any] | None, cursor: str | None, limit: int) -> tuple[list[str], list[dict[str, Any]], str | None]:
+        """Up to ``limit`` items matching ``where`` after ``cursor`` (None: from the start): (ids, metadatas, the next
+        page's cursor or None at the end). A local collection pages in write order by its id index (a page costs
+        the same wherever it starts; added items come at the end, removed ones leave no gap); a filtered page looks at
+        up to ``SCAN_MAX`` ids, so a rare filter's page may hold fewer items and still name a next cursor. A server's
+        collection (other processes write to it), or one whose index cannot be used, pages in Chroma's order by
+        offset: its cursor is an offset."""
+        if self._ids is None or self._ids.unavailable:
+            return self._page_by_offset(where, cursor, limit)
+        with self._ids_lock:  # (one numbering for the whole page: a rebuild by another thread waits)
+            try:
+                return self._page_by_index(where, cursor, limit)
+            except IdIndexError:
+                return self._page_by_offset(where, None if cursor and "." in cursor else cursor, limit)
+
+    def _page_by_index(
+        self, where: dict[str, Any] | None, cursor: str | None, limit: int
+    ) -> tuple[list[str], list[dict[str, Any]], str | None]:
+        assert self._ids is not None
+        epoch = self._id_epoch()
+        after = decode_cursor(cursor, epoch) if cursor else 0
+        if where is None:
+            chunk = self._ids.after(self._ids_key, after, limit + 1)
+            more = len(chunk) > limit
+            chunk = chunk[:limit]
+            ids, metas = self._in_order(chunk)
+            return ids, metas, encode_cursor(epoch, chunk[-1][0]) if more else None
+        out_ids: list[str] = []
+        out_metas: list[dict[str, Any]] = []
+        scanned, step = 0, min(PAGE, max(2 * limit, 100))
+        while True:
+            chunk = self._ids.after(self._ids_key, after, step)
+            if not chunk:
+                return out_ids, out_metas, None
+            ids, metas = self._in_order(chunk)
+            keep = [k for k, m in enumerate(metas) if matches(m, where)]
+            room = limit - len(out_ids)
+            out_ids += [ids[k] for k in keep[:room]]
+            out_metas += [metas[k] for k in keep[:room]]
+            if len(keep) > room:  # the page is full inside this chunk: the next one starts after its last item
+                seq = {x: s for s, x in chunk}[out_ids[-1]]
+                return out_ids, out_metas, encode_cursor(epoch, seq)
+            after = chunk[-1][0]
+            scanned += len(chunk)
+            if len(chunk) < step:
+                return out_ids, out_metas, None
+            if len(out_ids) == limit or scanned >= SCAN_MAX:
+                return out_ids, out_metas, encode_cursor(epoch, after)
+            step = min(PAGE, 2 * step)  # (a narrow filter: larger reads)
+
+    def _in_order(self, chunk: list[tuple[int, str]]) -> tuple[list[str], list[dict[str, Any]]]:
+        """The stored items of ``chunk`` (write number, id), read by id, in write order."""
+        if not chunk:
+            return [], []
+        with self._guard():
+            got = self._c.get(ids=[x for _, x in chunk], include=["metadatas"])
+        found = dict(zip(got["ids"], got["metadatas"]))
+        ids = [x for _, x in chunk if x in found]
+        return ids, [found[x] or {} for x in ids]
+
+    def _page_by_offset(
+        self, where: dict[str, Any] | None, cursor: str | None, limit: int
+    ) -> tuple[list[str], list[dict[str, Any]], str | None]:
+        text = str(cursor or "0").strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            raise InputError(f"cursor {text[:40]!r} is not one this collection gave: start again without a cursor")
+        offset = int(text)
+        with self._guard():
+            got = self._c.get(where=where, limit=limit + 1, offset=offset, include=["metadatas"])
+        ids, metas = list(got["ids"]), [m or {} for m in got["metadatas"]]
+        more = len(ids) > limit
+        return ids[:limit], metas[:limit], str(offset + limit) if more else None
 
     def set_record(self, text: str) -> None:
         """Replace the collection's record (its notes are kept)."""
@@ -572,9 +731,32 @@ class VectorCollection:
     ) -> Iterator[tuple[list[str], np.ndarray | None, list[dict[str, Any]]]]:
         """The items matching ``where``, ``PAGE`` at a time: (ids, vectors or None, metadatas or empty dicts).
 
-        Paged by id, not by offset: the matching ids are listed first (``ID_PAGE`` at a time, ids only), then read
-        by id. An item removed during the scan is left out; one added after the listing is not read."""
+        Paged by id, not by offset. Every item of a local collection: its id index's ids ``PAGE`` at a time, in write
+        order (no listing of every id in memory; an item added during the scan is read at the end). Otherwise the
+        matching ids are listed first (``ID_PAGE`` at a time, ids only), then read by id, and one added after the
+        listing is not read. An item removed during the scan is left out."""
+        if where is None and self._ids is not None and not self._ids.unavailable:
+            return self._pages_by_index(vectors=vectors, metadatas=metadatas)
         return self._read(self.ids(where), vectors=vectors, metadatas=metadatas)
+
+    def _pages_by_index(self, *, vectors: bool, metadatas: bool) -> Iterator[tuple[list[str], np.ndarray | None, list[dict[str, Any]]]]:
+        assert self._ids is not None
+        try:
+            epoch = self._id_epoch()
+        except IdIndexError:
+            yield from self._read(self.ids(), vectors=vectors, metadatas=metadatas)
+            return
+        after = 0
+        while True:
+            with self._ids_lock:  # (the chunk and the epoch it belongs to, read together)
+                state = self._ids.state(self._ids_key)
+                if state is None or state.epoch != epoch:
+                    raise StoreError(f"collection {self.name!r} was indexed again while it was read: run the command again")
+                chunk = self._ids.after(self._ids_key, after, PAGE)
+            if not chunk:
+                return
+            after = chunk[-1][0]
+            yield from self._read([x for _, x in chunk], vectors=vectors, metadatas=metadatas)
 
     def ids(self, where: dict[str, Any] | None = None) -> list[str]:
         """The ids of every item matching ``where``, in Chroma's order (listed ``ID_PAGE`` at a time, ids only)."""
@@ -944,6 +1126,7 @@ class Store:
         self._lock: StoreLock | None = None
         self._client: Any = None
         self._path: Path | None = None
+        self._ids: IdIndex | None = None  # a local store's id index (see lookalike.core.idindex)
         self.epoch = 0  # clients so far (see release_memory)
         self.db = str(db) if db is not None else default_db()
         if is_server(self.db):
@@ -951,6 +1134,7 @@ class Store:
         else:
             path = self._path = _local_dir(Path(self.db).expanduser(), create).resolve()
             self._lock = StoreLock(path, wait)
+            self._ids = IdIndex(path)
             try:
                 self._client = _persistent_client(path)
             except BaseException:
@@ -979,6 +1163,8 @@ class Store:
         """Release the client and, for a local directory, this process's lock on it (the lock even if closing fails)."""
         client, self._client = self._client, None
         lock, self._lock = self._lock, None
+        if self._ids is not None:
+            self._ids.close()
         try:
             close = getattr(client, "close", None)
             if close is not None:
@@ -1041,7 +1227,7 @@ class Store:
         """The existing collection ``name``."""
         with _chroma(self.db, name):
             col = self._client.get_collection(name, embedding_function=None)
-        return VectorCollection(col, self, partitioned)
+        return VectorCollection(col, self, partitioned, indexed=True)
 
     def create(self, name: str, record_json: str, partitioned: bool, notes: dict[str, str] | None = None) -> VectorCollection:
         """A new collection holding ``record_json`` in its metadata.
@@ -1064,7 +1250,9 @@ class Store:
                 raise StoreError(f"collection {name!r} was just created by another process: run the command again to add to it") from None
             raise _chroma_error(exc, self.db, name) from None
         self.drop_partitions(name)
-        return VectorCollection(col, self, partitioned)
+        if self._ids is not None:
+            self._ids.build(str(col.id), [])  # (indexed from its first write)
+        return VectorCollection(col, self, partitioned, indexed=True)
 
     def rebuild(self, name: str) -> int:
         """Rebuild collection ``name``'s index from its stored vectors and metadata (nothing is embedded): copy every
@@ -1095,6 +1283,8 @@ class Store:
                 raise DamagedError(f"rebuilding {name!r} copied {dst.count()} of its {src.count()} items: run `lookalike check` again")
             self._client.delete_collection(name)
             dst.modify(name=name, metadata=meta)
+        if self._ids is not None:
+            self._ids.forget(str(src.id))  # (the copy has another UUID: its ids are indexed at its first page)
         return copied
 
     def _finish_rebuilds(self) -> None:
@@ -1120,7 +1310,10 @@ class Store:
         self.pick(name)
         self.drop_partitions(name)
         with _chroma(self.db, name):
+            key = str(self._client.get_collection(name, embedding_function=None).id)
             self._client.delete_collection(name)
+        if self._ids is not None:
+            self._ids.forget(key)
 
     def drop_partitions(self, name: str) -> None:
         for part, owner in self.all_collections():

@@ -96,6 +96,8 @@ def validate(where: Any) -> None:
                     raise InputError(f"unknown filter operator {op!r}: use {' '.join(COMPARISONS)} $and $or")
                 if op in ("$in", "$nin") and not isinstance(value, list):
                     raise InputError(f"{op} takes a list of values")
+                if op in ("$gt", "$gte", "$lt", "$lte") and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                    raise InputError(f"{op} compares numbers only, got {value!r}: filter on a number")
 
 
 def matches(meta: dict[str, Any], where: dict[str, Any]) -> bool:

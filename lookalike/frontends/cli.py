@@ -1006,6 +1006,57 @@ def remove(
 
 
 @command()
+def items(
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Keep only this label (repeatable; int or name)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Keep only train (indexed) or test (held-out) items")] = None,
+    where: Annotated[
+        Optional[list[str]], typer.Option("--where", help="Keep only items whose metadata match, e.g. 'width >= 1000' (repeatable: AND)")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Items on this page (1-1,000)")] = 20,
+    cursor: Annotated[Optional[str], typer.Option("--cursor", help="Go on where a page ended: the cursor it printed")] = None,
+    collection: CollectionOpt = None,
+    db: DbOpt = None,
+    wait: WaitOpt = None,
+    as_json: JsonOpt = False,
+    server: Annotated[Optional[str], typer.Option("--server", help="Ask a running `lookalike serve` at http://HOST:PORT")] = None,
+    api_key_file: Annotated[
+        Optional[str], typer.Option("--api-key-file", help="The service's API key, for --server [default: $LOOKALIKE_API_KEY]")
+    ] = None,
+) -> None:
+    """List stored items a page at a time, in the order they were written; --cursor goes on from the last page."""
+    from lookalike.errors import InputError
+
+    if server is not None:
+        if db is not None or wait is not None:
+            raise InputError("--db and --wait belong to the service: leave them out with --server")
+        from lookalike.frontends.client import Client
+        from lookalike.frontends.server import read_api_key
+
+        client = Client(server, api_key=read_api_key(api_key_file))
+        answer = client.items(client.pick(collection), labels=label, split=split, where=where, cursor=cursor, limit=limit)
+    else:
+        if api_key_file is not None:
+            raise InputError("--api-key-file goes with --server URL")
+        from lookalike.core.items import list_items
+        from lookalike.data.filters import parse_where
+
+        filt = parse_where(where) if where else None  # a bad expression fails before the store is opened
+        with _open(collection, db, wait) as g:
+            answer = list_items(g, labels=label, split=split, where=filt, cursor=cursor, limit=limit).to_dict()
+    if as_json:
+        typer.echo(_dumps(answer))
+        return
+    for it in answer["items"]:
+        typer.echo(f"{it['id']:<40} {it['label_name']:<12} {it['split']}")
+    if not answer["items"]:
+        typer.echo(
+            "no items on this page" if answer["next_cursor"] else "no items match the filters" if cursor is None else "no more items"
+        )
+    if answer["next_cursor"] is not None:
+        typer.echo(f"next page: --cursor {answer['next_cursor']}")
+
+
+@command()
 def export(
     name: Annotated[str, typer.Argument(help="Collection to export")],
     out: Annotated[str, typer.Option("--out", help="The Parquet file to write (ids, vectors, metadata, the record)")],

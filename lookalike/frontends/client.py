@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
-from urllib.parse import quote, urlparse
+from urllib.parse import quote, urlencode, urlparse
 from urllib.request import HTTPRedirectHandler, ProxyHandler, Request, build_opener
 
 from lookalike.core.search import Hit
@@ -115,6 +115,22 @@ class Client:
         answer = self._json("POST", path, body, ctype)
         names = [f.name for f in dataclasses.fields(Hit)]
         return [Hit(**{n: h[n] for n in names if n in h}) for h in answer["hits"]]
+
+    def items(
+        self,
+        collection: str,
+        *,
+        labels: Sequence[int | str] | None = None,
+        split: str | None = None,
+        where: Sequence[str] | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:
+        """A page of stored items (``collection``, ``items``, ``next_cursor``), as :func:`lookalike.core.items.list_items`."""
+        query: list[tuple[str, str]] = [("limit", str(limit)), *(("label", str(lab)) for lab in labels or ())]
+        query += [("where", w) for w in where or ()]
+        query += [(k, v) for k, v in (("split", split), ("cursor", cursor)) if v is not None]
+        return dict(self._json("GET", f"/collections/{quote(collection, safe='')}/items?{urlencode(query)}"))
 
     def item(self, collection: str, item_id: str) -> dict[str, Any]:
         """A stored item's id, label, label name, split and metadata."""

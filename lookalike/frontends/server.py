@@ -186,7 +186,7 @@ def create_app(service: Service, *, api_key: str | None = None, write_key: str |
     """The FastAPI app serving ``service`` (``api_key``: required on every endpoint but /health; ``write_key``: the one
     key of the write routes, off without it)."""
     try:
-        from fastapi import APIRouter, FastAPI, Request
+        from fastapi import APIRouter, FastAPI, Query, Request
         from fastapi.concurrency import run_in_threadpool
         from fastapi.exceptions import RequestValidationError
         from fastapi.responses import JSONResponse, Response
@@ -272,6 +272,20 @@ def create_app(service: Service, *, api_key: str | None = None, write_key: str |
             return error(415, 'send multipart/form-data with an "image" file field, or application/json with "id" or "vector"')
         answer = await run_in_threadpool(lambda: service.search(name, **kwargs))
         return answer.to_dict()
+
+    @api.get("/collections/{name}/items", tags=["items"])
+    def list_items(
+        name: str,
+        label: list[str] | None = Query(None, description="keep only this label (repeatable; number or name)"),
+        split: str | None = Query(None, description="train (indexed) or test (held out)"),
+        where: list[str] | None = Query(None, description="a metadata filter expression, e.g. `width >= 1000` (repeatable: AND)"),
+        cursor: str | None = Query(None, description="the `next_cursor` of the page before"),
+        limit: int = Query(100, description="items on this page, 1 to 1,000"),
+    ) -> Any:
+        """A page of stored items (id, label, split, metadata) in the order they were written, and the `next_cursor` of the
+        next page (null after the last). A filtered page looks at a bounded number of items: it may hold fewer than
+        `limit` and still give a cursor."""
+        return service.items(name, labels=label, split=split, where=where, cursor=cursor, limit=limit).to_dict()
 
     @api.get("/collections/{name}/items/{item_id:path}/image", tags=["items"], response_class=Response)
     def item_image(name: str, item_id: str) -> Any:

@@ -24,7 +24,7 @@ import numpy as np
 
 from lookalike import __version__
 from lookalike.core.gallery import Gallery, list_collections
-from lookalike.core.items import AddReport, RemoveReport, add_images, remove_items
+from lookalike.core.items import AddReport, ItemsPage, RemoveReport, add_images, list_items, remove_items
 from lookalike.core.search import Hit, search
 from lookalike.core.store import Store
 from lookalike.errors import InputError, NotFoundError
@@ -266,6 +266,22 @@ class Service:
             query = {"kind": "vector"}
             hits = search(g, vector=_as_vector(vector, g.record.embedder.dim), k=k, labels=labels, split=split, where=where)
         return SearchAnswer(collection, query, k, resolved, split, hits, time.perf_counter() - started)
+
+    def items(
+        self,
+        collection: str,
+        *,
+        labels: Sequence[int | str] | None = None,
+        split: str | None = None,
+        where: Any = None,
+        cursor: str | None = None,
+        limit: Any = 100,
+    ) -> ItemsPage:
+        """A page of ``collection``'s stored items in write order (see :func:`lookalike.core.items.list_items`); ``where``
+        as :meth:`search` takes it."""
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise InputError(f"limit must be a whole number of items, got {limit!r}")
+        return list_items(self.gallery(collection), labels=labels, split=split, where=as_where(where), cursor=cursor, limit=limit)
 
     def item(self, collection: str, item_id: str) -> ItemInfo:
         """A stored item's label, split and metadata; NotFoundError with an example id."""
