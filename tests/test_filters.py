@@ -153,6 +153,10 @@ def test_where_in_the_cli_and_the_service(big: str) -> None:
             service.search("mnist", id="mnist:test:3", k=3, where={"index": {"$regex": "1"}})
         with pytest.raises(InputError, match="unknown filter operator"):  # checked in every clause, not only the first
             service.search("mnist", id="mnist:test:3", k=3, where={"$and": [{"index": {"$gt": 10**9}}, {"index": {"$regex": "1"}}]})
+        with pytest.raises(InputError, match="compares numbers only"):  # a range on a string: refused, as Chroma does
+            service.items("mnist", where={"index": {"$gt": "x"}})
+        page = service.items("mnist", where={"$and": [{"index": {"$lt": 5}}, {"source": "x_train"}]}, limit=3)
+        assert [it["metadata"]["index"] for it in page.items] == [0, 1, 2] and page.next_cursor is not None
 
 
 def _photo(path: Path, shade: int, when: str | None, model: str, gps: tuple[float, float] | None = None) -> None:
