@@ -632,11 +632,8 @@ class VectorCollection:
 
     def _in_order(self, chunk: list[tuple[int, str]]) -> tuple[list[str], list[dict[str, Any]]]:
         """The stored items of ``chunk`` (write number, id), read by id, in write order."""
-        if not chunk:
-            return [], []
-        with self._guard():
-            got = self._c.get(ids=[x for _, x in chunk], include=["metadatas"])
-        found = dict(zip(got["ids"], got["metadatas"]))
+        got_ids, _, got_metas = self.get([x for _, x in chunk])
+        found = dict(zip(got_ids, got_metas))
         ids = [x for _, x in chunk if x in found]
         return ids, [found[x] or {} for x in ids]
 
